@@ -1,0 +1,198 @@
+"""The general MoE layer: router + plan + experts + combine.
+
+x [..., d] -> flatten [N, d] -> router: Routing (indices [N, k], weights [N, k], probs [N, E])
+-> plan: rows sorted by expert (group sizes [E], capacity drops) -> permute [M, d]
+-> experts [M, d] -> unpermute: weighted index_add into [N, d] -> reshape [..., d].
+After each forward the layer holds its auxiliary losses (`aux_losses`, `aux_loss`, with graph)
+and detached statistics (`stats`); `total_aux_loss(model)` sums the losses over a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import (
+    check_capacity_factor,
+    check_choice,
+    check_input,
+    check_non_negative,
+    check_positive_int,
+    check_top_k,
+)
+from .dispatch import DispatchPlan, expert_choice_plan, make_plan, permute, unpermute
+from .experts import ExpertBank, ExpertList
+from .losses import load_balancing_loss, router_z_loss
+from .routing import (
+    ExpertChoice,
+    ExpertChoiceRouter,
+    NoisyRouter,
+    Router,
+    Routing,
+    SigmoidRouter,
+    SoftmaxRouter,
+    SwitchRouter,
+)
+from .stats import MoEStats, routing_stats
+
+ROUTERS = ("softmax", "noisy", "switch", "sigmoid", "expert_choice")
+
+
+class MoEOutput(NamedTuple):
+    output: Tensor  # [..., d] same leading shape as the input
+    aux_loss: Tensor  # [] the layer's scaled auxiliary losses, summed
+
+
+def _build_router(
+    name: str, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+) -> Router:
+    check_choice("router", name, ROUTERS)
+    if name == "switch":
+        if top_k != 1:
+            raise ValueError(f"top_k={top_k} must be 1 for router='switch'")
+        return SwitchRouter(d_model, num_experts)
+    if name == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, top_k, capacity_factor=capacity_factor or 1.0)
+    cls = {"softmax": SoftmaxRouter, "noisy": NoisyRouter, "sigmoid": SigmoidRouter}[name]
+    return cls(d_model, num_experts, top_k)
+
+
+def _check_router(router: Router, d_model: int, num_experts: int, top_k: int) -> Router:
+    if not isinstance(router, Router):
+        raise TypeError(f"router must be one of {ROUTERS} or a moekit Router, got {router!r}")
+    for name, want in (("d_model", d_model), ("num_experts", num_experts), ("top_k", top_k)):
+        if getattr(router, name) != want:
+            raise ValueError(f"router.{name}={getattr(router, name)} must equal {name}={want}")
+    return router
+
+
+def _check_experts(experts: nn.Module | Sequence[nn.Module], num_experts: int) -> nn.Module:
+    if isinstance(experts, (list, tuple)):
+        experts = ExpertList(experts)
+    if not isinstance(experts, nn.Module):
+        raise TypeError(f"experts must be an nn.Module or a list of them, got {type(experts)}")
+    got = getattr(experts, "num_experts", None)
+    if got != num_experts:
+        raise ValueError(f"experts holds num_experts={got}, expected num_experts={num_experts}")
+    return experts
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer for inputs of any leading shape [..., d].
+
+    Args:
+        d_model: Token width d.
+        num_experts: Experts E.
+        top_k: Experts per token k, 1 <= k <= E.
+        d_hidden: Expert hidden width h (default 4 * d_model).
+        activation: Expert activation: "relu", "gelu" or "swiglu".
+        router: "softmax" (top-k, weights renormalised over k), "noisy" (noisy top-k),
+            "switch" (top-1, weight = probability), "sigmoid" (DeepSeek-V3 bias balancing),
+            "expert_choice", or a built `Router`.
+        experts: None (an `ExpertBank` from d_hidden/activation/bias/dropout/init), a module
+            mapping (rows [M, d], group_sizes [E]) -> [M, d], or a list of E modules.
+        capacity_factor: None = dropless; else each expert keeps at most
+            ceil(capacity_factor * N * k / E) rows (expert choice: its capacity, default 1).
+        bias: Expert biases.
+        dropout: Dropout on expert output rows in training.
+        init: Expert init, "default" or "kaiming".
+        load_balance_coef: Coefficient (alpha) of the Switch load-balancing loss.
+        z_loss_coef: Coefficient of the router z-loss.
+
+    Raises:
+        ValueError, TypeError: An argument out of range, named in the message.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        d_hidden: int | None = None,
+        activation: str = "gelu",
+        *,
+        router: str | Router = "softmax",
+        experts: nn.Module | Sequence[nn.Module] | None = None,
+        capacity_factor: float | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+        init: str = "default",
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.d_model = check_positive_int("d_model", d_model)
+        self.num_experts = check_positive_int("num_experts", num_experts)
+        self.top_k = check_top_k(top_k, num_experts)
+        self.capacity_factor = check_capacity_factor(capacity_factor)
+        self.load_balance_coef = check_non_negative("load_balance_coef", load_balance_coef)
+        self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
+        if isinstance(router, str):
+            router = _build_router(router, d_model, num_experts, top_k, capacity_factor)
+        self.router = _check_router(router, d_model, num_experts, top_k)
+        if experts is None:
+            d_hidden = 4 * d_model if d_hidden is None else d_hidden
+            experts = ExpertBank(
+                num_experts, d_model, d_hidden, activation, bias=bias, dropout=dropout, init=init
+            )
+        self.experts = _check_experts(experts, num_experts)
+        self.aux_losses: dict[str, Tensor] = {}
+        self.aux_loss: Tensor | None = None
+        self.stats: MoEStats | None = None
+
+    def plan(self, routing: Routing | ExpertChoice, num_tokens: int) -> DispatchPlan:
+        """The dispatch plan of a routing decision."""
+        if isinstance(routing, ExpertChoice):
+            return expert_choice_plan(routing.token_index, routing.weights, num_tokens)
+        return make_plan(routing.indices, routing.weights, self.num_experts, self.capacity_factor)
+
+    def compute_aux_losses(self, routing: Routing | ExpertChoice) -> dict[str, Tensor]:
+        """The scaled auxiliary losses of one routing decision, by name."""
+        losses = {}
+        if self.load_balance_coef > 0 and isinstance(routing, Routing):
+            lb = load_balancing_loss(routing.probs, routing.indices)
+            losses["load_balance"] = self.load_balance_coef * lb
+        if self.z_loss_coef > 0:
+            losses["z_loss"] = self.z_loss_coef * router_z_loss(routing.logits)
+        return losses
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """Route, compute and combine.
+
+        Args:
+            x: Tokens of shape [..., d_model] (e.g. [B, T, d]); floating, finite.
+
+        Returns:
+            MoEOutput(output [..., d_model], aux_loss []).
+        """
+        check_input(x, self.d_model)
+        x_flat = x.reshape(-1, self.d_model)  # [N, d]
+        num_tokens = x_flat.shape[0]
+        routing = self.router.route(x_flat)
+        plan = self.plan(routing, num_tokens)
+        rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
+        output = unpermute(rows, plan, num_tokens).reshape(x.shape).to(x.dtype)  # [..., d]
+
+        self.aux_losses = self.compute_aux_losses(routing)
+        zero = routing.logits.new_zeros(())
+        self.aux_loss = sum(self.aux_losses.values(), zero)
+        candidates = num_tokens if isinstance(routing, ExpertChoice) else num_tokens * self.top_k
+        self.stats = routing_stats(routing.probs, plan.group_sizes, plan.num_dropped, candidates)
+        return MoEOutput(output, self.aux_loss)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"capacity_factor={self.capacity_factor}"
+        )
+
+
+def total_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the auxiliary losses of every MoE layer in `model` from its last forward."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float() for loss in losses]).sum()
