@@ -30,7 +30,6 @@ class DispatchPlan(NamedTuple):
     #                       expert-choice: tokens that no expert chose
 
 
-
 def _check_routing(indices: Tensor, weights: Tensor) -> None:
     if indices.dim() != 2 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
@@ -124,7 +123,9 @@ def expert_choice_plan(token_index: Tensor, weights: Tensor, num_tokens: int) ->
     return DispatchPlan(
         token_index=token_flat,
         slot_weight=weights.reshape(-1),
-        group_sizes=torch.full((num_experts,), capacity, dtype=torch.long, device=token_flat.device),
+        group_sizes=torch.full(
+            (num_experts,), capacity, dtype=torch.long, device=token_flat.device
+        ),
         num_dropped=(chosen == 0).sum(),
     )
 

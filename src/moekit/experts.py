@@ -54,7 +54,11 @@ def grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
 
     It needs float32/bf16/fp16, 16-byte aligned row strides and at least one row.
     """
-    if not hasattr(F, "grouped_mm") or rows.dtype not in (torch.float32, torch.bfloat16, torch.half):
+    if not hasattr(F, "grouped_mm") or rows.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.half,
+    ):
         return False
     size = rows.element_size()
     d_in, d_out = weight.shape[1], weight.shape[2]
@@ -188,11 +192,7 @@ class ExpertBank(nn.Module):
         grouped = self.backend == "grouped" or (
             self.backend == "auto" and rows.device.type != "cpu"
         )
-        grouped = (
-            grouped
-            and grouped_mm_supported(rows, w1)
-            and grouped_mm_supported(rows, w2)
-        )
+        grouped = grouped and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
         offsets = torch.cumsum(group_sizes, 0).to(torch.int32) if grouped else None  # [E]
         sizes = None if grouped else group_sizes.tolist()  # host sync to cut the segments
         row_expert = None

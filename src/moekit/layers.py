@@ -55,7 +55,9 @@ def _build_router(
             raise ValueError(f"top_k={top_k} must be 1 for router='switch'")
         return SwitchRouter(d_model, num_experts)
     if name == "expert_choice":
-        return ExpertChoiceRouter(d_model, num_experts, top_k, capacity_factor=capacity_factor or 1.0)
+        return ExpertChoiceRouter(
+            d_model, num_experts, top_k, capacity_factor=capacity_factor or 1.0
+        )
     cls = {"softmax": SoftmaxRouter, "noisy": NoisyRouter, "sigmoid": SigmoidRouter}[name]
     return cls(d_model, num_experts, top_k)
 

@@ -18,16 +18,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .losses import squared_deviation_loss
 from ._checks import (
     check_capacity_factor,
-    expert_capacity,
     check_input,
     check_non_negative,
     check_positive_int,
     check_probability,
     check_top_k,
+    expert_capacity,
 )
+from .losses import squared_deviation_loss
 
 
 class Routing(NamedTuple):
@@ -197,9 +197,7 @@ class SwitchRouter(SoftmaxRouter):
     def __init__(
         self, d_model: int, num_experts: int, *, bias: bool = False, jitter_eps: float = 0.0
     ) -> None:
-        super().__init__(
-            d_model, num_experts, 1, normalize=False, bias=bias, jitter_eps=jitter_eps
-        )
+        super().__init__(d_model, num_experts, 1, normalize=False, bias=bias, jitter_eps=jitter_eps)
 
 
 class NoisyRouter(Router):
@@ -306,13 +304,13 @@ def update_router_biases(model: nn.Module, group: dist.ProcessGroup | None = Non
             module.update_bias(group)
 
 
-
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022): each expert takes its top-C tokens.
 
     C = ceil(capacity_factor * N * top_k / E), clamped to N, so with capacity_factor=1 the
     experts do the same work as token-choice top-k. Load is balanced by construction; a token
-    may be chosen by several experts or by none. The choice reads every token of the batch,
+    may be chosen by several experts or by none; equal probabilities go to the earlier token.
+    The choice reads every token of the batch,
     so a causal language model leaks information across positions with it.
 
     Args:
@@ -339,8 +337,9 @@ class ExpertChoiceRouter(Router):
         probs = F.softmax(logits, dim=-1)  # [N, E]
         n = x.shape[0]
         capacity = min(n, expert_capacity(n * self.top_k, self.num_experts, self.capacity_factor))
-        weights, token_index = torch.topk(probs.t(), capacity, dim=-1)  # [E, C]
-        return ExpertChoice(token_index, weights, probs, logits)
+        # a stable sort, not topk: equal probabilities go to the earlier token, reproducibly
+        weights, token_index = torch.sort(probs.t(), dim=-1, descending=True, stable=True)  # [E, N]
+        return ExpertChoice(token_index[:, :capacity], weights[:, :capacity], probs, logits)
 
 
 # --- the seeds' router names: thin presets with the seeds' arguments, attributes and returns ---

@@ -58,7 +58,9 @@ class SoftMoE(nn.Module):
         self.phi = nn.Parameter(torch.randn(d_model, num_experts, num_slots) * d_model**-0.5)
         if experts is None:
             d_hidden = d_model if d_hidden is None else d_hidden
-            experts = ExpertBank(num_experts, d_model, d_hidden, activation, bias=bias, dropout=dropout)
+            experts = ExpertBank(
+                num_experts, d_model, d_hidden, activation, bias=bias, dropout=dropout
+            )
         if getattr(experts, "num_experts", None) != num_experts:
             raise ValueError(f"experts must hold num_experts={num_experts} experts")
         self.experts = experts

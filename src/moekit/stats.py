@@ -1,7 +1,7 @@
 """Detached, cheap per-layer diagnostics of a routing decision.
 
 tokens_per_expert  rows each expert computed (after capacity)
-dropped_fraction   token-choice: pairs dropped by capacity / (N*k); expert-choice: unrouted tokens / N
+dropped_fraction   token-choice: pairs over capacity / (N*k); expert-choice: unrouted tokens / N
 router_entropy     mean entropy (nats) of the router distribution per token; log(E) = uniform
 """
 

@@ -1,0 +1,150 @@
+"""Expert banks: cross-implementation parity.
+
+Oracles: the loop over segments (for grouped GEMM), `to_modules()` copies (for the stacked bank),
+a dense MLP (for E = 1), and the dropless plan (for a capacity too large to drop anything).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moekit import ExpertBank, ExpertList, MLPExpert, MoE
+from moekit.experts import _ContiguousGrad, grouped_mm_supported
+
+SIZES = [torch.tensor(s) for s in ([3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 0, 0, 0])]
+
+
+def _grads(bank: ExpertBank, rows: torch.Tensor, sizes: torch.Tensor, upstream=None):
+    rows = rows.detach().requires_grad_(True)
+    out = bank(rows, sizes)
+    if upstream is None:
+        out.sum().backward()  # the expanded zero-stride gradient of seed 000's check
+    else:
+        out.backward(upstream)
+    return out.detach(), [rows.grad] + [p.grad for p in bank.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("expanded_grad", [False, True])
+def test_grouped_matches_loop(dtype, activation, sizes, expanded_grad):
+    torch.manual_seed(0)
+    loop = ExpertBank(4, 16, 32, activation, bias=True, backend="loop").to(dtype)
+    grouped = ExpertBank(4, 16, 32, activation, bias=True, backend="grouped").to(dtype)
+    grouped.load_state_dict(loop.state_dict())
+    rows = torch.randn(int(sizes.sum()), 16, dtype=dtype)
+    assert grouped_mm_supported(rows, grouped.w1) == (rows.shape[0] > 0)
+    upstream = None if expanded_grad else torch.randn(rows.shape[0], 16, dtype=dtype)
+    out_l, grads_l = _grads(loop, rows, sizes, upstream)
+    out_g, grads_g = _grads(grouped, rows, sizes, upstream)
+    # bf16: the two paths round their float32 accumulators at different points
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out_g, out_l, **tol)
+    for g, want in zip(grads_g, grads_l, strict=True):
+        torch.testing.assert_close(g, want, **tol)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped"])
+def test_idle_experts_get_zero_gradients(backend):
+    bank = ExpertBank(4, 16, 32, "gelu", bias=True, backend=backend)
+    sizes = torch.tensor([0, 5, 0, 0])  # experts 0, 2, 3 idle
+    bank(torch.randn(5, 16), sizes).sum().backward()
+    for p in bank.parameters():
+        assert p.grad is not None
+        assert torch.all(p.grad[[0, 2, 3]] == 0)
+        assert p.grad[1].abs().sum() > 0
+
+
+def test_expert_list_calls_every_expert_once():
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.i, self.lin = i, nn.Linear(3, 3)
+
+        def forward(self, x):
+            calls.append((self.i, x.shape[0]))
+            return self.lin(x)
+
+    experts = ExpertList(Recorder(i) for i in range(3))
+    experts(torch.randn(4, 3), torch.tensor([1, 0, 3])).sum().backward()
+    assert calls == [(0, 1), (1, 0), (2, 3)]
+    assert torch.all(experts[1].lin.weight.grad == 0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_module_list_equals_stacked_bank(activation, bias):
+    stacked = MoE(17, 5, 2, d_hidden=9, activation=activation, bias=bias).double()
+    listed = MoE(17, 5, 2, experts=stacked.experts.to_modules()).double()
+    listed.router.load_state_dict(stacked.router.state_dict())
+    x = torch.randn(33, 17, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(33, 17, dtype=torch.float64)
+    out_s, _ = stacked(x)
+    gx_s, gw_s = torch.autograd.grad(out_s, [x, stacked.experts.w1], upstream)
+    out_l, _ = listed(x)
+    gx_l, *gw_l = torch.autograd.grad(out_l, [x, *[e.fc1.weight for e in listed.experts]], upstream)
+    torch.testing.assert_close(out_l, out_s)
+    torch.testing.assert_close(gx_l, gx_s)
+    torch.testing.assert_close(torch.stack([g.t() for g in gw_l]), gw_s)
+
+
+def test_one_expert_top1_equals_dense_mlp():
+    layer = MoE(17, 1, 1, d_hidden=11, activation="relu", bias=True).double()
+    dense = nn.Sequential(nn.Linear(17, 11), nn.ReLU(), nn.Linear(11, 17)).double()
+    with torch.no_grad():
+        dense[0].weight.copy_(layer.experts.w1[0].t())
+        dense[0].bias.copy_(layer.experts.b1[0])
+        dense[2].weight.copy_(layer.experts.w2[0].t())
+        dense[2].bias.copy_(layer.experts.b2[0])
+    x = torch.randn(2, 7, 17, dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x)
+    want = dense(x)
+    torch.testing.assert_close(out, want)
+    upstream = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, x, upstream)[0], torch.autograd.grad(want, x, upstream)[0]
+    )
+
+
+@pytest.mark.parametrize("router", ["softmax", "noisy", "sigmoid"])
+def test_large_capacity_equals_dropless(router):
+    dropless = MoE(8, 6, 3, d_hidden=12, router=router).eval()
+    capped = MoE(8, 6, 3, d_hidden=12, router=router, capacity_factor=2.0).eval()  # C = N
+    capped.load_state_dict(dropless.state_dict())
+    x = torch.randn(40, 8)
+    out_d, _ = dropless(x)
+    out_c, _ = capped(x)
+    torch.testing.assert_close(out_c, out_d, rtol=0, atol=0)
+    assert float(capped.stats.dropped_fraction) == 0.0
+
+
+def test_kaiming_init_std():
+    bank = ExpertBank(8, 256, 512, "relu", init="kaiming")
+    assert abs(bank.w1.std().item() - (2 / 256) ** 0.5) < 0.02 * (2 / 256) ** 0.5
+    assert abs(bank.w2.std().item() - (2 / 512) ** 0.5) < 0.02 * (2 / 512) ** 0.5
+    default = ExpertBank(8, 256, 512, "relu")
+    assert default.w1.abs().max() <= 256**-0.5
+
+
+def test_bank_under_autocast_computes_in_bf16():
+    bank = ExpertBank(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bank(torch.randn(5, 16), torch.tensor([2, 3]))
+    assert out.dtype == torch.bfloat16
+
+
+def test_contiguous_grad_gradcheck():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ContiguousGrad.apply, (x,))
+
+
+def test_mlp_expert_weight_is_first_layer():
+    expert = MLPExpert(4, 8, "relu")
+    assert expert.weight is expert.fc1.weight
+    expert(torch.randn(0, 4)).sum().backward()
+    assert torch.all(expert.weight.grad == 0)

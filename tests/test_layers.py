@@ -1,0 +1,144 @@
+"""The MoE layer against the float64 per-token oracle (tests/reference.py).
+
+Output and every gradient (input, router gate, expert weights and biases) under one shared
+random upstream gradient, with the scaled auxiliary losses in the same backward, on odd shapes:
+N in {1, 7, 33}, d in {3, 17}, E in {1, 3, 8}, k in 1..E. The layer runs in float64, so the
+comparison uses float64 tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import reference as ref
+from conftest import bank_params, gate_params, leaf64
+from moekit import MoE
+
+GRID = [
+    (n, d, e, k)
+    for n in (1, 7, 33)
+    for d in (3, 17)
+    for e in (1, 3, 8)
+    for k in range(1, e + 1)
+]
+SMALL_GRID = [(n, d, e, k) for (n, d, e, k) in GRID if k in (1, e) or (e, k) == (8, 3)]
+LB, Z = 0.01, 1e-3
+
+
+def _params(layer: MoE) -> list[torch.Tensor]:
+    gate, bank = layer.router.gate, layer.experts
+    return [p for p in (gate.weight, gate.bias, bank.w1, bank.w2, bank.b1, bank.b2) if p is not None]
+
+
+def _oracle(layer: MoE, x64: torch.Tensor, rule: str, capacity_factor=None, expert_bias=None):
+    """(out, aux, [x, gate and expert params]) of the reference, float64 leaves."""
+    gate, experts = gate_params(layer.router.gate), bank_params(layer.experts)
+    out, probs, _, choices = ref.token_choice_moe(
+        x64, gate, experts, rule, layer.top_k, capacity_factor, expert_bias
+    )
+    logits = torch.stack([gate.logits(x64[n]) for n in range(x64.shape[0])])
+    aux = LB * ref.load_balancing_loss(probs, choices, layer.num_experts)
+    aux = aux + Z * torch.logsumexp(logits, -1).square().mean()
+    leaves = [gate.weight, gate.bias, experts.w1, experts.w2, experts.b1, experts.b2]
+    return out, aux, [t for t in leaves if t is not None]
+
+
+def _check_parity(layer: MoE, x: torch.Tensor, oracle) -> None:
+    x = x.requires_grad_(True)
+    out, aux = layer(x)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad((out * upstream).sum() + aux, [x, *_params(layer)])
+
+    x64 = leaf64(x)
+    ref_out, ref_aux, ref_leaves = oracle(x64)
+    want = torch.autograd.grad((ref_out * upstream.double()).sum() + ref_aux, [x64, *ref_leaves])
+
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(aux, ref_aux)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(g, w, msg=lambda m, i=i: f"gradient {i} (0 = x): {m}")
+
+
+def _layer(d, e, k, **kw) -> MoE:
+    kw.setdefault("load_balance_coef", LB)
+    kw.setdefault("z_loss_coef", Z)
+    return MoE(d, e, k, d_hidden=5, **kw).double()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("n,d,e,k", GRID)
+def test_moe_softmax_matches_oracle(n, d, e, k, activation):
+    layer = _layer(d, e, k, activation=activation, bias=activation == "gelu")
+    _check_parity(layer, torch.randn(n, d, dtype=torch.float64), lambda x: _oracle(layer, x, "softmax"))
+
+
+@pytest.mark.parametrize("n,d,e,k", SMALL_GRID)
+def test_moe_unnormalised_softmax_matches_oracle(n, d, e, k):
+    from moekit import SoftmaxRouter
+
+    router = SoftmaxRouter(d, e, k, normalize=False, bias=True)
+    layer = _layer(d, e, k, router=router, activation="relu")
+    _check_parity(layer, torch.randn(n, d, dtype=torch.float64), lambda x: _oracle(layer, x, "softmax_full"))
+
+
+@pytest.mark.parametrize("n,d,e", sorted({(n, d, e) for n, d, e, _ in GRID}))
+def test_moe_switch_matches_oracle(n, d, e):
+    layer = _layer(d, e, 1, router="switch", activation="relu", bias=True)
+    _check_parity(layer, torch.randn(n, d, dtype=torch.float64), lambda x: _oracle(layer, x, "softmax_full"))
+
+
+@pytest.mark.parametrize("n,d,e,k", SMALL_GRID)
+def test_moe_noisy_router_in_eval_matches_oracle(n, d, e, k):
+    layer = _layer(d, e, k, router="noisy").eval()
+    _check_parity(layer, torch.randn(n, d, dtype=torch.float64), lambda x: _oracle(layer, x, "softmax"))
+
+
+@pytest.mark.parametrize("n,d,e,k", SMALL_GRID)
+def test_moe_sigmoid_router_matches_oracle(n, d, e, k):
+    layer = _layer(d, e, k, router="sigmoid", activation="swiglu")
+    layer.router.expert_bias.copy_(torch.randn(e) * 0.3)  # steers the choice, not the weights
+    bias = layer.router.expert_bias.clone()
+    x = torch.randn(n, d, dtype=torch.float64)
+    _check_parity(layer, x, lambda x64: _oracle(layer, x64, "sigmoid", expert_bias=bias))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.3, 0.75, 1.25])
+@pytest.mark.parametrize("n,d,e,k", SMALL_GRID)
+def test_moe_capacity_matches_oracle(n, d, e, k, capacity_factor):
+    layer = _layer(d, e, k, capacity_factor=capacity_factor, activation="gelu")
+    x = torch.randn(n, d, dtype=torch.float64)
+    _check_parity(layer, x, lambda x64: _oracle(layer, x64, "softmax", capacity_factor))
+    capacity = math.ceil(capacity_factor * n * k / e)
+    assert int(layer.stats.tokens_per_expert.max()) <= capacity
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("n,d,e,k", SMALL_GRID)
+def test_moe_expert_choice_matches_oracle(n, d, e, k, capacity_factor):
+    layer = _layer(d, e, k, router="expert_choice", capacity_factor=capacity_factor)
+    capacity = min(n, math.ceil(capacity_factor * n * k / e))
+
+    def oracle(x64):
+        gate, experts = gate_params(layer.router.gate), bank_params(layer.experts)
+        out = ref.expert_choice_moe(x64, gate, experts, capacity)
+        logits = torch.stack([gate.logits(x64[t]) for t in range(n)])
+        aux = Z * torch.logsumexp(logits, -1).square().mean()  # no balancing loss: balanced
+        leaves = [gate.weight, experts.w1, experts.w2]
+        return out, aux, leaves
+
+    _check_parity(layer, torch.randn(n, d, dtype=torch.float64), oracle)
+    assert layer.stats.tokens_per_expert.tolist() == [capacity] * e
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 1, 2, 7), (7,)])
+def test_moe_any_leading_shape(shape):
+    layer = MoE(7, 4, 2, d_hidden=6)
+    x = torch.randn(*shape)
+    out, _ = layer(x)
+    flat, _ = layer(x.reshape(-1, 7))
+    assert out.shape == x.shape
+    torch.testing.assert_close(out.reshape(-1, 7), flat)
