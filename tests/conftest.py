@@ -11,7 +11,11 @@ from hypothesis import HealthCheck, settings
 from reference import ExpertParams, GateParams
 
 settings.register_profile(
-    "ci", max_examples=40, derandomize=True, deadline=None, print_blob=True,
+    "ci",
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=400, deadline=None)
@@ -39,11 +43,27 @@ def bank_params(bank) -> ExpertParams:
     )
 
 
-def list_params(experts) -> ExpertParams:
-    """Float64 leaf copies of an ExpertList of MLPExperts, stacked as [E, d_in, d_out]."""
-    w1 = torch.stack([e.fc1.weight.t() for e in experts])
-    w2 = torch.stack([e.fc2.weight.t() for e in experts])
-    has_bias = experts[0].fc1.bias is not None
-    b1 = torch.stack([e.fc1.bias for e in experts]) if has_bias else None
-    b2 = torch.stack([e.fc2.bias for e in experts]) if has_bias else None
-    return ExpertParams(leaf64(w1), leaf64(w2), leaf64(b1), leaf64(b2), experts[0].activation)
+def check_parity(run, x: torch.Tensor, params: list[torch.Tensor], oracle) -> None:
+    """Output, auxiliary loss and every gradient of `run` against the float64 `oracle`.
+
+    run(x) -> (out, aux); oracle(x64) -> (out, aux, leaves) where leaves mirror `params`.
+    One random upstream gradient is shared; the aux loss joins the same backward.
+    """
+    x = x.requires_grad_(True)
+    out, aux = run(x)
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad((out * upstream).sum() + aux, [x, *params])
+
+    x64 = leaf64(x)
+    ref_out, ref_aux, ref_leaves = oracle(x64)
+    loss = (ref_out * upstream.double()).sum() + ref_aux
+    want = torch.autograd.grad(loss, [x64, *ref_leaves])
+
+    tol = {} if x.dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}  # float32 vs float64
+    torch.testing.assert_close(out.double(), ref_out, **tol)
+    torch.testing.assert_close(aux.double(), ref_aux, **tol)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(
+            g.double(), w, **tol, msg=lambda m, i=i: f"gradient {i} (0 = x): {m}"
+        )

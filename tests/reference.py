@@ -72,7 +72,7 @@ def choose(logits: Tensor, rule: str, top_k: int, expert_bias: Tensor | None = N
     if rule == "softmax":
         exps = [torch.exp(logits[e] - logits[chosen[0]]) for e in chosen]
         total = sum(exps)
-        return [(e, w / total) for e, w in zip(chosen, exps)], probs
+        return [(e, w / total) for e, w in zip(chosen, exps, strict=True)], probs
     if rule == "softmax_full":
         return [(e, probs[e]) for e in chosen], probs
     total = sum(scores[e] for e in chosen)
@@ -104,7 +104,9 @@ def token_choice_moe(
     if capacity_factor is not None:
         capacity = math.ceil(capacity_factor * num_tokens * top_k / num_experts)
         for e in range(num_experts):
-            mine = [(n, j) for n in range(num_tokens) for j in range(top_k) if choices[n][j][0] == e]
+            mine = [
+                (n, j) for n in range(num_tokens) for j in range(top_k) if choices[n][j][0] == e
+            ]
             mine.sort(key=lambda p: (-choices[p[0]][p[1]][1].item(), p[0] * top_k + p[1]))
             kept -= set(mine[capacity:])
     rows = []
@@ -153,8 +155,10 @@ def soft_moe(x: Tensor, phi: Tensor, experts: ExpertParams) -> Tensor:
     _, num_experts, num_slots = phi.shape
     outs = []
     for b in range(batch):
-        logits = [[[x[b, t] @ phi[:, e, s] for s in range(num_slots)] for e in range(num_experts)]
-                  for t in range(n)]
+        logits = [
+            [[x[b, t] @ phi[:, e, s] for s in range(num_slots)] for e in range(num_experts)]
+            for t in range(n)
+        ]
         slot_out = {}
         for e in range(num_experts):
             for s in range(num_slots):
@@ -164,7 +168,9 @@ def soft_moe(x: Tensor, phi: Tensor, experts: ExpertParams) -> Tensor:
                 slot_out[e, s] = experts.apply(e, slot_in)
         rows = []
         for t in range(n):
-            flat = torch.stack([logits[t][e][s] for e in range(num_experts) for s in range(num_slots)])
+            flat = torch.stack(
+                [logits[t][e][s] for e in range(num_experts) for s in range(num_slots)]
+            )
             weights = torch.softmax(flat, dim=0)
             keys = [(e, s) for e in range(num_experts) for s in range(num_slots)]
             rows.append(sum(weights[i] * slot_out[key] for i, key in enumerate(keys)))

@@ -103,14 +103,14 @@ def test_plan_properties(routing, capacity_factor):
     assert int(plan.num_dropped) == num_tokens * top_k - len(rows)
     # every kept (token, slot) is computed once, by the expert the token chose
     kept = set()
-    for token, expert in zip(rows, row_experts):
+    for token, expert in zip(rows, row_experts, strict=True):
         slot = indices[token].tolist().index(expert)  # raises if the token did not choose it
         assert (token, slot) not in kept
         kept.add((token, slot))
         assert plan.slot_weight[len(kept) - 1] == weights[token, slot]
     # token order inside each expert's group
     for e in range(num_experts):
-        tokens = [t for t, x in zip(rows, row_experts) if x == e]
+        tokens = [t for t, x in zip(rows, row_experts, strict=True) if x == e]
         assert tokens == sorted(tokens)
     if capacity_factor is None:
         assert len(kept) == num_tokens * top_k
@@ -148,7 +148,9 @@ def test_unpermute_gradients_match_manual():
     plan = make_plan(INDICES, w, num_experts=3)
     torch.autograd.gradcheck(lambda a: unpermute(permute(a, plan), plan, 3), (x,))
     torch.autograd.gradcheck(
-        lambda ww: unpermute(permute(x.detach(), make_plan(INDICES, ww, 3)), make_plan(INDICES, ww, 3), 3),
+        lambda ww: unpermute(
+            permute(x.detach(), make_plan(INDICES, ww, 3)), make_plan(INDICES, ww, 3), 3
+        ),
         (w,),
     )
 
