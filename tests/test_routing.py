@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import reference as ref
 from conftest import gate_params
@@ -174,3 +176,32 @@ def test_seed_003_routers_sparse_softmax(cls):
     assert torch.equal(indices, idx)
     if cls is NoisyTopkRouter:
         assert router.noise_linear is router.noise_gate
+
+
+@given(
+    st.sampled_from(["softmax", "softmax_raw", "noisy", "switch", "sigmoid"]),
+    st.integers(0, 40),
+    st.integers(1, 9),
+    st.data(),
+    st.booleans(),
+)
+def test_router_properties(kind, num_tokens, num_experts, data, training):
+    """Each token gets k distinct valid experts; weights are finite and non-negative, and sum to
+    1 where the router normalises; probs rows are distributions."""
+    top_k = 1 if kind == "switch" else data.draw(st.integers(1, num_experts))
+    router = {
+        "softmax": lambda: SoftmaxRouter(6, num_experts, top_k, noise_std=0.5, jitter_eps=0.1),
+        "softmax_raw": lambda: SoftmaxRouter(6, num_experts, top_k, normalize=False),
+        "noisy": lambda: NoisyRouter(6, num_experts, top_k),
+        "switch": lambda: SwitchRouter(6, num_experts),
+        "sigmoid": lambda: SigmoidRouter(6, num_experts, top_k),
+    }[kind]()
+    router.train(training)
+    routing = router(torch.randn(num_tokens, 6) * 3)
+    assert routing.indices.shape == routing.weights.shape == (num_tokens, top_k)
+    for row in routing.indices.tolist():
+        assert len(set(row)) == top_k and all(0 <= e < num_experts for e in row)
+    assert torch.isfinite(routing.weights).all() and (routing.weights >= 0).all()
+    if kind not in ("softmax_raw", "switch"):
+        torch.testing.assert_close(routing.weights.sum(-1), torch.ones(num_tokens))
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(num_tokens))

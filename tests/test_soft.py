@@ -10,7 +10,11 @@ from conftest import bank_params, check_parity, leaf64
 from moekit import ExpertBank, SoftMoE
 
 
-@pytest.mark.parametrize("b,n,d,e,s", [(1, 1, 3, 1, 1), (2, 7, 17, 3, 2), (3, 5, 3, 8, 1)])
+@pytest.mark.parametrize(
+    "b,n,d,e,s",
+    [(1, n, d, e, s) for n in (1, 7, 33) for d in (3, 17) for e in (1, 3, 8) for s in (1, 2)]
+    + [(2, 7, 17, 3, 2), (3, 5, 3, 8, 1)],
+)
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_soft_moe_matches_oracle(b, n, d, e, s, activation):
     layer = SoftMoE(d, e, s, d_hidden=6, activation=activation).double()
