@@ -1,17 +1,96 @@
 """The `moekit` command: argparse subcommands over plain library functions.
 
-moekit info    the versions, threads and kernels this machine gives moekit
+moekit train     train (or --resume) the makeMoE language model
+moekit generate  sample text from a checkpoint
+moekit eval      validation loss and perplexity of a checkpoint
+moekit info      the versions, threads and kernels this machine gives moekit
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
+import sys
+from dataclasses import MISSING, fields
 
 import torch
 import torch.nn.functional as F
 
 from . import __version__
+
+
+def _flag_type(annotation: str):
+    """(argparse type, is_optional) from a dataclass field's string annotation."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    return {"int": int, "float": float, "str": str, "bool": bool}[base], optional
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
+    """One kebab-case flag per dataclass field, with its help; unset flags stay unset."""
+    for f in fields(cls):
+        if f.name in skip or "help" not in f.metadata:
+            continue
+        kind, optional = _flag_type(f.type if isinstance(f.type, str) else f.type.__name__)
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            parser.add_argument(
+                flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                metavar=f.name.upper() + ("|none" if optional else ""),
+            )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .lm.config import MODEL_FIELDS, TRAIN_FIELDS, build_config
+    from .lm.train import train
+
+    overrides = {k: v for k, v in vars(args).items() if k in MODEL_FIELDS | TRAIN_FIELDS}
+    cfg = build_config(args.preset, args.config, **overrides)
+    print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
+
+    def on_eval(record: dict) -> None:
+        line = f"step {record['step']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+        (print if not cfg.progress else _tqdm_write)(line)
+
+    result = train(cfg, resume=args.resume, on_eval=on_eval)
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}, run directory {result.out}")
+    return 0
+
+
+def _tqdm_write(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .lm.inference import generate_text, load_model
+
+    loaded = load_model(args.checkpoint, device=args.device)
+    text = generate_text(
+        loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
+    print(text)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .lm.inference import evaluate, load_model
+
+    loaded = load_model(args.checkpoint, device=args.device)
+    result = evaluate(loaded, args.data, args.eval_iters, args.seed)
+    print(
+        f"step {result['step']}: val loss {result['val_loss']:.4f}, "
+        f"perplexity {result['perplexity']:.3f}"
+    )
+    return 0
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -23,9 +102,40 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .lm.config import PRESETS, TrainConfig
+    from .lm.model import LMConfig
+
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train the makeMoE language model")
+    train.add_argument("--preset", default="makemoe", choices=sorted(PRESETS), help="starting configuration")
+    train.add_argument("--config", help="a TOML file of overrides (flat keys or a [model] table)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    add_config_flags(train, TrainConfig, skip={"model"})
+    add_config_flags(train, LMConfig, skip={"vocab_size"})
+    train.set_defaults(run=_train)
+
+    generate = commands.add_parser("generate", help="sample text from a checkpoint")
+    generate.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    generate.add_argument("--max-new-tokens", type=int, default=500, help="tokens to sample")
+    generate.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--device", default="cpu", help="cpu or cuda")
+    generate.set_defaults(run=_generate)
+
+    evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
+    evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
+    evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: the run's)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation batches")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda")
+    evaluate.set_defaults(run=_eval)
+
     info = commands.add_parser("info", help="print versions, threads and available kernels")
     info.set_defaults(run=_info)
     return parser
@@ -33,4 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, FloatingPointError) as err:
+        print(f"moekit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_int, check_probability
+from ._dropout import Dropout, dropout
+from ._segment_mlp import segment_mlp
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 INITS = ("default", "kaiming")
@@ -85,14 +86,6 @@ def loop_linear(rows: Tensor, weight: Tensor, sizes: list[int]) -> Tensor:
     return torch.cat([seg @ w for seg, w in zip(segments, per_expert, strict=True)])  # [M, d_out]
 
 
-class _Segments(NamedTuple):
-    """How one forward cuts rows into expert segments (shared by both matmuls)."""
-
-    offsets: Tensor | None  # [E] int32 segment ends, for grouped_mm
-    sizes: list[int] | None  # segment lengths on the host, for the loop
-    row_expert: Tensor | None  # [M] expert of each row, for the biases
-
-
 def _init_weight(weight: Tensor, fan_in: int, init: str) -> None:
     if init == "kaiming":  # makeMoE: kaiming_normal_, fan_in, ReLU gain sqrt(2)
         nn.init.normal_(weight, 0.0, math.sqrt(2.0 / fan_in))
@@ -116,9 +109,10 @@ class ExpertBank(nn.Module):
         dropout: Dropout on each expert's output rows in training (makeMoE).
         init: "default" (nn.Linear's uniform) or "kaiming" (normal, std sqrt(2 / fan_in)).
         backend: "grouped" (`F.grouped_mm` where the dtype and alignment allow, else the
-            loop), "loop" (one matmul per segment), or "auto": grouped on accelerators, the
-            loop on CPU, where it measured faster (torch 2.13, 2 cores: 2.3 vs 3.2 ms fwd+bwd at
-            M=1024, d=128, h=512, E=8).
+            loop), "loop" (`segment_mlp`: one matmul per segment into a shared buffer, with a
+            hand-written backward), or "auto": grouped on accelerators, the loop on CPU, where
+            it measured faster (torch 2.13, 2 cores: 2.3 vs 3.2 ms fwd+bwd at M=1024, d=128,
+            h=512, E=8).
     """
 
     def __init__(
@@ -160,16 +154,6 @@ class ExpertBank(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
-    @staticmethod
-    def _linear(rows: Tensor, weight: Tensor, bias_: Tensor | None, seg: _Segments) -> Tensor:
-        if seg.offsets is not None:
-            out = grouped_linear(rows, weight, seg.offsets)
-        else:
-            out = loop_linear(rows, weight, seg.sizes)
-        if bias_ is not None:
-            out = out + bias_.to(out.dtype).index_select(0, seg.row_expert)  # [M, d_out]
-        return out
-
     def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """Apply expert e to its segment of rows.
 
@@ -181,25 +165,36 @@ class ExpertBank(nn.Module):
             [M, d] in the compute dtype (the autocast dtype under autocast, else the weights').
         """
         dtype = _compute_dtype(rows, self.w1)
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
         rows = rows.to(dtype)
-        seg = self._segments(rows, w1, w2, group_sizes)
-        hidden = _activate(self._linear(rows, w1, self.b1, seg), self.activation)  # [M, h]
-        out = self._linear(hidden, w2, self.b2, seg)  # [M, d]
-        return F.dropout(out, self.dropout, self.training)
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        b1 = None if self.b1 is None else self.b1.to(dtype)
+        b2 = None if self.b2 is None else self.b2.to(dtype)
+        if self._grouped(rows, w1, w2):
+            out = self._grouped_forward(rows, w1, b1, w2, b2, group_sizes)
+        else:  # host sync: the segment lengths cut the rows
+            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes.tolist(), self.activation)
+        return dropout(out, self.dropout, self.training)
 
-    def _segments(self, rows: Tensor, w1: Tensor, w2: Tensor, group_sizes: Tensor) -> _Segments:
-        grouped = self.backend == "grouped" or (
+    def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
+        wanted = self.backend == "grouped" or (
             self.backend == "auto" and rows.device.type != "cpu"
         )
-        grouped = grouped and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
-        offsets = torch.cumsum(group_sizes, 0).to(torch.int32) if grouped else None  # [E]
-        sizes = None if grouped else group_sizes.tolist()  # host sync to cut the segments
+        return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
+
+    def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor) -> Tensor:
+        """Two grouped GEMMs; no host sync."""
+        offsets = torch.cumsum(group_sizes, 0).to(torch.int32)  # [E] segment ends
         row_expert = None
-        if self.b1 is not None:
+        if b1 is not None:
             experts = torch.arange(self.num_experts, device=rows.device)
             row_expert = torch.repeat_interleave(experts, group_sizes, output_size=rows.shape[0])
-        return _Segments(offsets, sizes, row_expert)
+        hidden = grouped_linear(rows, w1, offsets)  # [M, h]
+        if b1 is not None:
+            hidden = hidden + b1.index_select(0, row_expert)
+        out = grouped_linear(_activate(hidden, self.activation), w2, offsets)  # [M, d]
+        if b2 is not None:
+            out = out + b2.index_select(0, row_expert)
+        return out
 
     def to_modules(self) -> ExpertList:
         """The same experts as a list of `MLPExpert` modules with copied weights."""
@@ -258,7 +253,7 @@ class MLPExpert(nn.Module):
         width = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.fc1 = nn.Linear(d_model, width, bias=bias)
         self.fc2 = nn.Linear(d_hidden, d_model, bias=bias)
-        self.drop = nn.Dropout(check_probability("dropout", dropout))
+        self.drop = Dropout(check_probability("dropout", dropout))
 
     @property
     def weight(self) -> nn.Parameter:

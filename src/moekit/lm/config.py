@@ -1,0 +1,113 @@
+"""The training run's configuration: presets, TOML files and flag overrides, in that order."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from .._checks import check_choice, check_non_negative, check_positive_int
+from .model import LMConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything `moekit train` needs; `asdict()` goes into checkpoints and MLflow params."""
+
+    model: LMConfig = field(default_factory=LMConfig)
+    data: str | None = field(default=None, metadata=_help("UTF-8 text file (default: tinyshakespeare, downloaded once)"))
+    out: str = field(default="runs/makemoe", metadata=_help("run directory: checkpoints, plots, mlflow.db"))
+    tokenizer: str = field(default="char", metadata=_help("char (makeMoE) or bpe (byte-level BPE)"))
+    bpe_vocab_size: int = field(default=512, metadata=_help("vocabulary size of the BPE tokenizer"))
+    batch_size: int = field(default=16, metadata=_help("sequences per step"))
+    max_iters: int = field(default=5000, metadata=_help("training steps"))
+    eval_interval: int = field(default=100, metadata=_help("steps between evaluations"))
+    eval_iters: int = field(default=400, metadata=_help("batches per split in each evaluation"))
+    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
+    schedule: str = field(default="constant", metadata=_help("learning-rate schedule: constant or cosine"))
+    warmup_iters: int = field(default=0, metadata=_help("linear warmup steps"))
+    min_lr: float = field(default=1e-4, metadata=_help("final learning rate of the cosine schedule"))
+    grad_clip: float = field(default=0.0, metadata=_help("clip the gradient norm to this (0: off)"))
+    dtype: str = field(default="float32", metadata=_help("float32, or bfloat16 autocast"))
+    seed: int = field(default=1337, metadata=_help("seed of weights, batches and sampling"))
+    save_every: int = field(default=500, metadata=_help("steps between checkpoints (0: only the final one)"))
+    keep: int = field(default=2, metadata=_help("checkpoints kept in the run directory"))
+    sample_tokens: int = field(default=200, metadata=_help("tokens of sample text at each evaluation"))
+    track: bool = field(default=True, metadata=_help("track the run with MLflow"))
+    tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI (default: sqlite:///<out>/mlflow.db)"))
+    experiment: str = field(default="moekit", metadata=_help("MLflow experiment name"))
+    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    threads: int = field(default=0, metadata=_help("CPU threads for torch (0: torch's default)"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "keep", "bpe_vocab_size"):
+            check_positive_int(name, getattr(self, name))
+        for name in ("warmup_iters", "save_every", "sample_tokens", "threads", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("learning_rate", "weight_decay", "min_lr", "grad_clip"):
+            check_non_negative(name, getattr(self, name))
+        check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
+        check_choice("schedule", self.schedule, ("constant", "cosine"))
+        check_choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # the makeMoE blog's hyperparameters
+    "makemoe": TrainConfig(),
+    # a few seconds on a laptop core: for tests and smoke runs
+    "tiny": TrainConfig(
+        model=LMConfig(block_size=16, n_embed=32, n_head=4, n_layer=2, num_experts=4, top_k=2),
+        out="runs/tiny",
+        batch_size=8,
+        max_iters=60,
+        eval_interval=20,
+        eval_iters=4,
+        learning_rate=3e-3,
+        save_every=20,
+        sample_tokens=32,
+    ),
+}
+
+MODEL_FIELDS = {f.name for f in fields(LMConfig)} - {"vocab_size"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"model"}
+
+
+def build_config(preset: str = "makemoe", toml_path: str | None = None, **overrides) -> TrainConfig:
+    """preset, then the TOML file (flat keys or a [model] table), then `overrides` (flat keys).
+
+    Raises:
+        ValueError: An unknown preset or key, or a value out of range.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
+    values: dict = {}
+    if toml_path is not None:
+        try:
+            table = tomllib.loads(Path(toml_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"--config {toml_path}: {err}") from err
+        values.update(table.pop("model", {}))
+        values.update(table)
+    values.update(overrides)
+    unknown = set(values) - MODEL_FIELDS - TRAIN_FIELDS
+    if unknown:
+        raise ValueError(f"unknown configuration keys {sorted(unknown)}")
+    base = PRESETS[preset]
+    model = replace(base.model, **{k: v for k, v in values.items() if k in MODEL_FIELDS})
+    return replace(base, model=model, **{k: v for k, v in values.items() if k in TRAIN_FIELDS})

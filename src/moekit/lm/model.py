@@ -1,0 +1,337 @@
+"""The makeMoE language model: a decoder-only transformer whose feed-forwards are MoE layers.
+
+idx [B, T] -> token + position embeddings [B, T, d] -> n_layer x (x + attn(ln1 x); x + moe(ln2 x))
+-> ln_f -> lm_head -> logits [B, T, V]. Causal attention runs through
+`F.scaled_dot_product_attention`; `generate` decodes with a KV cache and, like makeMoE, conditions
+on the last `block_size` tokens once the context grows past it.
+Defaults are makeMoE's (https://github.com/AviSoori1x/makeMoE): 8,996,545 parameters at V=65.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._dropout import Dropout
+from .._checks import (
+    check_capacity_factor,
+    check_choice,
+    check_non_negative,
+    check_positive_int,
+    check_probability,
+    check_top_k,
+)
+from ..experts import ACTIVATIONS, INITS
+from ..layers import ROUTERS, MoE, total_aux_loss
+from ..routing import NoisyTopkRouter
+
+
+@dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    """Architecture of `SparseMoELanguageModel`; saved with every checkpoint."""
+
+    vocab_size: int = field(
+        default=65, metadata={"help": "tokens in the vocabulary (from the tokenizer)"}
+    )
+    block_size: int = field(default=32, metadata={"help": "context length in tokens"})
+    n_embed: int = field(default=128, metadata={"help": "model width d"})
+    n_head: int = field(default=8, metadata={"help": "attention heads"})
+    n_layer: int = field(default=8, metadata={"help": "transformer blocks"})
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    top_k: int = field(default=2, metadata={"help": "experts per token"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout probability"})
+    router: str = field(default="noisy", metadata={"help": f"router: one of {', '.join(ROUTERS)}"})
+    capacity_factor: float | None = field(
+        default=None, metadata={"help": "expert capacity factor (default: dropless)"}
+    )
+    activation: str = field(
+        default="relu", metadata={"help": "expert activation: relu, gelu, swiglu"}
+    )
+    init: str = field(
+        default="kaiming", metadata={"help": "weight init: kaiming (makeMoE) or default"}
+    )
+    load_balance_coef: float = field(
+        default=0.01, metadata={"help": "coefficient of the Switch load-balancing loss"}
+    )
+    z_loss_coef: float = field(default=0.0, metadata={"help": "coefficient of the router z-loss"})
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_embed", "n_head", "n_layer", "num_experts"):
+            check_positive_int(name, getattr(self, name))
+        check_top_k(self.top_k, self.num_experts)
+        if self.n_embed % self.n_head:
+            raise ValueError(f"n_embed={self.n_embed} must be divisible by n_head={self.n_head}")
+        check_probability("dropout", self.dropout)
+        check_choice("router", self.router, ROUTERS)
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"top_k={self.top_k} must be 1 for router='switch'")
+        check_capacity_factor(self.capacity_factor)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("init", self.init, INITS)
+        check_non_negative("load_balance_coef", self.load_balance_coef)
+        check_non_negative("z_loss_coef", self.z_loss_coef)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}")
+        return cls(**values)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: [B, H, length, hd] each."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        """Tokens cached (as seen by the last layer, i.e. after a whole forward)."""
+        return self.past(len(self.keys) - 1)
+
+    def past(self, layer: int) -> int:
+        """Tokens already cached for `layer`."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's k, v [B, H, T, hd]; return all keys and values so far."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, one fused qkv projection (makeMoE's heads, batched).
+
+    Scores are scaled by 1/sqrt(head_dim); makeMoE scales by 1/sqrt(n_embed), a slip that
+    flattens the attention of its 8 heads.
+    """
+
+    def __init__(self, n_embed: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embed, 3 * n_embed, bias=False)  # makeMoE: bias-free q, k, v
+        self.proj = nn.Linear(n_embed, n_embed)
+        self.dropout = dropout
+        self.resid_drop = Dropout(dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x [B, T, d]
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.past(layer)
+            k, v = cache.extend(layer, k, v)  # [B, H, past + T, hd]
+        mask = None
+        if past and t > 1:  # queries at positions past..past+T-1 see keys 0..their own position
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=past == 0 and t > 1,
+        )  # [B, H, T, hd]
+        y = y.transpose(1, 2).reshape(b, t, d)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: communication (attention) then computation (MoE)."""
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embed)
+        self.attn = CausalSelfAttention(config.n_embed, config.n_head, config.dropout)
+        self.ln2 = nn.LayerNorm(config.n_embed)
+        router = config.router
+        if router == "noisy":  # makeMoE's router: noisy top-k over biased linears
+            router = NoisyTopkRouter(config.n_embed, config.num_experts, config.top_k)
+        self.moe = MoE(
+            config.n_embed,
+            config.num_experts,
+            config.top_k,
+            4 * config.n_embed,
+            config.activation,
+            router=router,
+            capacity_factor=config.capacity_factor,
+            bias=True,
+            dropout=config.dropout,
+            init=config.init,
+            load_balance_coef=config.load_balance_coef,
+            z_loss_coef=config.z_loss_coef,
+        )
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer)
+        return x + self.moe(self.ln2(x)).output
+
+
+class SparseMoELanguageModel(nn.Module):
+    """makeMoE's sparse-MoE character language model on moekit's engine.
+
+    Args:
+        vocab_size, block_size, n_embed, n_head, n_layer, num_experts, top_k, dropout: as makeMoE.
+        **options: further `LMConfig` fields (router, capacity_factor, activation, init, ...).
+
+    `forward(idx [B, T], targets [B, T] | None) -> (logits [B, T, V], loss | None)`; the loss is
+    the plain cross-entropy (comparable to makeMoE's); `aux_loss()` gives the MoE layers' summed
+    auxiliary losses of the last forward, which the trainer adds.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 65,
+        block_size: int = 32,
+        n_embed: int = 128,
+        n_head: int = 8,
+        n_layer: int = 8,
+        num_experts: int = 8,
+        top_k: int = 2,
+        dropout: float = 0.1,
+        **options,
+    ) -> None:
+        super().__init__()
+        self.config = LMConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_embed=n_embed,
+            n_head=n_head,
+            n_layer=n_layer,
+            num_experts=num_experts,
+            top_k=top_k,
+            dropout=dropout,
+            **options,
+        )
+        cfg = self.config
+        self.token_embedding_table = nn.Embedding(cfg.vocab_size, cfg.n_embed)
+        self.position_embedding_table = nn.Embedding(cfg.block_size, cfg.n_embed)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embed)
+        self.lm_head = nn.Linear(cfg.n_embed, cfg.vocab_size)
+        if cfg.init == "kaiming":  # makeMoE: kaiming_normal_ on every nn.Linear weight
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.kaiming_normal_(module.weight)
+
+    @classmethod
+    def from_config(cls, config: LMConfig) -> SparseMoELanguageModel:
+        return cls(**config.to_dict())
+
+    def _check_idx(self, idx: Tensor, name: str, past: int = 0) -> None:
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.long, torch.int32, torch.int16):
+            raise TypeError(f"{name} must be an integer tensor of shape [B, T]")
+        if idx.dim() != 2:
+            raise ValueError(f"{name} must have shape [B, T], got {tuple(idx.shape)}")
+        if past + idx.shape[1] > self.config.block_size:
+            raise ValueError(
+                f"{name} length {past + idx.shape[1]} exceeds block_size={self.config.block_size}"
+            )
+        if idx.device.type == "cpu" and idx.numel():
+            low, high = int(idx.min()), int(idx.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"{name} values must lie in [0, vocab_size={self.config.vocab_size}), "
+                    f"got [{low}, {high}]"
+                )
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Args: idx: token ids [B, T]; targets: next-token ids [B, T] or None; cache: a KVCache
+        to extend (generation). Returns (logits [B, T, V], mean cross-entropy or None)."""
+        past = 0 if cache is None else cache.length
+        self._check_idx(idx, "idx", past)
+        t = idx.shape[1]
+        positions = torch.arange(past, past + t, device=idx.device)  # [T]
+        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # [B, T, d]
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        if targets is None:
+            return logits, None
+        self._check_idx(targets, "targets")
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape")
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return logits, loss
+
+    def aux_loss(self) -> Tensor:
+        """The MoE layers' scaled auxiliary losses from the last forward, summed."""
+        return total_aux_loss(self)
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.moe for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Sample `max_new_tokens` tokens after the context idx [B, T0] -> [B, T0 + new].
+
+        Each token is conditioned on the last `block_size` tokens, as makeMoE. The KV cache
+        serves while the context fits in `block_size`; past it every step re-encodes the last
+        `block_size` tokens (positions are absolute within the window, so no key can be kept).
+        Runs in eval mode (no dropout, no routing noise) and restores the mode after.
+
+        Args:
+            temperature: Logits are divided by it (> 0).
+            top_k: Sample only among the k most likely tokens (None: all).
+            generator: Random source for sampling (reproducible under a seed).
+            use_cache: False re-encodes the whole window at every step (the reference path).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        if top_k is not None:
+            check_top_k(top_k, self.config.vocab_size)
+        self._check_idx(idx[:, -self.config.block_size :], "idx")
+        was_training = self.training
+        self.eval()
+        try:
+            return self._sample(idx, max_new_tokens, temperature, top_k, generator, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, idx, max_new_tokens, temperature, top_k, generator, use_cache) -> Tensor:
+        block_size = self.config.block_size
+        cache = KVCache(self.config.n_layer) if use_cache else None
+        logits, _ = self(idx[:, -block_size:], cache=cache)
+        for step in range(max_new_tokens):
+            next_logits = logits[:, -1, :].float() / temperature  # [B, V]
+            if top_k is not None:
+                kth = torch.topk(next_logits, top_k, dim=-1).values[:, -1:]
+                next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
+            probs = F.softmax(next_logits, dim=-1)
+            idx_next = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            idx = torch.cat([idx, idx_next], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None and cache.length < block_size:
+                logits, _ = self(idx_next, cache=cache)
+            else:
+                cache = KVCache(self.config.n_layer) if use_cache else None
+                logits, _ = self(idx[:, -block_size:], cache=cache)
+        return idx

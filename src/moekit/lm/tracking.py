@@ -1,0 +1,69 @@
+"""Experiment tracking: MLflow to a local SQLite store by default, or nothing.
+
+`sqlite:///<out>/mlflow.db` needs no server and no network (recent MLflow refuses a plain file
+store); artifacts go to `<out>/mlartifacts`. `--tracking-uri` points at a server instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class NullTracker:
+    """Tracking turned off (`--no-track`)."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MLflowTracker:
+    """One MLflow run; resumed by id when a checkpoint carries one."""
+
+    def __init__(
+        self, out: Path, experiment: str, tracking_uri: str | None, run_id: str | None
+    ) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        out = out.resolve()
+        uri = tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            artifacts = None if tracking_uri else (out / "mlartifacts").as_uri()
+            mlflow.create_experiment(experiment, artifact_location=artifacts)
+        mlflow.set_experiment(experiment)
+        self._run = mlflow.start_run(run_id=run_id)
+        self.run_id = self._run.info.run_id
+        log.info("MLflow run %s at %s", self.run_id, uri)
+
+    def log_params(self, params: dict) -> None:
+        self._mlflow.log_params({k: str(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(metrics, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def make_tracker(
+    track: bool, out: Path, experiment: str, tracking_uri: str | None, run_id: str | None
+) -> MLflowTracker | NullTracker:
+    return MLflowTracker(out, experiment, tracking_uri, run_id) if track else NullTracker()

@@ -1,0 +1,292 @@
+"""Training: `train(config)` runs, evaluates, tracks, checkpoints and resumes a language model.
+
+One step: batch from the data generator -> forward (CE + the MoE layers' aux losses) -> backward
+-> finite check -> clip -> AdamW -> router-bias update. Every `eval_interval` steps: makeMoE's
+estimate_loss (mean CE over `eval_iters` batches per split, eval mode), per-layer expert load and
+router entropy, a text sample. On CPU a resumed run is bitwise identical to an uninterrupted one:
+the checkpoint carries weights, optimizer state, both RNG states and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..plots import plot_expert_load, plot_losses
+from ..routing import update_router_biases
+from .checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import TokenData, build_tokenizer, load_text, tokenizer_from_dict
+from .model import LMConfig, SparseMoELanguageModel
+from .tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; raised before the optimizer touches the weights."""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    evals: list[dict]  # [{"step", "train_loss", "val_loss"}]
+    train_losses: list[float]  # cross-entropy of every training step
+    checkpoint: Path | None
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then constant or cosine decay to `min_lr` at `max_iters`."""
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    progress = (step - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.min_lr + (cfg.learning_rate - cfg.min_lr) * cosine
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where the device has the kernel (one pass over all tensors), else foreach."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    """The state of one run; `run()` trains from `step` to `cfg.max_iters`."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        if cfg.data is not None:  # absolute, so `moekit eval` finds it from anywhere
+            cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = _device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        if resume and checkpoint is None:
+            log.warning("--resume: no valid checkpoint in %s, starting from scratch", self.out)
+        # 1. data and tokenizer (the checkpoint's tokenizer wins on resume)
+        text = load_text(cfg.data)
+        if checkpoint is not None:
+            self.tokenizer = tokenizer_from_dict(checkpoint.state["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(cfg.tokenizer, text, cfg.bpe_vocab_size)
+        self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
+        self.data = TokenData.from_ids(self.tokenizer.encode(text), self.model_config.block_size)
+        # 2. model, optimizer, random streams
+        torch.manual_seed(cfg.seed)
+        self.model = SparseMoELanguageModel.from_config(self.model_config).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = 0
+        self.evals: list[dict] = []
+        self.train_losses: list[float] = []
+        self.load_history: list[dict] = []  # [{"step", "load": [layers][experts] fractions}]
+        self._load_sum = torch.zeros(self.model_config.n_layer, self.model_config.num_experts)
+        run_id = None
+        if checkpoint is not None:
+            run_id = self._restore(checkpoint)
+        self.tracker = make_tracker(cfg.track, self.out, cfg.experiment, cfg.tracking_uri, run_id)
+
+    def _restore(self, checkpoint) -> str | None:
+        saved = LMConfig.from_dict(checkpoint.state["model_config"])
+        if saved != self.model_config:
+            raise ValueError(
+                f"--resume: the checkpoint in {self.out} has model config {saved}, "
+                f"which differs from the requested {self.model_config}"
+            )
+        self.model.load_state_dict(checkpoint.model)
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+        torch.set_rng_state(decode_bytes(checkpoint.state["rng"]["torch"]))
+        self.data_gen.set_state(decode_bytes(checkpoint.state["rng"]["data"]))
+        history = checkpoint.state["history"]
+        self.step = checkpoint.step
+        self.evals, self.train_losses = history["evals"], history["train_losses"]
+        self.load_history = history["expert_load"]
+        self._load_sum = torch.tensor(history["load_since_eval"])
+        log.info("resumed from %s at step %d", checkpoint.path, self.step)
+        return checkpoint.state.get("mlflow_run_id")
+
+    def _autocast(self):
+        enabled = self.cfg.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns its cross-entropy."""
+        cfg, model = self.cfg, self.model
+        x, y = self.data.batch("train", cfg.batch_size, self.model_config.block_size, self.data_gen)
+        x, y = x.to(self.device), y.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.step)
+        with self._autocast():
+            _, loss = model(x, y)
+            total = loss + model.aux_loss()
+        if not torch.isfinite(total):
+            raise NonFiniteError(f"step {self.step}: non-finite loss {total.item()}")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm.item()}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, norm, foreach=True)
+        self.optimizer.step()
+        update_router_biases(model)
+        self._load_sum += torch.stack([m.stats.tokens_per_expert.cpu() for m in model.moe_layers()])
+        return loss.item()
+
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """makeMoE's estimate_loss: mean CE over `eval_iters` batches of each split, eval mode.
+
+        The batches come from a generator seeded by the step, so evaluating never moves the
+        training batch stream.
+        """
+        cfg, model = self.cfg, self.model
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        model.eval()
+        result = {}
+        for split in ("train", "val"):
+            total = 0.0
+            for _ in range(cfg.eval_iters):
+                x, y = self.data.batch(split, cfg.batch_size, self.model_config.block_size, gen)
+                with self._autocast():
+                    total += model(x.to(self.device), y.to(self.device))[1].item()
+            result[split] = total / cfg.eval_iters
+        model.train()
+        return result
+
+    def sample(self, num_tokens: int) -> str:
+        """Text generated from a newline (token 0 if absent), reproducible for the step."""
+        try:
+            start = self.tokenizer.encode("\n")[:1] or [0]
+        except ValueError:
+            start = [0]
+        idx = torch.tensor([start], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
+        out = self.model.generate(idx, num_tokens, generator=gen)
+        return self.tokenizer.decode(out[0, len(start) :].tolist())
+
+    def evaluate(self) -> dict:
+        losses = self.estimate_loss()
+        record = {"step": self.step, "train_loss": losses["train"], "val_loss": losses["val"]}
+        self.evals.append(record)
+        metrics = {"train_loss": losses["train"], "val_loss": losses["val"]}
+        for i, layer in enumerate(self.model.moe_layers()):
+            metrics[f"layer{i}_router_entropy"] = float(layer.stats.router_entropy)
+        if self._load_sum.sum() > 0:  # the training steps since the previous evaluation
+            load = self._load_sum / self._load_sum.sum(-1, keepdim=True)  # [L, E] fractions
+            self._load_sum.zero_()
+            self.load_history.append({"step": self.step, "load": load.tolist()})
+            for i in range(load.shape[0]):
+                metrics[f"layer{i}_load_max"] = float(load[i].max())
+                for e, fraction in enumerate(load[i].tolist()):
+                    metrics[f"layer{i}_expert{e}_load"] = fraction
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.cfg.sample_tokens:
+            text = self.sample(self.cfg.sample_tokens)
+            record["sample"] = text
+            with (self.out / "samples.txt").open("a", encoding="utf-8") as f:
+                f.write(f"--- step {self.step}\n{text}\n")
+        return record
+
+    def save(self) -> Path:
+        state = {
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "tokenizer": self.tokenizer.to_dict(),
+            "rng": {
+                "torch": encode_bytes(torch.get_rng_state()),
+                "data": encode_bytes(self.data_gen.get_state()),
+            },
+            "history": {
+                "evals": self.evals,
+                "train_losses": self.train_losses,
+                "expert_load": self.load_history,
+                "load_since_eval": self._load_sum.tolist(),
+            },
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.keep)
+
+    def write_reports(self) -> list[Path]:
+        """Plots and the config as files in the run directory, also logged as artifacts."""
+        paths = [self.out / "config.json"]
+        paths[0].write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        if self.evals:
+            paths.append(plot_losses(self.evals, self.out / "loss.png"))
+        if self.load_history:
+            steps = [entry["step"] for entry in self.load_history]
+            loads = [entry["load"] for entry in self.load_history]
+            paths.append(plot_expert_load(steps, loads, self.out / "expert_load.png"))
+        if (self.out / "samples.txt").exists():
+            paths.append(self.out / "samples.txt")
+        for path in paths:
+            self.tracker.log_artifact(path)
+        return paths
+
+    def run(self, on_eval: Callable[[dict], None] | None = None) -> TrainResult:
+        cfg = self.cfg
+        start = self.step
+        if start == 0:
+            params = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+            self.tracker.log_params(params | self.model_config.to_dict())
+        tokens_per_step = cfg.batch_size * self.model_config.block_size
+        bar = tqdm(
+            total=cfg.max_iters, initial=self.step, disable=not cfg.progress, unit="step",
+            dynamic_ncols=True,
+        )
+        checkpoint, status = None, "FAILED"
+        try:
+            while self.step < cfg.max_iters:
+                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters - 1:
+                    record = self.evaluate()
+                    if on_eval:
+                        on_eval(record)
+                tic = time.perf_counter()
+                self.train_losses.append(self.train_step())
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{self.train_losses[-1]:.4f}",
+                    tok_s=f"{tokens_per_step / (time.perf_counter() - tic):.0f}",
+                )
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_iters:
+                    checkpoint = self.save()
+            if self.step > start:  # the final checkpoint
+                checkpoint = self.save()
+            self.write_reports()
+            status = "FINISHED"
+        finally:
+            bar.close()
+            self.tracker.close(status)
+        return TrainResult(self.out, self.step, self.evals, self.train_losses, checkpoint)
+
+
+def train(
+    cfg: TrainConfig, resume: bool = False, on_eval: Callable[[dict], None] | None = None
+) -> TrainResult:
+    """Train (or, with `resume`, continue) the run described by `cfg`; see `Trainer`."""
+    return Trainer(cfg, resume).run(on_eval)

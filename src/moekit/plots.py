@@ -1,0 +1,55 @@
+"""Training plots written as PNG files (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_losses(evals: list[dict], path: Path) -> Path:
+    """Train and val loss at each evaluation: evals = [{"step", "train_loss", "val_loss"}]."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [e["step"] for e in evals]
+    ax.plot(steps, [e["train_loss"] for e in evals], label="train")
+    ax.plot(steps, [e["val_loss"] for e in evals], label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_load(steps: list[int], load: list[list[list[float]]], path: Path) -> Path:
+    """Fraction of routed tokens per expert, one panel per layer, over training.
+
+    Args:
+        steps: The step closing each measurement window [S] (a window starts at the step before).
+        load: [S][layers][experts] fractions (each layer's row sums to 1).
+    """
+    num_layers, num_experts = len(load[0]), len(load[0][0])
+    edges = [0, *steps]  # window s covers (steps[s-1], steps[s]]
+    fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.0 + 1.1 * num_layers), squeeze=False)
+    uniform = 1.0 / num_experts
+    for layer, ax in enumerate(axes[:, 0]):
+        grid = [[load[s][layer][e] for s in range(len(steps))] for e in range(num_experts)]
+        mesh = ax.pcolormesh(
+            edges, [e - 0.5 for e in range(num_experts + 1)], grid,
+            cmap="viridis", vmin=0.0, vmax=min(1.0, 3 * uniform),
+        )
+        ax.invert_yaxis()
+        ax.set_ylabel(f"layer {layer}\nexpert")
+        fig.colorbar(mesh, ax=ax, label="fraction")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"expert load per layer (uniform = {uniform:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
