@@ -26,6 +26,7 @@ def step_fn(model, optimizer, batches, with_aux):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     return run
 
 
@@ -39,14 +40,16 @@ def main():
     ours = SparseMoELanguageModel()
     theirs = MakeMoELanguageModel()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"parameters: moekit {sum(p.numel() for p in ours.parameters()):,}, "
-          f"makeMoE {sum(p.numel() for p in theirs.parameters()):,}")
+    print(
+        f"parameters: moekit {sum(p.numel() for p in ours.parameters()):,}, "
+        f"makeMoE {sum(p.numel() for p in theirs.parameters()):,}"
+    )
     runs = {
         "moekit": step_fn(ours, make_optimizer(ours, TrainConfig()), batches, True),
         "makeMoE": step_fn(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-3), batches, False),
     }
     times = {name: [] for name in runs}
-    for name, run in runs.items():  # warm-up
+    for run in runs.values():  # warm-up
         for i in range(3):
             run(i)
     for _ in range(args.rounds):

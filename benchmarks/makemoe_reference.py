@@ -32,7 +32,9 @@ class Head(nn.Module):
 class MultiHeadAttention(nn.Module):
     def __init__(self, n_embed, num_heads, head_size, block_size, dropout):
         super().__init__()
-        self.heads = nn.ModuleList([Head(n_embed, head_size, block_size, dropout) for _ in range(num_heads)])
+        self.heads = nn.ModuleList(
+            [Head(n_embed, head_size, block_size, dropout) for _ in range(num_heads)]
+        )
         self.proj = nn.Linear(n_embed, n_embed)
         self.dropout = nn.Dropout(dropout)
 
@@ -45,7 +47,10 @@ class Expert(nn.Module):
     def __init__(self, n_embed, dropout):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(n_embed, 4 * n_embed), nn.ReLU(), nn.Linear(4 * n_embed, n_embed), nn.Dropout(dropout)
+            nn.Linear(n_embed, 4 * n_embed),
+            nn.ReLU(),
+            nn.Linear(4 * n_embed, n_embed),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x):
@@ -110,12 +115,25 @@ class Block(nn.Module):
 
 
 class MakeMoELanguageModel(nn.Module):
-    def __init__(self, vocab_size=65, block_size=32, n_embed=128, n_head=8, n_layer=8, num_experts=8, top_k=2, dropout=0.1):
+    def __init__(
+        self,
+        vocab_size=65,
+        block_size=32,
+        n_embed=128,
+        n_head=8,
+        n_layer=8,
+        num_experts=8,
+        top_k=2,
+        dropout=0.1,
+    ):
         super().__init__()
         self.token_embedding_table = nn.Embedding(vocab_size, n_embed)
         self.position_embedding_table = nn.Embedding(block_size, n_embed)
         self.blocks = nn.Sequential(
-            *[Block(n_embed, n_head, num_experts, top_k, block_size, dropout) for _ in range(n_layer)]
+            *[
+                Block(n_embed, n_head, num_experts, top_k, block_size, dropout)
+                for _ in range(n_layer)
+            ]
         )
         self.ln_f = nn.LayerNorm(n_embed)
         self.lm_head = nn.Linear(n_embed, vocab_size)

@@ -18,7 +18,9 @@ from moekit import (
 )
 
 # B, T, d, E, k: the layer grid (N = B*T in {1, 7, 33}, d in {3, 17}, E in {1, 3, 8}, k in 1..E)
-SHAPES = [(1, n, d, e, k) for n in (1, 7, 33) for d in (3, 17) for e in (1, 3, 8) for k in range(1, e + 1)]
+SHAPES = [
+    (1, n, d, e, k) for n in (1, 7, 33) for d in (3, 17) for e in (1, 3, 8) for k in range(1, e + 1)
+]
 SHAPES += [(2, 7, 17, 3, 2), (3, 11, 17, 8, 3)]  # a batch dimension too
 
 

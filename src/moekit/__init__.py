@@ -12,6 +12,7 @@ unpermute (weighted combine). The seed documents' names are presets over the sam
 from .dispatch import DispatchPlan, expert_choice_plan, make_plan, permute, unpermute
 from .experts import ExpertBank, ExpertList, MLPExpert, grouped_linear, loop_linear
 from .layers import MoE, MoEOutput, total_aux_loss
+from .lm.model import LMConfig, SparseMoELanguageModel
 from .losses import load_balancing_loss, router_z_loss, squared_deviation_loss
 from .presets import MixtralBlock, MixtureOfExperts, SimpleMoELayer, SparseMoE, SwitchTransformer
 from .routing import (
@@ -78,4 +79,6 @@ __all__ = [
     "TopkRouter",
     "NoisyTopkRouter",
     "SparseMoE",
+    "SparseMoELanguageModel",
+    "LMConfig",
 ]

@@ -38,11 +38,17 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> No
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
             parser.add_argument(
-                flag, type=kind, default=argparse.SUPPRESS, help=help_text,
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                help=help_text,
                 metavar=f.name.upper() + ("|none" if optional else ""),
             )
 
@@ -56,7 +62,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
 
     def on_eval(record: dict) -> None:
-        line = f"step {record['step']}: train loss {record['train_loss']:.4f}, val loss {record['val_loss']:.4f}"
+        line = (
+            f"step {record['step']}: train loss {record['train_loss']:.4f}, "
+            f"val loss {record['val_loss']:.4f}"
+        )
         (print if not cfg.progress else _tqdm_write)(line)
 
     result = train(cfg, resume=args.resume, on_eval=on_eval)
@@ -111,27 +120,41 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train the makeMoE language model")
-    train.add_argument("--preset", default="makemoe", choices=sorted(PRESETS), help="starting configuration")
+    train.add_argument(
+        "--preset", default="makemoe", choices=sorted(PRESETS), help="starting configuration"
+    )
     train.add_argument("--config", help="a TOML file of overrides (flat keys or a [model] table)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint in --out"
+    )
     add_config_flags(train, TrainConfig, skip={"model"})
     add_config_flags(train, LMConfig, skip={"vocab_size"})
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint")
-    generate.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    generate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (its newest checkpoint) or a checkpoint directory",
+    )
     generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     generate.add_argument("--max-new-tokens", type=int, default=500, help="tokens to sample")
     generate.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    generate.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    generate.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens"
+    )
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--device", default="cpu", help="cpu or cuda")
     generate.set_defaults(run=_generate)
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="a run directory or a checkpoint directory")
+    evaluate.add_argument(
+        "--checkpoint", required=True, help="a run directory or a checkpoint directory"
+    )
     evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
-    evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: the run's)")
+    evaluate.add_argument(
+        "--eval-iters", type=int, default=None, help="batches (default: the run's)"
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation batches")
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda")
     evaluate.set_defaults(run=_eval)
@@ -143,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         return args.run(args)
     except (ValueError, RuntimeError, FloatingPointError) as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 1
-
-

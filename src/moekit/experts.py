@@ -176,9 +176,7 @@ class ExpertBank(nn.Module):
         return dropout(out, self.dropout, self.training)
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
-        wanted = self.backend == "grouped" or (
-            self.backend == "auto" and rows.device.type != "cpu"
-        )
+        wanted = self.backend == "grouped" or (self.backend == "auto" and rows.device.type != "cpu")
         return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
 
     def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor) -> Tensor:

@@ -41,8 +41,12 @@ def plot_expert_load(steps: list[int], load: list[list[list[float]]], path: Path
     for layer, ax in enumerate(axes[:, 0]):
         grid = [[load[s][layer][e] for s in range(len(steps))] for e in range(num_experts)]
         mesh = ax.pcolormesh(
-            edges, [e - 0.5 for e in range(num_experts + 1)], grid,
-            cmap="viridis", vmin=0.0, vmax=min(1.0, 3 * uniform),
+            edges,
+            [e - 0.5 for e in range(num_experts + 1)],
+            grid,
+            cmap="viridis",
+            vmin=0.0,
+            vmax=min(1.0, 3 * uniform),
         )
         ax.invert_yaxis()
         ax.set_ylabel(f"layer {layer}\nexpert")

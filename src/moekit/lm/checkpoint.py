@@ -109,7 +109,10 @@ def save_checkpoint(
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}))
     # 2. the manifest, last: a checkpoint without a valid manifest is incomplete
-    manifest = {name: {"sha256": _digest(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
+    manifest = {
+        name: {"sha256": _digest(tmp / name), "bytes": (tmp / name).stat().st_size}
+        for name in FILES
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for name in (*FILES, "manifest.json"):
         _fsync(tmp / name)

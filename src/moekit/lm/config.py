@@ -24,8 +24,12 @@ class TrainConfig:
     """Everything `moekit train` needs; `asdict()` goes into checkpoints and MLflow params."""
 
     model: LMConfig = field(default_factory=LMConfig)
-    data: str | None = field(default=None, metadata=_help("UTF-8 text file (default: tinyshakespeare, downloaded once)"))
-    out: str = field(default="runs/makemoe", metadata=_help("run directory: checkpoints, plots, mlflow.db"))
+    data: str | None = field(
+        default=None, metadata=_help("UTF-8 text file (default: tinyshakespeare, downloaded once)")
+    )
+    out: str = field(
+        default="runs/makemoe", metadata=_help("run directory: checkpoints, plots, mlflow.db")
+    )
     tokenizer: str = field(default="char", metadata=_help("char (makeMoE) or bpe (byte-level BPE)"))
     bpe_vocab_size: int = field(default=512, metadata=_help("vocabulary size of the BPE tokenizer"))
     batch_size: int = field(default=16, metadata=_help("sequences per step"))
@@ -34,24 +38,41 @@ class TrainConfig:
     eval_iters: int = field(default=400, metadata=_help("batches per split in each evaluation"))
     learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW)"))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
-    schedule: str = field(default="constant", metadata=_help("learning-rate schedule: constant or cosine"))
+    schedule: str = field(
+        default="constant", metadata=_help("learning-rate schedule: constant or cosine")
+    )
     warmup_iters: int = field(default=0, metadata=_help("linear warmup steps"))
-    min_lr: float = field(default=1e-4, metadata=_help("final learning rate of the cosine schedule"))
+    min_lr: float = field(
+        default=1e-4, metadata=_help("final learning rate of the cosine schedule")
+    )
     grad_clip: float = field(default=0.0, metadata=_help("clip the gradient norm to this (0: off)"))
     dtype: str = field(default="float32", metadata=_help("float32, or bfloat16 autocast"))
     seed: int = field(default=1337, metadata=_help("seed of weights, batches and sampling"))
-    save_every: int = field(default=500, metadata=_help("steps between checkpoints (0: only the final one)"))
+    save_every: int = field(
+        default=500, metadata=_help("steps between checkpoints (0: only the final one)")
+    )
     keep: int = field(default=2, metadata=_help("checkpoints kept in the run directory"))
-    sample_tokens: int = field(default=200, metadata=_help("tokens of sample text at each evaluation"))
+    sample_tokens: int = field(
+        default=200, metadata=_help("tokens of sample text at each evaluation")
+    )
     track: bool = field(default=True, metadata=_help("track the run with MLflow"))
-    tracking_uri: str | None = field(default=None, metadata=_help("MLflow tracking URI (default: sqlite:///<out>/mlflow.db)"))
+    tracking_uri: str | None = field(
+        default=None, metadata=_help("MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
+    )
     experiment: str = field(default="moekit", metadata=_help("MLflow experiment name"))
     device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
     threads: int = field(default=0, metadata=_help("CPU threads for torch (0: torch's default)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "keep", "bpe_vocab_size"):
+        for name in (
+            "batch_size",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "keep",
+            "bpe_vocab_size",
+        ):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "save_every", "sample_tokens", "threads", "seed"):
             if getattr(self, name) < 0:

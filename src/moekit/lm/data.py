@@ -103,7 +103,9 @@ class CharTokenizer:
         try:
             return [self._index[c] for c in text]
         except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in the tokenizer's vocabulary") from err
+            raise ValueError(
+                f"character {err.args[0]!r} is not in the tokenizer's vocabulary"
+            ) from err
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.chars[i] for i in ids)

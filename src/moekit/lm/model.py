@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._dropout import Dropout
 from .._checks import (
     check_capacity_factor,
     check_choice,
@@ -25,6 +24,7 @@ from .._checks import (
     check_probability,
     check_top_k,
 )
+from .._dropout import Dropout
 from ..experts import ACTIVATIONS, INITS
 from ..layers import ROUTERS, MoE, total_aux_loss
 from ..routing import NoisyTopkRouter

@@ -151,7 +151,9 @@ class Trainer:
         if not torch.isfinite(norm):
             raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm.item()}")
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.grad_clip, norm, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(
+                model.parameters(), cfg.grad_clip, norm, foreach=True
+            )
         self.optimizer.step()
         update_router_biases(model)
         self._load_sum += torch.stack([m.stats.tokens_per_expert.cpu() for m in model.moe_layers()])
@@ -229,7 +231,9 @@ class Trainer:
             },
             "mlflow_run_id": self.tracker.run_id,
         }
-        return save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.cfg.keep)
+        return save_checkpoint(
+            self.out, self.step, self.model, self.optimizer, state, self.cfg.keep
+        )
 
     def write_reports(self) -> list[Path]:
         """Plots and the config as files in the run directory, also logged as artifacts."""
@@ -255,7 +259,10 @@ class Trainer:
             self.tracker.log_params(params | self.model_config.to_dict())
         tokens_per_step = cfg.batch_size * self.model_config.block_size
         bar = tqdm(
-            total=cfg.max_iters, initial=self.step, disable=not cfg.progress, unit="step",
+            total=cfg.max_iters,
+            initial=self.step,
+            disable=not cfg.progress,
+            unit="step",
             dynamic_ncols=True,
         )
         checkpoint, status = None, "FAILED"

@@ -1,0 +1,206 @@
+"""The language model, its data and its configuration.
+
+Oracles: makeMoE's parameter count; generation without the cache (re-encoding the window each
+step, makeMoE's loop) for generation with it; round trips for tokenizers and configs.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit import SparseMoELanguageModel
+from moekit.lm import KVCache, LMConfig
+from moekit.lm import data as lm_data
+from moekit.lm.config import build_config
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def tiny_model(**kw) -> SparseMoELanguageModel:
+    args = dict(
+        vocab_size=11, block_size=8, n_embed=16, n_head=2, n_layer=2, num_experts=4, top_k=2
+    )
+    return SparseMoELanguageModel(**(args | kw))
+
+
+def test_default_model_has_makemoe_parameter_count():
+    assert sum(p.numel() for p in SparseMoELanguageModel().parameters()) == 8_996_545
+
+
+def test_forward_shapes_and_loss_is_plain_cross_entropy():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (3, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 8, 11)
+    torch.testing.assert_close(
+        loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 11), idx.reshape(-1))
+    )
+    assert model(idx)[1] is None
+    assert model.aux_loss().dim() == 0 and float(model.aux_loss()) > 0
+
+
+@pytest.mark.parametrize("router", ["noisy", "softmax", "sigmoid", "switch"])
+def test_kv_cache_logits_equal_full_forward(router):
+    model = tiny_model(router=router, top_k=1 if router == "switch" else 2).eval()
+    idx = torch.randint(0, 11, (2, 8))
+    full, _ = model(idx)
+    cache = KVCache(2)
+    steps = [model(idx[:, :3], cache=cache)[0]] + [
+        model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 8)
+    ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_generate_with_cache_equals_without_past_block_size(top_k):
+    model = tiny_model()
+    idx = torch.randint(0, 11, (2, 3))
+    runs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        runs.append(
+            model.generate(
+                idx, 30, temperature=0.8, top_k=top_k, generator=gen, use_cache=use_cache
+            )
+        )
+    assert runs[0].shape == (2, 33)  # grew well past block_size = 8
+    assert torch.equal(runs[0], runs[1])
+    assert model.training  # the mode is restored
+
+
+def test_generate_is_reproducible_under_a_seed_and_crops_like_makemoe():
+    model = tiny_model()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(idx, 20, generator=torch.Generator().manual_seed(1))
+    b = model.generate(idx, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    # makeMoE's loop: logits of the last block_size tokens, sample, append
+    model.eval()
+    gen, seq = torch.Generator().manual_seed(1), idx
+    for _ in range(20):
+        logits, _ = model(seq[:, -8:])
+        probs = torch.softmax(logits[:, -1].float(), dim=-1)
+        seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], dim=1)
+    assert torch.equal(seq, a)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda m: m(torch.zeros(1, 9, dtype=torch.long)), ValueError, "block_size=8"),
+        (lambda m: m(torch.full((1, 4), 11)), ValueError, r"vocab_size=11"),
+        (lambda m: m(torch.zeros(1, 4)), TypeError, "idx must be an integer tensor"),
+        (
+            lambda m: m(torch.zeros(4, dtype=torch.long)),
+            ValueError,
+            r"idx must have shape \[B, T\]",
+        ),
+        (
+            lambda m: m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)),
+            ValueError,
+            "targets shape",
+        ),
+        (
+            lambda m: m.generate(torch.zeros(1, 1, dtype=torch.long), 3, temperature=0),
+            ValueError,
+            "temperature",
+        ),
+        (
+            lambda m: m.generate(torch.zeros(1, 1, dtype=torch.long), 3, top_k=12),
+            ValueError,
+            "top_k=12",
+        ),
+    ],
+)
+def test_model_input_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call(tiny_model())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_embed": 30, "n_head": 4}, "divisible"),
+        ({"router": "x"}, "router"),
+        ({"top_k": 9}, "top_k=9"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+    ],
+)
+def test_lm_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LMConfig(**kwargs)
+
+
+def test_char_tokenizer_round_trip():
+    tok = lm_data.CharTokenizer.train("hello world")
+    assert tok.decode(tok.encode("world hello")) == "world hello"
+    assert lm_data.tokenizer_from_dict(tok.to_dict()).encode("lo") == tok.encode("lo")
+    with pytest.raises(ValueError, match="'z'"):
+        tok.encode("z")
+
+
+def test_bpe_tokenizer_trains_offline_and_round_trips():
+    text = CORPUS.read_text()[:20000]
+    tok = lm_data.BPETokenizer.train(text, vocab_size=300)
+    assert 256 < tok.vocab_size <= 300
+    sample = "To be, or not to be: that is the question. ¿Qué?"
+    assert tok.decode(tok.encode(sample)) == sample  # byte-level: any text
+    again = lm_data.tokenizer_from_dict(tok.to_dict())
+    assert again.encode(sample) == tok.encode(sample)
+
+
+def test_token_data_split_and_batches():
+    data = lm_data.TokenData.from_ids(list(range(100)), block_size=4)
+    assert len(data.train) == 90 and len(data.val) == 10
+    x, y = data.batch("val", 5, 4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (5, 4)
+    assert torch.equal(y[:, :-1], x[:, 1:]) and int(x.min()) >= 90
+    with pytest.raises(ValueError, match="too short"):
+        lm_data.TokenData.from_ids(list(range(20)), block_size=4)
+
+
+def test_load_text_errors_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="--data .*no such file"):
+        lm_data.load_text(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="--data .*not UTF-8"):
+        lm_data.load_text(bad)
+
+
+def test_tinyshakespeare_offline_without_cache_names_data(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(lm_data.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="--data PATH"):
+        lm_data.tinyshakespeare(tmp_path)
+    # a verified cached copy needs no network
+    (tmp_path / "tinyshakespeare.txt").write_bytes(CORPUS.read_bytes())
+    assert lm_data.tinyshakespeare(tmp_path) == tmp_path / "tinyshakespeare.txt"
+    # a cached copy that fails the hash is not trusted
+    (tmp_path / "tinyshakespeare.txt").write_text("tampered")
+    with pytest.raises(RuntimeError, match="--data PATH"):
+        lm_data.tinyshakespeare(tmp_path)
+
+
+def test_build_config_layers_preset_toml_and_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'max_iters = 7\nlearning_rate = 0.002\n[model]\nn_layer = 3\nrouter = "sigmoid"\n'
+    )
+    cfg = build_config("tiny", str(toml), learning_rate=0.005, top_k=1)
+    assert cfg.max_iters == 7 and cfg.learning_rate == 0.005
+    assert cfg.model.n_layer == 3 and cfg.model.router == "sigmoid" and cfg.model.top_k == 1
+    assert cfg.model.n_embed == 32  # from the preset
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        build_config("tiny", None, max_iter=3)
+    with pytest.raises(ValueError, match="preset"):
+        build_config("huge")
+    with pytest.raises(ValueError, match="schedule"):
+        build_config("tiny", None, schedule="linear")

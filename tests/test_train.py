@@ -1,0 +1,262 @@
+"""Training, checkpoints, resume, crash safety and the CLI on the tiny preset.
+
+Oracles: an uninterrupted run for every resumed one (bitwise equal losses and weights); the
+manifest's hashes for corrupt checkpoints; the seed's loss going down.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekit.cli import main
+from moekit.lm import checkpoint as ckpt
+from moekit.lm.config import build_config
+from moekit.lm.train import NonFiniteError, Trainer, train
+
+CORPUS = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
+
+
+def cfg_for(out: Path, **kw):
+    base = dict(
+        data=CORPUS,
+        out=str(out),
+        track=False,
+        progress=False,
+        max_iters=30,
+        save_every=10,
+        eval_interval=10,
+        eval_iters=2,
+        sample_tokens=8,
+    )
+    return build_config("tiny", None, **(base | kw))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(path).model
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted 30-step run every interrupted run must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    return train(cfg_for(out))
+
+
+def test_tiny_training_lowers_the_loss(reference_run):
+    evals = reference_run.evals
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    assert sum(reference_run.train_losses[-5:]) < sum(reference_run.train_losses[:5])
+    assert [e["step"] for e in evals] == [0, 10, 20, 29]
+    assert len(reference_run.train_losses) == 30
+    out = reference_run.out
+    assert {p.name for p in ckpt.list_checkpoints(out)} == {
+        "ckpt-00000020",
+        "ckpt-00000030",
+    }  # keep 2
+    assert (out / "loss.png").stat().st_size > 0 and (out / "expert_load.png").stat().st_size > 0
+
+
+def test_save_load_resume_is_bitwise(tmp_path, reference_run):
+    first = train(cfg_for(tmp_path, max_iters=20))
+    assert first.step == 20
+    resumed = train(cfg_for(tmp_path), resume=True)
+    assert resumed.train_losses == reference_run.train_losses
+    assert_same_weights(resumed.checkpoint, reference_run.checkpoint)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from moekit.lm import checkpoint, train
+    from moekit.lm.config import build_config
+    mode, at = sys.argv[1], int(sys.argv[2])
+    cfg = build_config("tiny", None, data=sys.argv[3], out=sys.argv[4], track=False, progress=False,
+                       max_iters=30, save_every=10, eval_interval=10, eval_iters=2, sample_tokens=8)
+    if mode == "step":  # SIGKILL when step `at` begins
+        original = train.Trainer.train_step
+        def step(self):
+            if self.step == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self)
+        train.Trainer.train_step = step
+    else:  # SIGKILL in the middle of a checkpoint write: files written, not yet published
+        calls = {"n": 0}
+        original = checkpoint._fsync
+        def fsync(path):
+            calls["n"] += 1
+            if calls["n"] == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(path)
+        checkpoint._fsync = fsync
+    train.train(cfg)
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["step", "write"])
+def test_kill_9_then_resume_is_bitwise(tmp_path, reference_run, mode):
+    # a random step in 1..29, or a random fsync of the second checkpoint's write (calls 6..10)
+    at = random.randint(1, 29) if mode == "step" else random.randint(6, 10)
+    script = tmp_path / "crash.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), mode, str(at), CORPUS, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -9, f"{mode} {at}: {proc.stderr[-2000:]}"
+    resumed = train(cfg_for(tmp_path / "run"), resume=True)
+    assert resumed.train_losses == reference_run.train_losses, f"killed at {mode} {at}"
+    assert_same_weights(resumed.checkpoint, reference_run.checkpoint)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "manifest"])
+def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path, damage):
+    run = train(cfg_for(tmp_path, max_iters=20))
+    newest, older = ckpt.list_checkpoints(tmp_path)[-1], ckpt.list_checkpoints(tmp_path)[0]
+    if damage == "truncate":
+        target = newest / "model.safetensors"
+        target.write_bytes(target.read_bytes()[:1000])
+    elif damage == "bitflip":
+        target = newest / "optimizer.safetensors"
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+    else:
+        (newest / "manifest.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match=str(newest.name)):
+        ckpt.load_checkpoint(newest)
+    assert ckpt.latest_checkpoint(tmp_path).path == older
+    assert run.step == 20
+    resumed = Trainer(cfg_for(tmp_path), resume=True)
+    assert resumed.step == 10  # continued from the older, intact checkpoint
+    assert main(["generate", "--checkpoint", str(newest)]) == 1  # a clear error, not a traceback
+
+
+def test_non_finite_loss_stops_before_the_optimizer(tmp_path, monkeypatch):
+    trainer = Trainer(cfg_for(tmp_path, max_iters=12))
+    original = type(trainer.model).forward
+
+    def poisoned(self, idx, targets=None, cache=None):
+        logits, loss = original(self, idx, targets, cache)
+        if targets is not None and self.training and trainer.step == 11:
+            loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(type(trainer.model), "forward", poisoned)
+    before = {}
+
+    def snapshot_then_step(step=trainer.train_step):
+        if trainer.step == 11:
+            before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return step()
+
+    trainer.train_step = snapshot_then_step
+    with pytest.raises(NonFiniteError, match="step 11"):
+        trainer.run()
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    kept = ckpt.latest_checkpoint(tmp_path)
+    assert kept is not None and kept.step == 10
+
+
+def test_cli_train_generate_eval_in_process(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        CORPUS,
+        "--out",
+        str(out),
+        "--max-iters",
+        "6",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "2",
+        "--no-track",
+        "--no-progress",
+        "--n-layer",
+        "1",
+    ]
+    assert main(args) == 0
+    assert "step 3: train loss" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model"]["n_layer"] == 1
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(out),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "12",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.rstrip("\n")) == len("ROMEO:") + 12
+    assert main(["eval", "--checkpoint", str(out), "--eval-iters", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert (
+        main(["train", "--preset", "tiny", "--data", str(tmp_path / "none.txt"), "--out", str(out)])
+        == 1
+    )
+    assert "--data" in capsys.readouterr().err
+
+
+def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
+    out = tmp_path / "tracked"
+    cmd = [
+        "moekit",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        CORPUS,
+        "--out",
+        str(out),
+        "--max-iters",
+        "4",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "mlflow.db").exists() and (out / "loss.png").exists()
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["moekit"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {"train_loss", "val_loss", "layer0_expert0_load", "layer1_router_entropy"} <= set(
+        runs[0].data.metrics
+    )
+    assert runs[0].data.params["batch_size"] == "8"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert {"loss.png", "expert_load.png", "config.json", "samples.txt"} <= artifacts
