@@ -260,3 +260,31 @@ def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
     assert runs[0].data.params["batch_size"] == "8"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert {"loss.png", "expert_load.png", "config.json", "samples.txt"} <= artifacts
+
+
+def test_learning_rate_schedule():
+    from moekit.lm.train import learning_rate
+
+    cfg = build_config(
+        "tiny",
+        None,
+        learning_rate=1e-3,
+        min_lr=1e-4,
+        warmup_iters=10,
+        max_iters=110,
+        schedule="cosine",
+    )
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warmup: (step + 1) / warmup
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert learning_rate(cfg, 110) == pytest.approx(1e-4)
+    constant = build_config("tiny", None, learning_rate=2e-3)
+    assert learning_rate(constant, 0) == learning_rate(constant, 50) == 2e-3
+
+
+def test_bf16_autocast_training_runs(tmp_path):
+    result = train(
+        cfg_for(tmp_path, dtype="bfloat16", max_iters=12, eval_interval=6, sample_tokens=0)
+    )
+    assert all(torch.isfinite(torch.tensor(result.train_losses)))
+    assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"]

@@ -66,6 +66,8 @@ def _train(args: argparse.Namespace) -> int:
             f"step {record['step']}: train loss {record['train_loss']:.4f}, "
             f"val loss {record['val_loss']:.4f}"
         )
+        if record.get("sample"):
+            line += "\n" + "\n".join("    " + row for row in record["sample"].splitlines())
         (print if not cfg.progress else _tqdm_write)(line)
 
     result = train(cfg, resume=args.resume, on_eval=on_eval)
