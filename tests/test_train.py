@@ -178,25 +178,7 @@ def test_non_finite_loss_stops_before_the_optimizer(tmp_path, monkeypatch):
 
 def test_cli_train_generate_eval_in_process(tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        CORPUS,
-        "--out",
-        str(out),
-        "--max-iters",
-        "6",
-        "--eval-interval",
-        "3",
-        "--eval-iters",
-        "2",
-        "--no-track",
-        "--no-progress",
-        "--n-layer",
-        "1",
-    ]
+    args = f"train --preset tiny --data {CORPUS} --out {out} --max-iters 6 --eval-interval 3 --eval-iters 2 --no-track --no-progress --n-layer 1".split()
     assert main(args) == 0
     assert "step 3: train loss" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["model"]["n_layer"] == 1
@@ -229,23 +211,7 @@ def test_cli_train_generate_eval_in_process(tmp_path, capsys):
 
 def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
     out = tmp_path / "tracked"
-    cmd = [
-        "moekit",
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        CORPUS,
-        "--out",
-        str(out),
-        "--max-iters",
-        "4",
-        "--eval-interval",
-        "2",
-        "--eval-iters",
-        "1",
-        "--no-progress",
-    ]
+    cmd = f"moekit train --preset tiny --data {CORPUS} --out {out} --max-iters 4 --eval-interval 2 --eval-iters 1 --no-progress".split()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "mlflow.db").exists() and (out / "loss.png").exists()

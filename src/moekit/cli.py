@@ -112,6 +112,16 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a run directory (its newest checkpoint) or one checkpoint",
+    )
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .lm.config import PRESETS, TrainConfig
     from .lm.model import LMConfig
@@ -134,31 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint")
-    generate.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a run directory (its newest checkpoint) or a checkpoint directory",
-    )
+    _checkpoint_args(generate, seed_help="sampling seed")
     generate.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     generate.add_argument("--max-new-tokens", type=int, default=500, help="tokens to sample")
     generate.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    generate.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k most likely tokens"
-    )
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
-    generate.add_argument("--device", default="cpu", help="cpu or cuda")
+    generate.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     generate.set_defaults(run=_generate)
 
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
-    evaluate.add_argument(
-        "--checkpoint", required=True, help="a run directory or a checkpoint directory"
-    )
+    _checkpoint_args(evaluate, seed_help="seed of the evaluation batches")
     evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
-    evaluate.add_argument(
-        "--eval-iters", type=int, default=None, help="batches (default: the run's)"
-    )
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation batches")
-    evaluate.add_argument("--device", default="cpu", help="cpu or cuda")
+    evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: run's)")
     evaluate.set_defaults(run=_eval)
 
     info = commands.add_parser("info", help="print versions, threads and available kernels")
