@@ -2,14 +2,20 @@
 
 `sqlite:///<out>/mlflow.db` needs no server and no network (recent MLflow refuses a plain file
 store); artifacts go to `<out>/mlartifacts`. `--tracking-uri` points at a server instead.
+MLflow's usage telemetry is turned off unless the environment turns it on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# MLflow >= 3.2 reports usage over the network unless told not to; moekit makes no network
+# connection by default (set MLFLOW_DISABLE_TELEMETRY=false to allow it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 class NullTracker:
