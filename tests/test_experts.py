@@ -148,3 +148,19 @@ def test_mlp_expert_weight_is_first_layer():
     assert expert.weight is expert.fc1.weight
     expert(torch.randn(0, 4)).sum().backward()
     assert torch.all(expert.weight.grad == 0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_segment_mlp_custom_op_registration(activation, bias):
+    """opcheck: the fake kernel's shapes, the schema and the registered autograd are consistent."""
+    from moekit._segment_mlp import _segment_mlp_op
+
+    width = 12 if activation == "swiglu" else 6
+    rows = torch.randn(7, 4, requires_grad=True)
+    w1 = torch.randn(3, 4, width, requires_grad=True)
+    w2 = torch.randn(3, 6, 4, requires_grad=True)
+    b1 = torch.randn(3, width, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 4, requires_grad=True) if bias else None
+    sizes = torch.tensor([2, 0, 5])
+    torch.library.opcheck(_segment_mlp_op, (rows, w1, b1, w2, b2, sizes, activation))

@@ -254,3 +254,16 @@ def test_bf16_autocast_training_runs(tmp_path):
     )
     assert all(torch.isfinite(torch.tensor(result.train_losses)))
     assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"]
+
+
+def test_estimate_loss_equals_makemoe_per_batch_loop(tmp_path):
+    """Chunked evaluation = makeMoE's loop: the mean over `eval_iters` separate batch losses."""
+    trainer = Trainer(cfg_for(tmp_path, eval_iters=11))  # 11: a partial last chunk
+    trainer.step = 7
+    got = trainer.estimate_loss()
+    gen = torch.Generator().manual_seed(trainer.cfg.seed * 1_000_003 + trainer.step)
+    trainer.model.eval()
+    with torch.no_grad():
+        for split in ("train", "val"):
+            losses = [trainer.model(*trainer._batch(split, gen))[1].item() for _ in range(11)]
+            assert got[split] == pytest.approx(sum(losses) / 11, rel=1e-5)

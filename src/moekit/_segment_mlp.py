@@ -74,27 +74,108 @@ def _input_grad(grad: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
     return out
 
 
-class SegmentMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, w1, b1, w2, b2, sizes, activation):
-        pre = _linear_into(rows.new_empty(rows.shape[0], w1.shape[2]), rows, w1, b1, sizes)
-        hidden = _activate(pre, activation)  # [M, h]
-        out = _linear_into(rows.new_empty(rows.shape[0], w2.shape[2]), hidden, w2, b2, sizes)
-        ctx.sizes, ctx.activation = sizes, activation
-        ctx.has_bias = b1 is not None
-        ctx.save_for_backward(rows, w1, w2, pre, hidden)  # relu: pre is hidden (in place)
-        return out
+def _forward(rows, w1, b1, w2, b2, sizes: list[int], activation: str):
+    """(out [M, d], pre [M, width], hidden [M, h]); for ReLU `pre` is `hidden` (in place)."""
+    pre = _linear_into(rows.new_empty(rows.shape[0], w1.shape[2]), rows, w1, b1, sizes)
+    hidden = _activate(pre, activation)  # [M, h]
+    out = _linear_into(rows.new_empty(rows.shape[0], w2.shape[2]), hidden, w2, b2, sizes)
+    return out, pre, hidden
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        rows, w1, w2, pre, hidden = ctx.saved_tensors
-        sizes, activation, has_bias = ctx.sizes, ctx.activation, ctx.has_bias
-        grad_out = grad_out.contiguous()
-        grad_w2, grad_b2 = _weight_grads(hidden, grad_out, w2, has_bias, sizes)
-        grad_pre = _activation_backward(_input_grad(grad_out, w2, sizes), pre, hidden, activation)
-        grad_w1, grad_b1 = _weight_grads(rows, grad_pre, w1, has_bias, sizes)
-        grad_rows = _input_grad(grad_pre, w1, sizes) if ctx.needs_input_grad[0] else None
-        return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+@torch.library.custom_op("moekit::segment_mlp", mutates_args=())
+def _segment_mlp_op(
+    rows: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    group_sizes: Tensor,
+    activation: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, pre, hidden); `pre` is empty for ReLU, whose backward needs only `hidden`.
+
+    An op of its own so that `torch.compile` sees one node with a fake kernel (the segment
+    lengths are read on the host inside, which a traced graph cannot do).
+    """
+    out, pre, hidden = _forward(rows, w1, b1, w2, b2, group_sizes.tolist(), activation)
+    if activation == "relu":
+        pre = rows.new_empty(0)  # outputs may not alias: relu ran in place
+    return out, pre, hidden
+
+
+@_segment_mlp_op.register_fake
+def _(rows, w1, b1, w2, b2, group_sizes, activation):
+    m = rows.shape[0]
+    pre = rows.new_empty(0) if activation == "relu" else rows.new_empty(m, w1.shape[2])
+    return rows.new_empty(m, w2.shape[2]), pre, rows.new_empty(m, w2.shape[1])
+
+
+@torch.library.custom_op("moekit::segment_mlp_backward", mutates_args=())
+def _segment_mlp_backward_op(
+    grad_out: Tensor,
+    rows: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    pre: Tensor,
+    hidden: Tensor,
+    group_sizes: Tensor,
+    activation: str,
+    has_bias: bool,
+    input_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_rows, grad_w1, grad_b1, grad_w2, grad_b2); empty where not wanted."""
+    sizes = group_sizes.tolist()
+    pre = hidden if activation == "relu" else pre
+    grad_out = grad_out.contiguous()
+    grad_w2, grad_b2 = _weight_grads(hidden, grad_out, w2, has_bias, sizes)
+    grad_pre = _activation_backward(_input_grad(grad_out, w2, sizes), pre, hidden, activation)
+    grad_w1, grad_b1 = _weight_grads(rows, grad_pre, w1, has_bias, sizes)
+    grad_rows = _input_grad(grad_pre, w1, sizes) if input_grad else rows.new_empty(0)
+    if not has_bias:  # outputs may not alias each other: two empties
+        grad_b1, grad_b2 = rows.new_empty(0), rows.new_empty(0)
+    return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@_segment_mlp_backward_op.register_fake
+def _(grad_out, rows, w1, w2, pre, hidden, group_sizes, activation, has_bias, input_grad):
+    num_experts = w1.shape[0]
+    return (
+        torch.empty_like(rows) if input_grad else rows.new_empty(0),
+        torch.empty_like(w1),
+        w1.new_empty(num_experts, w1.shape[2]) if has_bias else w1.new_empty(0),
+        torch.empty_like(w2),
+        w2.new_empty(num_experts, w2.shape[2]) if has_bias else w2.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    rows, w1, b1, w2, _, group_sizes, activation = inputs
+    _, pre, hidden = output
+    ctx.activation, ctx.has_bias = activation, b1 is not None
+    ctx.save_for_backward(rows, w1, w2, pre, hidden, group_sizes)
+
+
+def _backward(ctx, grad_out, _grad_pre, _grad_hidden):
+    rows, w1, w2, pre, hidden, group_sizes = ctx.saved_tensors
+    grad_rows, grad_w1, grad_b1, grad_w2, grad_b2 = _segment_mlp_backward_op(
+        grad_out,
+        rows,
+        w1,
+        w2,
+        pre,
+        hidden,
+        group_sizes,
+        ctx.activation,
+        ctx.has_bias,
+        ctx.needs_input_grad[0],
+    )
+    if not ctx.has_bias:
+        grad_b1 = grad_b2 = None
+    grad_rows = grad_rows if ctx.needs_input_grad[0] else None
+    return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+_segment_mlp_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def segment_mlp(
@@ -103,13 +184,13 @@ def segment_mlp(
     b1: Tensor | None,
     w2: Tensor,
     b2: Tensor | None,
-    sizes: list[int],
+    group_sizes: Tensor,
     activation: str,
 ) -> Tensor:
     """act(rows_e @ w1[e] + b1[e]) @ w2[e] + b2[e] for each expert's segment of rows [M, d].
 
     Args:
         w1: [E, d, h] ([E, d, 2h] for SwiGLU: gate | up); w2: [E, h, d]; b1, b2: [E, .] or None.
-        sizes: Rows per expert (host ints), summing to M.
+        group_sizes: [E] int64 rows per expert, summing to M.
     """
-    return SegmentMLP.apply(rows.contiguous(), w1, b1, w2, b2, sizes, activation)
+    return _segment_mlp_op(rows.contiguous(), w1, b1, w2, b2, group_sizes, activation)[0]

@@ -3,6 +3,7 @@
 moekit train     train (or --resume) the makeMoE language model
 moekit generate  sample text from a checkpoint
 moekit eval      validation loss and perplexity of a checkpoint
+moekit bench     the MoE layer and language model against the dense limit and the seeds
 moekit info      the versions, threads and kernels this machine gives moekit
 """
 
@@ -104,6 +105,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import SHAPES, BenchOptions, LayerShape, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [SHAPES[name] for name in args.shapes.split(",") if name]
+    custom = (args.d_model, args.d_hidden, args.num_experts, args.top_k, args.tokens)
+    if any(v is not None for v in custom):
+        if any(v is None for v in custom):
+            raise ValueError(
+                "a custom shape needs all of --d-model, --d-hidden, --num-experts, --top-k, "
+                "--tokens"
+            )
+        shapes.append(LayerShape("custom", *custom))
+    overrides = {
+        key: value
+        for key, value in (
+            ("shapes", shapes),
+            ("dtypes", args.dtypes and args.dtypes.split(",")),
+            ("activations", args.activations and args.activations.split(",")),
+            ("rounds", args.rounds),
+            ("lm", not args.no_lm),
+            ("device", args.device),
+        )
+        if value is not None
+    }
+    options = BenchOptions.quick(**overrides) if args.quick else BenchOptions(**overrides)
+    for dtype in options.dtypes:
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtypes: {dtype!r} must be float32 or bfloat16")
+    for activation in options.activations:
+        if activation not in ("relu", "gelu", "swiglu"):
+            raise ValueError(f"--activations: {activation!r} must be relu, gelu or swiglu")
+    run_bench(options)
+    return 0
+
+
 def _info(_: argparse.Namespace) -> int:
     print(f"moekit {__version__}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
@@ -156,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
     evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: run's)")
     evaluate.set_defaults(run=_eval)
+
+    bench = commands.add_parser("bench", help="benchmark against the dense limit and the seeds")
+    bench.add_argument("--quick", action="store_true", help="float32 ReLU, few rounds: < 1 min")
+    bench.add_argument(
+        "--shapes", default="A,B,C", help="named shapes A, B, C, comma-separated (or empty)"
+    )
+    bench.add_argument("--dtypes", help="float32,bfloat16 (default: both; --quick: float32)")
+    bench.add_argument("--activations", help="relu,swiglu (default: both; --quick: relu)")
+    bench.add_argument("--rounds", type=int, help="timing rounds per case (median)")
+    bench.add_argument("--no-lm", action="store_true", help="skip the language-model benchmark")
+    bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    for flag in ("--d-model", "--d-hidden", "--num-experts", "--top-k", "--tokens"):
+        bench.add_argument(flag, type=int, help="a custom shape (all five flags)")
+    bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="print versions, threads and available kernels")
     info.set_defaults(run=_info)

@@ -171,8 +171,8 @@ class ExpertBank(nn.Module):
         b2 = None if self.b2 is None else self.b2.to(dtype)
         if self._grouped(rows, w1, w2):
             out = self._grouped_forward(rows, w1, b1, w2, b2, group_sizes)
-        else:  # host sync: the segment lengths cut the rows
-            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes.tolist(), self.activation)
+        else:  # one op; it reads the segment lengths on the host
+            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes, self.activation)
         return dropout(out, self.dropout, self.training)
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:

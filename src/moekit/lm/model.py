@@ -241,7 +241,7 @@ class SparseMoELanguageModel(nn.Module):
             raise ValueError(
                 f"{name} length {past + idx.shape[1]} exceeds block_size={self.config.block_size}"
             )
-        if idx.device.type == "cpu" and idx.numel():
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
             low, high = int(idx.min()), int(idx.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(

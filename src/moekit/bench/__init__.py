@@ -1,0 +1,139 @@
+"""`moekit bench`: how far moekit is from the dense limit, measured in one process.
+
+Layer: moekit's MoE layer, its LIMIT (the N*k routed rows through one expert-sized dense MLP),
+the router alone and the seeds' loop over experts, interleaved round by round, medians.
+Language model: the makemoe preset's training step against makeMoE's own code and a dense
+LIMIT model; generation with and without the KV cache.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from .layer import SHAPES, LayerShape, Result, bench_layer
+from .lm import LMResult, bench_generation, bench_train_step
+
+__all__ = ["SHAPES", "BenchOptions", "LayerShape", "run_bench"]
+
+
+@dataclass
+class BenchOptions:
+    shapes: list[LayerShape] = field(default_factory=lambda: list(SHAPES.values()))
+    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    activations: list[str] = field(default_factory=lambda: ["relu", "swiglu"])
+    rounds: int = 7
+    lm: bool = True
+    lm_rounds: int = 5
+    lm_steps: int = 5
+    generate_tokens: int = 200
+    seed_loop: bool = True
+    memory: bool = True
+    device: str = "cpu"
+
+    @classmethod
+    def quick(cls, **overrides) -> BenchOptions:
+        """Under a minute on 2 CPU cores: float32 ReLU at A, B, C; a short LM run."""
+        base = dict(
+            dtypes=["float32"],
+            activations=["relu"],
+            rounds=3,
+            lm_rounds=3,
+            lm_steps=2,
+            generate_tokens=40,
+        )
+        return cls(**(base | overrides))
+
+
+def machine_line() -> str:
+    device = platform.processor() or platform.machine()
+    return (
+        f"torch {torch.__version__}, python {platform.python_version()}, {device}, "
+        f"{torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
+
+
+def _mb(value: int | None) -> str:
+    return "" if value is None else f"{value / 2**20:.1f}"
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def format_layer_table(results: list[Result]) -> str:
+    header = (
+        "shape",
+        "dtype",
+        "act",
+        "case",
+        "ms",
+        "tokens/s",
+        "x LIMIT",
+        "peak MB",
+        "mem x LIMIT",
+    )
+    rows = [
+        (
+            r.shape.name,
+            r.dtype,
+            r.activation,
+            r.case,
+            f"{r.ms:.2f}",
+            f"{r.tokens_per_s:,.0f}",
+            _x(r.ratio),
+            _mb(r.peak_bytes),
+            _x(r.memory_ratio),
+        )
+        for r in results
+    ]
+    return _table(header, rows)
+
+
+def format_lm_table(results: list[LMResult]) -> str:
+    header = ("language model", "ms", "tokens/s", "")
+    rows = [(r.case, f"{r.ms:.2f}", f"{r.tokens_per_s:,.0f}", r.note) for r in results]
+    return _table(header, rows)
+
+
+def _table(header: tuple, rows: list[tuple]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run_bench(options: BenchOptions, echo=print) -> dict:
+    """Run the benchmark, printing each table as it completes; returns the results."""
+    device = torch.device(options.device)
+    echo(machine_line())
+    layer: list[Result] = []
+    for shape in options.shapes:
+        echo(f"shape {shape}")
+        for dtype in options.dtypes:
+            for activation in options.activations:
+                layer += bench_layer(
+                    shape,
+                    getattr(torch, dtype),
+                    activation,
+                    rounds=options.rounds,
+                    device=device,
+                    seed_loop=options.seed_loop,
+                    memory=options.memory,
+                )
+    if layer:
+        echo(format_layer_table(layer))
+    lm: list[LMResult] = []
+    if options.lm:
+        lm += bench_train_step(
+            rounds=options.lm_rounds, steps=options.lm_steps, dtypes=options.dtypes
+        )
+        lm += bench_generation(tokens=options.generate_tokens)
+        echo(format_lm_table(lm))
+    return {"layer": layer, "lm": lm}

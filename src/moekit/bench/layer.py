@@ -1,0 +1,179 @@
+"""The MoE layer benchmark: moekit's layer against its LIMIT, the router and the seed loop.
+
+LIMIT: the N*k routed rows through one expert-sized dense MLP (same active FLOPs, no routing),
+the physical bound of any MoE layer on the machine. Each case is one forward+backward in train
+mode with dropout 0 and a random contiguous upstream gradient; "forward" cases are inference
+(no_grad, eval mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import MoE
+from .seed_loop import SeedExpert, SeedLoopMoE
+from .timing import interleaved_medians, peak_extra_bytes
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int
+    tokens: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name}: d={self.d_model} h={self.d_hidden} E={self.num_experts} "
+            f"k={self.top_k} N={self.tokens}"
+        )
+
+
+SHAPES = {
+    "A": LayerShape("A", 128, 512, 8, 2, 512),  # makeMoE-size
+    "B": LayerShape("B", 512, 2048, 8, 2, 4096),  # Mixtral-small
+    "C": LayerShape("C", 512, 256, 64, 6, 4096),  # fine-grained (DeepSeek-like)
+}
+
+
+@dataclass
+class Result:
+    shape: LayerShape
+    dtype: str
+    activation: str
+    case: str
+    ms: float
+    tokens: int
+    limit_ms: float | None = None
+    peak_bytes: int | None = None
+    limit_peak_bytes: int | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.ms * 1e3
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.limit_ms is None else self.ms / self.limit_ms
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if self.peak_bytes is None or not self.limit_peak_bytes:
+            return None
+        return self.peak_bytes / self.limit_peak_bytes
+
+
+class _Step:
+    """One forward+backward (or forward alone) of a module on fixed inputs."""
+
+    def __init__(self, module: nn.Module, x: Tensor, grad: Tensor, train: bool) -> None:
+        self.module, self.x, self.grad, self.train = module, x, grad, train
+
+    def _out(self) -> Tensor:
+        out = self.module(self.x)
+        return out.output if hasattr(out, "output") else out
+
+    def __call__(self) -> None:
+        if not self.train:
+            with torch.no_grad():
+                self._out()
+            return
+        out = self._out()
+        tensors, grads = [out], [self.grad]
+        aux = getattr(self.module, "aux_loss", None)
+        if isinstance(aux, Tensor) and aux.requires_grad:
+            tensors.append(aux)
+            grads.append(torch.ones_like(aux))
+        torch.autograd.backward(tensors, grads)
+
+    def existing(self) -> list[Tensor]:
+        params = list(self.module.parameters())
+        return [self.x, self.x.grad, self.grad] + params + [p.grad for p in params]
+
+
+class _RouterStep(_Step):
+    def _out(self) -> Tensor:
+        routing = self.module.route(self.x)
+        return routing.weights
+
+    def __call__(self) -> None:
+        weights = self._out()
+        weights.backward(self.grad)
+
+
+def _modules(shape: LayerShape, activation: str, dtype: torch.dtype, device) -> dict:
+    moe = MoE(
+        shape.d_model,
+        shape.num_experts,
+        shape.top_k,
+        shape.d_hidden,
+        activation,
+        router="softmax",
+    )
+    limit = SeedExpert(shape.d_model, shape.d_hidden, activation)  # one expert, dense
+    seed = SeedLoopMoE(shape.d_model, shape.d_hidden, shape.num_experts, shape.top_k, activation)
+    return {
+        name: m.to(device=device, dtype=dtype).train()
+        for name, m in (("moekit", moe), ("limit", limit), ("seed loop", seed))
+    }
+
+
+def bench_layer(
+    shape: LayerShape,
+    dtype: torch.dtype,
+    activation: str,
+    *,
+    rounds: int,
+    warmup: int = 2,
+    device: torch.device | str = "cpu",
+    seed_loop: bool = True,
+    memory: bool = True,
+) -> list[Result]:
+    """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n, d, k = shape.tokens, shape.d_model, shape.top_k
+
+    def tensor(*size: int) -> Tensor:
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    mods = _modules(shape, activation, dtype, device)
+    x, rows = tensor(n, d).requires_grad_(), tensor(n * k, d).requires_grad_()
+    steps = {
+        "moekit": _Step(mods["moekit"], x, tensor(n, d), True),
+        "limit": _Step(mods["limit"], rows, tensor(n * k, d), True),
+        "router": _RouterStep(mods["moekit"].router, x, tensor(n, k), True),
+        "moekit forward": _Step(mods["moekit"], x, None, False),
+        "limit forward": _Step(mods["limit"], rows, None, False),
+    }
+    if seed_loop:
+        steps["seed loop"] = _Step(mods["seed loop"], x, tensor(n, d), True)
+    times = interleaved_medians(steps, rounds=rounds, warmup=warmup, device=device)
+    peaks = {}
+    if memory:
+        for name in ("moekit", "limit", "seed loop"):
+            if name in steps:
+                peaks[name] = peak_extra_bytes(steps[name], steps[name].existing())
+    label = str(dtype).removeprefix("torch.")
+    results = []
+    for name, ms in times.items():
+        limit_name = "limit forward" if name.endswith("forward") else "limit"
+        results.append(
+            Result(
+                shape,
+                label,
+                activation,
+                name,
+                ms,
+                n,
+                limit_ms=None if name.startswith("limit") else times[limit_name],
+                peak_bytes=peaks.get(name),
+                limit_peak_bytes=None if name == "limit" else peaks.get("limit"),
+            )
+        )
+    return results

@@ -1,0 +1,81 @@
+"""`moekit bench`: the instrument runs and reports; its memory counter counts what it should.
+
+No timing asserts: only that every case is measured and the ratios are the ones printed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moekit.bench import BenchOptions, LayerShape, run_bench
+from moekit.bench.seed_loop import SeedLoopMoE
+from moekit.bench.timing import peak_extra_bytes
+from moekit.cli import main
+
+TINY = LayerShape("tiny", 16, 32, 4, 2, 24)
+
+
+def test_peak_extra_bytes_counts_temporaries_not_existing_tensors():
+    existing = torch.zeros(1000)
+
+    def step():
+        a = torch.empty(256, dtype=torch.float32)  # 1 KiB, freed at return
+        b = torch.empty(512, dtype=torch.float32)  # 2 KiB, peak 3 KiB while both live
+        del a
+        c = existing.view(10, 100)  # a view: no new storage
+        return b.sum() + c.sum()
+
+    assert peak_extra_bytes(step, [existing]) == 3 * 1024  # the sums come after a is freed
+
+
+def test_seed_loop_matches_the_moe_layer_with_copied_weights():
+    from moekit import MoE
+
+    seed = SeedLoopMoE(16, 32, 4, 2, "relu")
+    layer = MoE(16, 4, 2, 32, "relu", router="softmax")
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(seed.gate.weight)
+        for e, expert in enumerate(seed.experts):
+            layer.experts.w1[e].copy_(expert.fc1.weight.t())
+            layer.experts.w2[e].copy_(expert.fc2.weight.t())
+    x = torch.randn(24, 16)
+    torch.testing.assert_close(seed(x), layer(x).output, atol=1e-5, rtol=1e-4)
+
+
+def test_run_bench_measures_every_case(capsys):
+    options = BenchOptions(
+        shapes=[TINY], dtypes=["float32"], activations=["swiglu"], rounds=1, lm=False
+    )
+    results = run_bench(options)["layer"]
+    cases = {r.case: r for r in results}
+    assert set(cases) == {
+        "moekit",
+        "limit",
+        "router",
+        "moekit forward",
+        "limit forward",
+        "seed loop",
+    }
+    assert cases["moekit"].ratio == pytest.approx(cases["moekit"].ms / cases["limit"].ms)
+    assert cases["moekit"].peak_bytes > 0 and cases["limit"].peak_bytes > 0
+    out = capsys.readouterr().out
+    assert "x LIMIT" in out and "seed loop" in out and "torch " in out
+
+
+def test_cli_bench_custom_shape_and_language_model(capsys, monkeypatch):
+    from moekit.bench import lm
+
+    monkeypatch.setattr(lm, "BATCH", 2)  # a cheap language-model step
+    code = main(
+        ["bench", "--quick", "--shapes", "", "--d-model", "8", "--d-hidden", "16"]
+        + ["--num-experts", "3", "--top-k", "2", "--tokens", "5", "--rounds", "1"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "custom" in out and "faster than makeMoE" in out and "generate, KV cache" in out
+
+
+def test_cli_bench_rejects_a_partial_custom_shape(capsys):
+    assert main(["bench", "--quick", "--no-lm", "--d-model", "8"]) == 1
+    assert "--num-experts" in capsys.readouterr().err
