@@ -29,6 +29,18 @@ def test_peak_extra_bytes_counts_temporaries_not_existing_tensors():
     assert peak_extra_bytes(step, [existing]) == 3 * 1024  # the sums come after a is freed
 
 
+def test_peak_extra_bytes_leaves_out_the_parameter_gradients():
+    linear = torch.nn.Linear(256, 256, bias=False)  # its gradient: 256 KiB
+    x = torch.randn(4, 256)
+
+    def step():
+        linear(x).sum().backward()
+
+    peak = peak_extra_bytes(step, [x, linear.weight], linear)
+    assert linear.weight.grad is not None
+    assert 0 < peak < 256 * 256 * 4 // 4  # the activations are a few KiB
+
+
 def test_seed_loop_matches_the_moe_layer_with_copied_weights():
     from moekit import MoE
 

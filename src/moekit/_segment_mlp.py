@@ -1,4 +1,4 @@
-"""The expert MLP over contiguous segments, forward and backward written out (one op).
+"""The expert MLP over contiguous segments, forward and backward written out, as one custom op.
 
 rows [M, d] grouped by expert -> pre = rows_e @ w1[e] + b1[e] -> act -> @ w2[e] + b2[e] -> [M, d].
 Autograd over per-segment matmuls pays for a `cat` of the outputs, a gather of the biases, a
@@ -7,6 +7,8 @@ matmul writes straight into its slice of one output buffer (`out=`), the ReLU ru
 the backward fills preallocated gradients. On CPU, where each pass over an [M, h] tensor costs
 memory bandwidth, that is the difference between ~1.9x and ~1.3x the dense time.
 The readable twin is `experts.loop_linear` with autograd; tests hold the two equal.
+`moekit::segment_mlp` reads the group sizes on the host inside the op; its fake kernel gives
+`torch.compile` the output shapes without them, so a compiled layer is one graph.
 """
 
 from __future__ import annotations
@@ -151,6 +153,7 @@ def _(grad_out, rows, w1, w2, pre, hidden, group_sizes, activation, has_bias, in
 def _setup_context(ctx, inputs, output) -> None:
     rows, w1, b1, w2, _, group_sizes, activation = inputs
     _, pre, hidden = output
+    ctx.set_materialize_grads(False)  # pre and hidden get no gradient: skip zero-filling one
     ctx.activation, ctx.has_bias = activation, b1 is not None
     ctx.save_for_backward(rows, w1, w2, pre, hidden, group_sizes)
 

@@ -83,6 +83,8 @@ class _Step:
             with torch.no_grad():
                 self._out()
             return
+        self.module.zero_grad(set_to_none=True)  # as a training step: grads are fresh
+        self.x.grad = None
         out = self._out()
         tensors, grads = [out], [self.grad]
         aux = getattr(self.module, "aux_loss", None)
@@ -92,8 +94,8 @@ class _Step:
         torch.autograd.backward(tensors, grads)
 
     def existing(self) -> list[Tensor]:
-        params = list(self.module.parameters())
-        return [self.x, self.x.grad, self.grad] + params + [p.grad for p in params]
+        """What lives before a step: the parameters and the inputs (gradients are fresh)."""
+        return [self.x, self.grad, *self.module.parameters()]
 
 
 class _RouterStep(_Step):
@@ -102,6 +104,8 @@ class _RouterStep(_Step):
         return routing.weights
 
     def __call__(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        self.x.grad = None
         weights = self._out()
         weights.backward(self.grad)
 
@@ -158,7 +162,8 @@ def bench_layer(
     if memory:
         for name in ("moekit", "limit", "seed loop"):
             if name in steps:
-                peaks[name] = peak_extra_bytes(steps[name], steps[name].existing())
+                step = steps[name]
+                peaks[name] = peak_extra_bytes(step, step.existing(), step.module)
     label = str(dtype).removeprefix("torch.")
     results = []
     for name, ms in times.items():

@@ -45,13 +45,12 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Bytes of the storages that ops create while the mode is on, and their peak."""
+class _Allocations(TorchDispatchMode):
+    """The storages that ops create while the mode is on: (storage id, +bytes / -bytes) events."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.live = 0
-        self.peak = 0
+        self.events: list[tuple[int, int]] = []
         self._seen: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -62,7 +61,6 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
     def ignore(self, tensors) -> None:
-        """Storages alive before the step (parameters, inputs, gradients) are not counted."""
         for t in tensors:
             if t is not None:
                 self._seen.add(id(t.untyped_storage()))
@@ -74,22 +72,32 @@ class _LiveBytes(TorchDispatchMode):
             return
         self._seen.add(key)
         size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
+        self.events.append((key, size))
         weakref.finalize(storage, self._free, key, size)
 
     def _free(self, key: int, size: int) -> None:
-        self.live -= size
+        self.events.append((key, -size))
         self._seen.discard(key)
 
+    def peak(self, exclude: set[int]) -> int:
+        live = peak = 0
+        for key, size in self.events:
+            if key not in exclude:
+                live += size
+                peak = max(peak, live)
+        return peak
 
-def peak_extra_bytes(fn: Callable[[], object], existing) -> int:
-    """Peak bytes of tensors allocated by `fn()` above the tensors in `existing`.
 
-    Counted at the dispatcher, so it works on any device: the peak of the sum of the storages
-    that ops created and that were still alive, including temporaries freed inside `fn`.
+def peak_extra_bytes(fn: Callable[[], object], existing, module: torch.nn.Module | None = None):
+    """Peak bytes of the tensors that `fn()` allocates, above the tensors in `existing`.
+
+    Counted at the dispatcher, so it works on any device: the peak over time of the storages
+    that ops created and still held, temporaries included. The gradients that `fn` leaves in
+    `module`'s parameters are not counted: their size is the parameters' (an MoE has E times
+    its LIMIT's), a training run holds them across steps, and they say nothing of the dispatch.
     """
-    with _LiveBytes() as mode:
+    with _Allocations() as mode:
         mode.ignore(existing)
         fn()
-    return mode.peak
+    grads = [] if module is None else [p.grad for p in module.parameters() if p.grad is not None]
+    return mode.peak(exclude={id(g.untyped_storage()) for g in grads})
