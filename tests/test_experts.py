@@ -30,13 +30,16 @@ def _grads(bank: ExpertBank, rows: torch.Tensor, sizes: torch.Tensor, upstream=N
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("expanded_grad", [False, True])
-def test_grouped_matches_loop(dtype, activation, sizes, expanded_grad):
+@pytest.mark.parametrize("backend", ["grouped", "padded"])
+def test_backends_match_loop(dtype, activation, sizes, expanded_grad, backend):
+    """grouped_mm and the padded batched layout against one GEMM per segment."""
     torch.manual_seed(0)
     loop = ExpertBank(4, 16, 32, activation, bias=True, backend="loop").to(dtype)
-    grouped = ExpertBank(4, 16, 32, activation, bias=True, backend="grouped").to(dtype)
+    grouped = ExpertBank(4, 16, 32, activation, bias=True, backend=backend).to(dtype)
     grouped.load_state_dict(loop.state_dict())
     rows = torch.randn(int(sizes.sum()), 16, dtype=dtype)
-    assert grouped_mm_supported(rows, grouped.w1) == (rows.shape[0] > 0)
+    if backend == "grouped":
+        assert grouped_mm_supported(rows, grouped.w1) == (rows.shape[0] > 0)
     upstream = None if expanded_grad else torch.randn(rows.shape[0], 16, dtype=dtype)
     out_l, grads_l = _grads(loop, rows, sizes, upstream)
     out_g, grads_g = _grads(grouped, rows, sizes, upstream)
@@ -47,7 +50,7 @@ def test_grouped_matches_loop(dtype, activation, sizes, expanded_grad):
         torch.testing.assert_close(g, want, **tol)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped"])
+@pytest.mark.parametrize("backend", ["loop", "grouped", "padded"])
 def test_idle_experts_get_zero_gradients(backend):
     bank = ExpertBank(4, 16, 32, "gelu", bias=True, backend=backend)
     sizes = torch.tensor([0, 5, 0, 0])  # experts 0, 2, 3 idle
@@ -152,7 +155,8 @@ def test_mlp_expert_weight_is_first_layer():
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_segment_mlp_custom_op_registration(activation, bias):
+@pytest.mark.parametrize("capacity", [0, 5])
+def test_segment_mlp_custom_op_registration(activation, bias, capacity):
     """opcheck: the fake kernel's shapes, the schema and the registered autograd are consistent."""
     from moekit._segment_mlp import _segment_mlp_op
 
@@ -163,4 +167,16 @@ def test_segment_mlp_custom_op_registration(activation, bias):
     b1 = torch.randn(3, width, requires_grad=True) if bias else None
     b2 = torch.randn(3, 4, requires_grad=True) if bias else None
     sizes = torch.tensor([2, 0, 5])
-    torch.library.opcheck(_segment_mlp_op, (rows, w1, b1, w2, b2, sizes, activation))
+    torch.library.opcheck(_segment_mlp_op, (rows, w1, b1, w2, b2, sizes, activation, capacity))
+
+
+def test_auto_layout_pads_only_small_balanced_low_precision_segments():
+    from moekit._segment_mlp import padded_capacity
+
+    balanced = torch.tensor([120, 130, 128, 134])
+    assert padded_capacity(balanced, torch.bfloat16) == 134
+    assert padded_capacity(balanced, torch.float32) == 0
+    assert padded_capacity(torch.tensor([500, 0, 0, 12]), torch.bfloat16) == 0  # skewed
+    assert padded_capacity(balanced * 4, torch.bfloat16) == 0  # large segments
+    assert padded_capacity(balanced, torch.bfloat16, "segments") == 0
+    assert padded_capacity(torch.tensor([0, 0]), torch.float32, "padded") == 1

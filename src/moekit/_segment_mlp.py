@@ -84,8 +84,53 @@ def _forward(rows, w1, b1, w2, b2, sizes: list[int], activation: str):
     return out, pre, hidden
 
 
-@torch.library.custom_op("moekit::segment_mlp", mutates_args=())
-def _segment_mlp_op(
+def _padded_index(group_sizes: Tensor, capacity: int) -> Tensor:
+    """[M] the row of each routed row in the padded layout [E * capacity]."""
+    num_experts = group_sizes.numel()
+    num_rows = int(group_sizes.sum())
+    experts = torch.arange(num_experts, device=group_sizes.device)
+    expert = torch.repeat_interleave(experts, group_sizes, output_size=num_rows)  # [M]
+    starts = torch.cumsum(group_sizes, 0) - group_sizes  # [E]
+    offset = torch.arange(num_rows, device=group_sizes.device) - starts[expert]  # [M]
+    return expert * capacity + offset
+
+
+def _pad(x: Tensor, index: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """Rows [M, w] -> [E, capacity, w], zeros in the padding."""
+    padded = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy_(0, index, x)
+    return padded.view(num_experts, capacity, x.shape[1])
+
+
+def _batched(b: Tensor | None, x: Tensor, w: Tensor) -> Tensor:
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
+
+
+def _padded_forward(rows, w1, b1, w2, b2, group_sizes: Tensor, capacity: int, activation: str):
+    """`_forward` on segments padded to `capacity` rows: one batched GEMM per weight.
+
+    (out [M, d], pre [E, C, width], hidden [E, C, h]); padded rows never reach the output and
+    get zero gradients, so they change nothing but the work.
+    """
+    index = _padded_index(group_sizes, capacity)  # [M]
+    pre = _batched(b1, _pad(rows, index, w1.shape[0], capacity), w1)  # [E, C, width]
+    hidden = _activate(pre, activation)  # [E, C, h]
+    out = _batched(b2, hidden, w2).view(-1, w2.shape[2]).index_select(0, index)  # [M, d]
+    return out, pre, hidden
+
+
+def _padded_backward(grad_out, rows, w1, w2, pre, hidden, group_sizes, capacity, activation):
+    num_experts = w1.shape[0]
+    index = _padded_index(group_sizes, capacity)
+    grad_out = _pad(grad_out, index, num_experts, capacity)  # [E, C, d]
+    grad_w2 = torch.bmm(hidden.transpose(1, 2), grad_out)  # [E, h, d]
+    grad_hidden = torch.bmm(grad_out, w2.transpose(1, 2))  # [E, C, h]
+    grad_pre = _activation_backward(grad_hidden, pre, hidden, activation)  # [E, C, width]
+    grad_w1 = torch.bmm(_pad(rows, index, num_experts, capacity).transpose(1, 2), grad_pre)
+    grad_rows = torch.bmm(grad_pre, w1.transpose(1, 2)).view(-1, w1.shape[1])[index]  # [M, d]
+    return grad_rows, grad_w1, grad_pre.sum(1), grad_w2, grad_out.sum(1)
+
+
+def _mlp_forward(
     rows: Tensor,
     w1: Tensor,
     b1: Tensor | None,
@@ -93,27 +138,37 @@ def _segment_mlp_op(
     b2: Tensor | None,
     group_sizes: Tensor,
     activation: str,
+    capacity: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, pre, hidden); `pre` is empty for ReLU, whose backward needs only `hidden`.
 
-    An op of its own so that `torch.compile` sees one node with a fake kernel (the segment
-    lengths are read on the host inside, which a traced graph cannot do).
+    capacity 0: one GEMM per segment, pre/hidden [M, .]; capacity C: segments padded to C rows,
+    one batched GEMM per weight, pre/hidden [E, C, .].
     """
-    out, pre, hidden = _forward(rows, w1, b1, w2, b2, group_sizes.tolist(), activation)
+    if capacity:
+        out, pre, hidden = _padded_forward(rows, w1, b1, w2, b2, group_sizes, capacity, activation)
+    else:
+        out, pre, hidden = _forward(rows, w1, b1, w2, b2, group_sizes.tolist(), activation)
     if activation == "relu":
         pre = rows.new_empty(0)  # outputs may not alias: relu ran in place
     return out, pre, hidden
 
 
+# Under torch.compile the two passes are custom ops: one graph node each, with a fake kernel
+# (the segment lengths are read on the host inside, which a traced graph cannot do). Eager runs
+# call the same functions through an autograd.Function, which skips the ops' Python dispatch
+# (~0.1 ms a step, a few percent at makeMoE's size).
+_segment_mlp_op = torch.library.custom_op("moekit::segment_mlp", mutates_args=())(_mlp_forward)
+
+
 @_segment_mlp_op.register_fake
-def _(rows, w1, b1, w2, b2, group_sizes, activation):
-    m = rows.shape[0]
-    pre = rows.new_empty(0) if activation == "relu" else rows.new_empty(m, w1.shape[2])
-    return rows.new_empty(m, w2.shape[2]), pre, rows.new_empty(m, w2.shape[1])
+def _(rows, w1, b1, w2, b2, group_sizes, activation, capacity):
+    lead = (w1.shape[0], capacity) if capacity else (rows.shape[0],)
+    pre = rows.new_empty(0) if activation == "relu" else rows.new_empty(*lead, w1.shape[2])
+    return rows.new_empty(rows.shape[0], w2.shape[2]), pre, rows.new_empty(*lead, w2.shape[1])
 
 
-@torch.library.custom_op("moekit::segment_mlp_backward", mutates_args=())
-def _segment_mlp_backward_op(
+def _mlp_backward(
     grad_out: Tensor,
     rows: Tensor,
     w1: Tensor,
@@ -124,11 +179,22 @@ def _segment_mlp_backward_op(
     activation: str,
     has_bias: bool,
     input_grad: bool,
+    capacity: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_rows, grad_w1, grad_b1, grad_w2, grad_b2); empty where not wanted."""
-    sizes = group_sizes.tolist()
     pre = hidden if activation == "relu" else pre
     grad_out = grad_out.contiguous()
+    if capacity:
+        grads = _padded_backward(
+            grad_out, rows, w1, w2, pre, hidden, group_sizes, capacity, activation
+        )
+        grad_rows, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+        if not input_grad:
+            grad_rows = rows.new_empty(0)
+        if not has_bias:
+            grad_b1, grad_b2 = rows.new_empty(0), rows.new_empty(0)
+        return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2
+    sizes = group_sizes.tolist()
     grad_w2, grad_b2 = _weight_grads(hidden, grad_out, w2, has_bias, sizes)
     grad_pre = _activation_backward(_input_grad(grad_out, w2, sizes), pre, hidden, activation)
     grad_w1, grad_b1 = _weight_grads(rows, grad_pre, w1, has_bias, sizes)
@@ -138,8 +204,13 @@ def _segment_mlp_backward_op(
     return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+_segment_mlp_backward_op = torch.library.custom_op("moekit::segment_mlp_backward", mutates_args=())(
+    _mlp_backward
+)
+
+
 @_segment_mlp_backward_op.register_fake
-def _(grad_out, rows, w1, w2, pre, hidden, group_sizes, activation, has_bias, input_grad):
+def _(grad_out, rows, w1, w2, pre, hidden, group_sizes, activation, has_bias, input_grad, capacity):
     num_experts = w1.shape[0]
     return (
         torch.empty_like(rows) if input_grad else rows.new_empty(0),
@@ -151,16 +222,16 @@ def _(grad_out, rows, w1, w2, pre, hidden, group_sizes, activation, has_bias, in
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    rows, w1, b1, w2, _, group_sizes, activation = inputs
+    rows, w1, b1, w2, _, group_sizes, activation, capacity = inputs
     _, pre, hidden = output
     ctx.set_materialize_grads(False)  # pre and hidden get no gradient: skip zero-filling one
-    ctx.activation, ctx.has_bias = activation, b1 is not None
+    ctx.activation, ctx.has_bias, ctx.capacity = activation, b1 is not None, capacity
     ctx.save_for_backward(rows, w1, w2, pre, hidden, group_sizes)
 
 
-def _backward(ctx, grad_out, _grad_pre, _grad_hidden):
+def _backward(ctx, grad_out, *_unused, backward_fn=_segment_mlp_backward_op):
     rows, w1, w2, pre, hidden, group_sizes = ctx.saved_tensors
-    grad_rows, grad_w1, grad_b1, grad_w2, grad_b2 = _segment_mlp_backward_op(
+    grad_rows, grad_w1, grad_b1, grad_w2, grad_b2 = backward_fn(
         grad_out,
         rows,
         w1,
@@ -171,14 +242,53 @@ def _backward(ctx, grad_out, _grad_pre, _grad_hidden):
         ctx.activation,
         ctx.has_bias,
         ctx.needs_input_grad[0],
+        ctx.capacity,
     )
     if not ctx.has_bias:
         grad_b1 = grad_b2 = None
     grad_rows = grad_rows if ctx.needs_input_grad[0] else None
-    return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+    return grad_rows, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
 
 
 _segment_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SegmentMLP(torch.autograd.Function):
+    """The eager twin of the custom op: the same two functions, the same glue."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _mlp_forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, backward_fn=_mlp_backward)
+
+
+LAYOUTS = ("auto", "segments", "padded")
+
+
+def padded_capacity(group_sizes: Tensor, dtype: torch.dtype, layout: str = "auto") -> int:
+    """The padded layout's capacity (the largest segment), or 0 for one GEMM per segment.
+
+    "auto" pads when batched GEMMs measured faster (see docs/performance.md): ... rule below.
+    Never while compiling (the capacity would be read on the host).
+    """
+    if layout == "segments" or torch.compiler.is_compiling() or group_sizes.numel() == 0:
+        return 0
+    sizes = group_sizes.tolist()
+    capacity, rows = max(sizes), sum(sizes)
+    if layout == "padded":
+        return max(capacity, 1)
+    small = rows <= _PAD_MAX_ROWS_PER_EXPERT * len(sizes)
+    balanced = capacity * len(sizes) <= _PAD_MAX_WASTE * rows
+    return capacity if dtype in (torch.bfloat16, torch.half) and small and balanced else 0
+
+
+_PAD_MAX_ROWS_PER_EXPERT = 256
+_PAD_MAX_WASTE = 1.3
 
 
 def segment_mlp(
@@ -189,11 +299,18 @@ def segment_mlp(
     b2: Tensor | None,
     group_sizes: Tensor,
     activation: str,
+    layout: str = "segments",
 ) -> Tensor:
     """act(rows_e @ w1[e] + b1[e]) @ w2[e] + b2[e] for each expert's segment of rows [M, d].
 
     Args:
         w1: [E, d, h] ([E, d, 2h] for SwiGLU: gate | up); w2: [E, h, d]; b1, b2: [E, .] or None.
         group_sizes: [E] int64 rows per expert, summing to M.
+        layout: "segments" (one GEMM per expert), "padded" (segments padded to the largest,
+            one batched GEMM per weight) or "auto" (`padded_capacity`'s rule).
     """
-    return _segment_mlp_op(rows.contiguous(), w1, b1, w2, b2, group_sizes, activation)[0]
+    capacity = padded_capacity(group_sizes, rows.dtype, layout)
+    inputs = (rows.contiguous(), w1, b1, w2, b2, group_sizes, activation, capacity)
+    if torch.compiler.is_compiling():
+        return _segment_mlp_op(*inputs)[0]
+    return _SegmentMLP.apply(*inputs)

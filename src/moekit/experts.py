@@ -24,7 +24,7 @@ from ._segment_mlp import segment_mlp
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 INITS = ("default", "kaiming")
-BACKENDS = ("auto", "grouped", "loop")
+BACKENDS = ("auto", "grouped", "loop", "padded")
 
 
 def _activate(h: Tensor, activation: str) -> Tensor:
@@ -110,9 +110,10 @@ class ExpertBank(nn.Module):
         init: "default" (nn.Linear's uniform) or "kaiming" (normal, std sqrt(2 / fan_in)).
         backend: "grouped" (`F.grouped_mm` where the dtype and alignment allow, else the
             loop), "loop" (`segment_mlp`: one matmul per segment into a shared buffer, with a
-            hand-written backward), or "auto": grouped on accelerators, the loop on CPU, where
-            it measured faster (torch 2.13, 2 cores: 2.3 vs 3.2 ms fwd+bwd at M=1024, d=128,
-            h=512, E=8).
+            hand-written backward), "padded" (`segment_mlp` on segments padded to the largest:
+            one batched matmul per weight), or "auto": grouped on accelerators; on CPU the
+            loop, or padded where `padded_capacity` says batched GEMMs measured faster
+            (docs/performance.md).
     """
 
     def __init__(
@@ -172,7 +173,8 @@ class ExpertBank(nn.Module):
         if self._grouped(rows, w1, w2):
             out = self._grouped_forward(rows, w1, b1, w2, b2, group_sizes)
         else:  # one op; it reads the segment lengths on the host
-            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes, self.activation)
+            layout = {"loop": "segments", "padded": "padded"}.get(self.backend, "auto")
+            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes, self.activation, layout)
         return dropout(out, self.dropout, self.training)
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
