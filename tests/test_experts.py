@@ -180,3 +180,52 @@ def test_auto_layout_pads_only_small_balanced_low_precision_segments():
     assert padded_capacity(balanced * 4, torch.bfloat16) == 0  # large segments
     assert padded_capacity(balanced, torch.bfloat16, "segments") == 0
     assert padded_capacity(torch.tensor([0, 0]), torch.float32, "padded") == 1
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_fused_dispatch_equals_permute_experts_unpermute(
+    activation, bias, dropout, capacity_factor
+):
+    """The fused CPU op against the three unfused steps: output and every gradient (input,
+    router gate, expert weights, biases), same dropout draws."""
+    torch.manual_seed(0)
+    kw = dict(activation=activation, bias=bias, dropout=dropout)
+    fused = MoE(16, 4, 2, 24, capacity_factor=capacity_factor, **kw)
+    unfused = MoE(16, 4, 2, 24, capacity_factor=capacity_factor, **kw)
+    unfused.experts = ExpertBank(4, 16, 24, backend="grouped", **kw)
+    unfused.load_state_dict(fused.state_dict())
+    x = torch.randn(3, 11, 16)
+    upstream = torch.randn(3, 11, 16)
+    results = []
+    for layer in (fused, unfused):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi).output
+        torch.autograd.backward([out, layer.aux_loss], [upstream, torch.ones(())])
+        results.append([out, xi.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_fused_moe_custom_op_registration(activation, bias, dropout):
+    from moekit._fused_moe import _fused_op
+
+    width = 12 if activation == "swiglu" else 6
+    x = torch.randn(5, 4, requires_grad=True)
+    token_index = torch.tensor([0, 3, 4, 1, 2, 3, 0])
+    weight = torch.rand(7, requires_grad=True)
+    sizes = torch.tensor([2, 0, 5])
+    w1 = torch.randn(3, 4, width, requires_grad=True)
+    w2 = torch.randn(3, 6, 4, requires_grad=True)
+    b1 = torch.randn(3, width, requires_grad=True) if bias else None
+    b2 = torch.randn(3, 4, requires_grad=True) if bias else None
+    keep = torch.rand(7, 4) > 0.3 if dropout else None
+    scale = 1 / 0.7 if dropout else 1.0
+    args = (x, token_index, weight, sizes, w1, b1, w2, b2, keep, scale, activation)
+    torch.library.opcheck(_fused_op, args)

@@ -9,9 +9,20 @@ checkpointed like any other draw); accelerators keep `F.dropout`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """(keep [shape] bool, scale 1/(1-p)): each element kept with probability 1-p (to 1/65536)."""
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    bits = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:numel]  # uniform int16
+    threshold = round(p * 65536)  # drop when the 16 bits, read unsigned, fall below it
+    return bits.view(shape) >= threshold - 32768, 65536 / (65536 - threshold)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -20,11 +31,7 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
-    bits = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[: x.numel()]  # uniform int16
-    threshold = round(p * 65536)  # drop when the 16 bits, read unsigned, fall below it
-    keep = bits.view(x.shape) >= threshold - 32768
-    scale = 65536 / (65536 - threshold)
+    keep, scale = keep_mask(x.shape, p, x.device)
     return torch.where(keep, x * scale, 0.0)
 
 

@@ -46,13 +46,24 @@ def _activate(pre: Tensor, activation: str) -> Tensor:
 
 
 def _activation_backward(grad: Tensor, pre: Tensor, hidden: Tensor, activation: str) -> Tensor:
-    """d loss / d pre from d loss / d hidden."""
+    """d loss / d pre from d loss / d hidden, overwriting `grad` where the shapes allow.
+
+    In place, so the backward holds one hidden-sized buffer fewer (ReLU, GELU); SwiGLU writes
+    both halves straight into one [.., 2h] buffer, with no temporaries.
+    """
+    aten = torch.ops.aten
     if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, hidden, 0)
+        return aten.threshold_backward.grad_input(grad, hidden, 0, grad_input=grad)
     if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
+        return aten.gelu_backward.grad_input(grad, pre, grad_input=grad)
     gate, up = pre.chunk(2, dim=-1)
-    return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+    grad_pre = torch.empty_like(pre)  # [.., 2h] = d gate | d up
+    grad_gate, grad_up = grad_pre.chunk(2, dim=-1)
+    aten.silu.out(gate, out=grad_up)
+    grad_up.mul_(grad)  # d up = grad * silu(gate)
+    torch.mul(grad, up, out=grad_gate)
+    aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)  # d gate
+    return grad_pre
 
 
 def _weight_grads(x: Tensor, grad: Tensor, w: Tensor, has_bias: bool, sizes: list[int]):

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_int, check_probability
-from ._dropout import Dropout, dropout
+from ._dropout import Dropout, dropout, keep_mask
+from ._fused_moe import fused_moe
 from ._segment_mlp import segment_mlp
+from .dispatch import DispatchPlan, permute, unpermute
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 INITS = ("default", "kaiming")
@@ -176,6 +178,39 @@ class ExpertBank(nn.Module):
             layout = {"loop": "segments", "padded": "padded"}.get(self.backend, "auto")
             out = segment_mlp(rows, w1, b1, w2, b2, group_sizes, self.activation, layout)
         return dropout(out, self.dropout, self.training)
+
+    def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
+        """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op.
+
+        On CPU with the "auto" or "loop" backend the gather, the experts and the weighted
+        combine run fused (`_fused_moe`: fewer [M, d] tensors kept for the backward, no
+        weighted copy); otherwise the three steps run one after the other. Same result,
+        same dropout draws.
+        """
+        dtype = _compute_dtype(x, self.w1)
+        fused = x.device.type == "cpu" and self.backend in ("auto", "loop")
+        if not fused:
+            return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
+        keep, scale = None, 1.0
+        if self.training and self.dropout > 0 and plan.token_index.numel():
+            keep, scale = keep_mask(
+                (plan.token_index.shape[0], self.d_model), self.dropout, x.device
+            )
+        b1 = None if self.b1 is None else self.b1.to(dtype)
+        b2 = None if self.b2 is None else self.b2.to(dtype)
+        return fused_moe(
+            x.to(dtype),
+            plan.token_index,
+            plan.slot_weight,
+            plan.group_sizes,
+            self.w1.to(dtype),
+            b1,
+            self.w2.to(dtype),
+            b2,
+            self.activation,
+            keep,
+            scale,
+        )
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
         wanted = self.backend == "grouped" or (self.backend == "auto" and rows.device.type != "cpu")

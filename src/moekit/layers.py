@@ -175,8 +175,12 @@ class MoE(nn.Module):
         num_tokens = x_flat.shape[0]
         routing = self.router.route(x_flat)
         plan = self.plan(routing, num_tokens)
-        rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
-        output = unpermute(rows, plan, num_tokens).reshape(x.shape).to(x.dtype)  # [..., d]
+        if isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
+            output = self.experts.dispatch(x_flat, plan)  # [N, d]
+        else:
+            rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
+            output = unpermute(rows, plan, num_tokens)  # [N, d]
+        output = output.reshape(x.shape).to(x.dtype)  # [..., d]
 
         self.aux_losses = self.compute_aux_losses(routing)
         zero = routing.logits.new_zeros(())

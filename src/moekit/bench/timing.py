@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 import weakref
@@ -96,8 +97,13 @@ def peak_extra_bytes(fn: Callable[[], object], existing, module: torch.nn.Module
     `module`'s parameters are not counted: their size is the parameters' (an MoE has E times
     its LIMIT's), a training run holds them across steps, and they say nothing of the dispatch.
     """
-    with _Allocations() as mode:
-        mode.ignore(existing)
-        fn()
+    gc.collect()
+    gc.disable()  # frees happen when the last reference goes, not when a collection runs
+    try:
+        with _Allocations() as mode:
+            mode.ignore(existing)
+            fn()
+    finally:
+        gc.enable()
     grads = [] if module is None else [p.grad for p in module.parameters() if p.grad is not None]
     return mode.peak(exclude={id(g.untyped_storage()) for g in grads})
