@@ -75,8 +75,8 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
 def check_input(x: object, d_model: int, name: str = "x", min_dim: int = 1) -> Tensor:
     """A floating tensor of shape [..., d_model] with finite values.
 
-    The finiteness check reads `x` once and synchronises with the host, so it runs only for
-    CPU tensors outside `torch.compile` (where it costs a small fraction of the layer); on
+    The finiteness check reads `x` once (a sum) and synchronises with the host, so it runs only
+    for CPU tensors outside `torch.compile` (where it costs a small fraction of the layer); on
     accelerators a NaN propagates to the output and the training loop's loss check catches it.
     """
     if not isinstance(x, Tensor):
@@ -89,10 +89,13 @@ def check_input(x: object, d_model: int, name: str = "x", min_dim: int = 1) -> T
         raise ValueError(
             f"{name} last dimension must equal d_model={d_model}, got shape {tuple(x.shape)}"
         )
+    # a NaN or Inf anywhere makes the sum non-finite: one pass, no temporaries; only a
+    # non-finite (or overflowing) sum pays for the exact elementwise check
     if (
         x.device.type == "cpu"
         and not torch.compiler.is_compiling()
         and x.numel()
+        and not torch.isfinite(x.sum())
         and not bool(torch.isfinite(x).all())
     ):
         raise ValueError(f"{name} contains NaN or Inf values")

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
     """(keep [shape] bool, scale 1/(1-p)): each element kept with probability 1-p (to 1/65536)."""
+    if torch.compiler.is_compiling():  # compiled graphs draw their own random numbers anyway
+        return torch.rand(shape, device=device) >= p, 1.0 / (1.0 - p)
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
     bits = words.random_(-(2**63), 2**63 - 1).view(torch.int16)[:numel]  # uniform int16

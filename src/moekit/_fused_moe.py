@@ -25,6 +25,7 @@ from ._segment_mlp import (
     _activation_backward,
     _input_grad,
     _linear_into,
+    _segments,
     _weight_grads,
 )
 
@@ -105,11 +106,8 @@ def _fused_backward(
 def _segment_bias_dot(g: Tensor, b2: Tensor, sizes: list[int]) -> Tensor:
     """[M] <b2[e(m)], g_m>, one matrix-vector product per segment."""
     out = g.new_empty(g.shape[0])
-    start = 0
-    for e, size in enumerate(sizes):
-        if size:
-            torch.mv(g[start : start + size], b2[e], out=out[start : start + size])
-        start += size
+    for e, g_e, out_e in _segments(sizes, g, out):
+        torch.mv(g_e, b2[e], out=out_e)
     return out
 
 

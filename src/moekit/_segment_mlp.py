@@ -18,21 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _segments(sizes: list[int]):
-    """(expert, start, end) of every non-empty segment."""
-    start = 0
+def _segments(sizes: list[int], *tensors: Tensor):
+    """(expert, segment of each tensor) for every non-empty segment; one split per tensor."""
+    parts = [t.split(sizes) for t in tensors]
     for expert, size in enumerate(sizes):
         if size:
-            yield expert, start, start + size
-        start += size
+            yield expert, *(p[expert] for p in parts)
 
 
 def _linear_into(out: Tensor, x: Tensor, w: Tensor, b: Tensor | None, sizes: list[int]) -> Tensor:
-    for e, s, t in _segments(sizes):
+    ws = w.unbind(0)
+    for e, x_e, out_e in _segments(sizes, x, out):
         if b is None:
-            torch.mm(x[s:t], w[e], out=out[s:t])
+            torch.mm(x_e, ws[e], out=out_e)
         else:
-            torch.addmm(b[e], x[s:t], w[e], out=out[s:t])
+            torch.addmm(b[e], x_e, ws[e], out=out_e)
     return out
 
 
@@ -70,20 +70,22 @@ def _weight_grads(x: Tensor, grad: Tensor, w: Tensor, has_bias: bool, sizes: lis
     """dW [E, d_in, d_out] = x_e^T @ grad_e per segment, zeros for idle experts; db likewise."""
     grad_w = torch.empty_like(w)
     grad_b = grad.new_zeros(w.shape[0], w.shape[2]) if has_bias else None
+    grad_ws = grad_w.unbind(0)
     for e, size in enumerate(sizes):
-        if not size:
-            grad_w[e].zero_()
-    for e, s, t in _segments(sizes):
-        torch.mm(x[s:t].t(), grad[s:t], out=grad_w[e])
+        if not size:  # an idle expert's gradient is zero
+            grad_ws[e].zero_()
+    for e, x_e, grad_e in _segments(sizes, x, grad):
+        torch.mm(x_e.t(), grad_e, out=grad_ws[e])
         if grad_b is not None:
-            torch.sum(grad[s:t], dim=0, out=grad_b[e])
+            torch.sum(grad_e, dim=0, out=grad_b[e])
     return grad_w, grad_b
 
 
 def _input_grad(grad: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
     out = grad.new_empty(grad.shape[0], w.shape[1])
-    for e, s, t in _segments(sizes):
-        torch.mm(grad[s:t], w[e].t(), out=out[s:t])
+    ws = w.unbind(0)
+    for e, grad_e, out_e in _segments(sizes, grad, out):
+        torch.mm(grad_e, ws[e].t(), out=out_e)
     return out
 
 
