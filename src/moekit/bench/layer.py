@@ -138,6 +138,7 @@ def bench_layer(
     device: torch.device | str = "cpu",
     seed_loop: bool = True,
     memory: bool = True,
+    memory_trials: int = 3,
 ) -> list[Result]:
     """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved."""
     gen = torch.Generator().manual_seed(0)
@@ -164,7 +165,10 @@ def bench_layer(
         for name in ("moekit", "limit", "seed loop"):
             if name in steps:
                 step = steps[name]
-                trials = [peak_extra_bytes(step, step.existing(), step.module) for _ in range(3)]
+                trials = [
+                    peak_extra_bytes(step, step.existing(), step.module)
+                    for _ in range(memory_trials)
+                ]
                 peaks[name] = statistics.median(trials)
     label = str(dtype).removeprefix("torch.")
     results = []
