@@ -170,12 +170,19 @@ def test_segment_mlp_custom_op_registration(activation, bias, capacity):
     torch.library.opcheck(_segment_mlp_op, (rows, w1, b1, w2, b2, sizes, activation, capacity))
 
 
-def test_auto_layout_pads_only_small_balanced_low_precision_segments():
+def test_auto_layout_pads_only_small_balanced_segments_where_it_helps():
     from moekit._segment_mlp import padded_capacity
 
     balanced = torch.tensor([120, 130, 128, 134])
-    assert padded_capacity(balanced, torch.bfloat16) == 134
-    assert padded_capacity(balanced, torch.float32) == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert padded_capacity(balanced, torch.bfloat16) == 134
+        assert padded_capacity(balanced, torch.float32) == 0  # one thread: segments as fast
+        torch.set_num_threads(2)
+        assert padded_capacity(balanced, torch.float32) == 134
+    finally:
+        torch.set_num_threads(threads)
     assert padded_capacity(torch.tensor([500, 0, 0, 12]), torch.bfloat16) == 0  # skewed
     assert padded_capacity(balanced * 4, torch.bfloat16) == 0  # large segments
     assert padded_capacity(balanced, torch.bfloat16, "segments") == 0
@@ -213,7 +220,8 @@ def test_fused_dispatch_equals_permute_experts_unpermute(
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_fused_moe_custom_op_registration(activation, bias, dropout):
+@pytest.mark.parametrize("capacity", [0, 5])
+def test_fused_moe_custom_op_registration(activation, bias, dropout, capacity):
     from moekit._fused_moe import _fused_op
 
     width = 12 if activation == "swiglu" else 6
@@ -227,5 +235,5 @@ def test_fused_moe_custom_op_registration(activation, bias, dropout):
     b2 = torch.randn(3, 4, requires_grad=True) if bias else None
     keep = torch.rand(7, 4) > 0.3 if dropout else None
     scale = 1 / 0.7 if dropout else 1.0
-    args = (x, token_index, weight, sizes, w1, b1, w2, b2, keep, scale, activation)
+    args = (x, token_index, weight, sizes, w1, b1, w2, b2, keep, scale, activation, capacity)
     torch.library.opcheck(_fused_op, args)

@@ -23,10 +23,14 @@ from torch import Tensor
 from ._segment_mlp import (
     _activate,
     _activation_backward,
+    _batched,
     _input_grad,
     _linear_into,
+    _pad,
+    _padded_index,
     _segments,
     _weight_grads,
+    padded_capacity,
 )
 
 _DOT_CHUNK = 1 << 20  # elements per chunk of the row-wise dot products (bounds the temporary)
@@ -41,15 +45,94 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def _fused_forward(x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation):
-    """(out [N, d], pre [M, width] or empty for ReLU, hidden [M, h])."""
-    sizes = group_sizes.tolist()
-    rows = x.index_select(0, token_index)  # [M, d]
-    pre = _linear_into(rows.new_empty(rows.shape[0], w1.shape[2]), rows, w1, b1, sizes)
+class _Segments:
+    """Rows grouped by expert, [M, .]: one GEMM per expert segment."""
+
+    def __init__(self, group_sizes: Tensor) -> None:
+        self.sizes = group_sizes.tolist()
+
+    def gather(self, x: Tensor, token_index: Tensor) -> Tensor:
+        return x.index_select(0, token_index)  # [M, d]
+
+    def from_rows(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def to_rows(self, t: Tensor) -> Tensor:
+        return t
+
+    def per_row(self, v: Tensor) -> Tensor:
+        return v.unsqueeze(1)  # [M, 1]
+
+    def linear(self, t: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _linear_into(t.new_empty(t.shape[0], w.shape[2]), t, w, b, self.sizes)
+
+    def input_grad(self, g: Tensor, w: Tensor) -> Tensor:
+        return _input_grad(g, w, self.sizes)
+
+    def weight_grads(self, t: Tensor, g: Tensor, w: Tensor, has_bias: bool):
+        return _weight_grads(t, g, w, has_bias, self.sizes)
+
+    def row_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        return _row_dot(a, b)
+
+    def bias_dot(self, g: Tensor, b2: Tensor) -> Tensor:
+        return _segment_bias_dot(g, b2, self.sizes)
+
+
+class _Padded:
+    """Segments padded to `capacity` rows, [E, C, .]: one batched GEMM per weight. Padding
+    rows read zeros and get zero gradients; they cost work, never results."""
+
+    def __init__(self, group_sizes: Tensor, capacity: int) -> None:
+        self.index = _padded_index(group_sizes, capacity)  # [M] row in [E * C]
+        self.shape = (group_sizes.numel(), capacity)
+
+    def gather(self, x: Tensor, token_index: Tensor) -> Tensor:
+        return self.from_rows(x.index_select(0, token_index))
+
+    def from_rows(self, rows: Tensor) -> Tensor:
+        return _pad(rows, self.index, *self.shape)  # [E, C, .]
+
+    def to_rows(self, t: Tensor) -> Tensor:
+        return t.reshape(-1, t.shape[-1]).index_select(0, self.index)  # [M, .]
+
+    def per_row(self, v: Tensor) -> Tensor:
+        padded = v.new_zeros(self.shape[0] * self.shape[1]).index_copy_(0, self.index, v)
+        return padded.view(*self.shape, 1)  # [E, C, 1]
+
+    def linear(self, t: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        return _batched(b, t, w)
+
+    def input_grad(self, g: Tensor, w: Tensor) -> Tensor:
+        return torch.bmm(g, w.transpose(1, 2))
+
+    def weight_grads(self, t: Tensor, g: Tensor, w: Tensor, has_bias: bool):
+        return torch.bmm(t.transpose(1, 2), g), (g.sum(1) if has_bias else None)
+
+    def row_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        flat = _row_dot(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+        return flat.index_select(0, self.index)
+
+    def bias_dot(self, g: Tensor, b2: Tensor) -> Tensor:
+        return torch.bmm(g, b2.unsqueeze(2)).reshape(-1).index_select(0, self.index)
+
+
+def _layout(group_sizes: Tensor, capacity: int):
+    return _Padded(group_sizes, capacity) if capacity else _Segments(group_sizes)
+
+
+def _fused_forward(
+    x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation, capacity
+):
+    """(out [N, d], pre, hidden): pre/hidden [M, .] (segments) or [E, C, .] (padded); pre is
+    empty for ReLU (its backward needs only hidden)."""
+    layout = _layout(group_sizes, capacity)
+    rows = layout.gather(x, token_index)  # [M, d] or [E, C, d]
+    pre = layout.linear(rows, w1, b1)
     del rows
-    hidden = _activate(pre, activation)  # [M, h]; ReLU in place
-    y = _linear_into(hidden.new_empty(hidden.shape[0], w2.shape[2]), hidden, w2, b2, sizes)
-    y.mul_(weight.to(y.dtype).unsqueeze(1) * scale)  # [M, d] weighted (and dropout-scaled)
+    hidden = _activate(pre, activation)  # ReLU in place
+    y = layout.to_rows(layout.linear(hidden, w2, b2))  # [M, d]
+    y.mul_(weight.to(y.dtype).unsqueeze(1) * scale)  # weighted (and dropout-scaled)
     if keep is not None:
         y.masked_fill_(~keep, 0.0)
     out = x.new_zeros(x.shape).index_add_(0, token_index, y)  # [N, d]
@@ -74,29 +157,31 @@ def _fused_backward(
     activation,
     has_bias,
     input_grad,
+    capacity,
 ):
     """(grad_x, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2); empty where not wanted."""
-    sizes = group_sizes.tolist()
+    layout = _layout(group_sizes, capacity)
     pre = hidden if activation == "relu" else pre
     g = grad_out.contiguous().index_select(0, token_index)  # [M, d] dL/d(weighted y)
     if keep is not None:  # through the dropout mask: g = keep * scale * dL/d(out)[token]
         g.masked_fill_(~keep, 0.0).mul_(scale)
-    grad_hidden = _input_grad(g, w2, sizes)  # [M, h] = g @ W2^T, not yet scaled by w
-    grad_weight = _row_dot(hidden, grad_hidden)  # <hidden_m, g_m W2^T>
+    g = layout.from_rows(g)
+    grad_hidden = layout.input_grad(g, w2)  # g @ W2^T, not yet scaled by w
+    grad_weight = layout.row_dot(hidden, grad_hidden)  # [M] <hidden_m, g_m W2^T>
     if b2 is not None:
-        grad_weight += _segment_bias_dot(g, b2, sizes)  # + <b2_e, g_m>
-    factor = weight.to(g.dtype).unsqueeze(1)
-    g.mul_(factor)  # dL/dy_m
-    grad_w2, grad_b2 = _weight_grads(hidden, g, w2, has_bias, sizes)
+        grad_weight += layout.bias_dot(g, b2)  # + <b2_e, g_m>
+    factor = layout.per_row(weight.to(g.dtype))
+    g.mul_(factor)  # dL/dy
+    grad_w2, grad_b2 = layout.weight_grads(hidden, g, w2, has_bias)
     del g
     grad_pre = _activation_backward(grad_hidden.mul_(factor), pre, hidden, activation)
     del grad_hidden
-    rows = x.index_select(0, token_index)  # [M, d] re-gathered, not kept from the forward
-    grad_w1, grad_b1 = _weight_grads(rows, grad_pre, w1, has_bias, sizes)
+    rows = layout.gather(x, token_index)  # re-gathered, not kept from the forward
+    grad_w1, grad_b1 = layout.weight_grads(rows, grad_pre, w1, has_bias)
     del rows
     grad_x = x.new_empty(0)
     if input_grad:
-        grad_rows = _input_grad(grad_pre, w1, sizes)  # [M, d]
+        grad_rows = layout.to_rows(layout.input_grad(grad_pre, w1))  # [M, d]
         grad_x = x.new_zeros(x.shape).index_add_(0, token_index, grad_rows)
     if not has_bias:  # the op's outputs may not alias each other: two empties
         grad_b1, grad_b2 = x.new_empty(0), x.new_empty(0)
@@ -123,9 +208,10 @@ def _fused(
     keep: Tensor | None,
     scale: float,
     activation: str,
+    capacity: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _fused_forward(
-        x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation
+        x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation, capacity
     )
 
 
@@ -145,6 +231,7 @@ def _fused_grads(
     activation: str,
     has_bias: bool,
     input_grad: bool,
+    capacity: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _fused_backward(
         grad_out,
@@ -162,6 +249,7 @@ def _fused_grads(
         activation,
         has_bias,
         input_grad,
+        capacity,
     )
 
 
@@ -174,10 +262,10 @@ _fused_grads_op = torch.library.custom_op("moekit::fused_moe_backward", mutates_
 
 
 @_fused_op.register_fake
-def _(x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation):
-    rows = token_index.shape[0]
-    pre = x.new_empty(0) if activation == "relu" else x.new_empty(rows, w1.shape[2])
-    return torch.empty_like(x), pre, x.new_empty(rows, w2.shape[1])
+def _(x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation, capacity):
+    lead = (w1.shape[0], capacity) if capacity else (token_index.shape[0],)
+    pre = x.new_empty(0) if activation == "relu" else x.new_empty(*lead, w1.shape[2])
+    return torch.empty_like(x), pre, x.new_empty(*lead, w2.shape[1])
 
 
 @_fused_grads_op.register_fake
@@ -197,6 +285,7 @@ def _(
     activation,
     has_bias,
     input_grad,
+    capacity,
 ):
     num_experts = w1.shape[0]
     return (
@@ -210,10 +299,11 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation = inputs
+    x, token_index, weight, group_sizes, w1, b1, w2, b2, keep, scale, activation, capacity = inputs
     _, pre, hidden = output
     ctx.set_materialize_grads(False)
     ctx.scale, ctx.activation, ctx.has_bias = scale, activation, b1 is not None
+    ctx.capacity = capacity
     ctx.save_for_backward(x, token_index, weight, group_sizes, w1, w2, b2, keep, pre, hidden)
 
 
@@ -235,11 +325,13 @@ def _backward(ctx, grad_out, *_unused, grads_fn=_fused_grads_op):
         ctx.activation,
         ctx.has_bias,
         ctx.needs_input_grad[0],
+        ctx.capacity,
     )
     if not ctx.has_bias:
         grad_b1 = grad_b2 = None
     grad_x = grad_x if ctx.needs_input_grad[0] else None
-    return grad_x, None, grad_weight, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None
+    grads = (grad_x, None, grad_weight, None, grad_w1, grad_b1, grad_w2, grad_b2)
+    return grads + (None,) * 4
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -271,6 +363,7 @@ def fused_moe(
     activation: str,
     keep: Tensor | None = None,
     scale: float = 1.0,
+    layout: str = "auto",
 ) -> Tensor:
     """out [N, d]: token n gets sum over its rows m of weight[m] * dropout(MLP_e(m)(x[n])).
 
@@ -281,7 +374,9 @@ def fused_moe(
         group_sizes: [E] rows per expert.
         w1, b1, w2, b2: The bank's stacked weights ([E, d, width], [E, h, d]) and biases.
         keep, scale: A dropout keep mask [M, d] and 1/(1-p), or None and 1.
+        layout: "segments", "padded" or "auto" (`padded_capacity`'s rule).
     """
+    capacity = padded_capacity(group_sizes, x.dtype, layout)
     inputs = (
         x.contiguous(),
         token_index,
@@ -294,6 +389,7 @@ def fused_moe(
         keep,
         scale,
         activation,
+        capacity,
     )
     if torch.compiler.is_compiling():
         return _fused_op(*inputs)[0]

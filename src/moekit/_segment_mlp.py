@@ -286,8 +286,11 @@ LAYOUTS = ("auto", "segments", "padded")
 def padded_capacity(group_sizes: Tensor, dtype: torch.dtype, layout: str = "auto") -> int:
     """The padded layout's capacity (the largest segment), or 0 for one GEMM per segment.
 
-    "auto" pads when batched GEMMs measured faster (see docs/performance.md): ... rule below.
-    Never while compiling (the capacity would be read on the host).
+    "auto" pads small, balanced segments when several threads share each GEMM or the dtype is
+    16-bit: there one batched GEMM beats E small ones (2-core CPU, d=128, h=512, E=8, ~128
+    rows an expert, fwd+bwd: fp32 9.7 vs 11.9 ms, bf16 6.5 vs 7.1 ms, dense 7.0 / 4.1 ms); at
+    ~400+ rows an expert the segments win (docs/performance.md). Never while compiling (the
+    capacity is read on the host).
     """
     if layout == "segments" or torch.compiler.is_compiling() or group_sizes.numel() == 0:
         return 0
@@ -297,7 +300,8 @@ def padded_capacity(group_sizes: Tensor, dtype: torch.dtype, layout: str = "auto
         return max(capacity, 1)
     small = rows <= _PAD_MAX_ROWS_PER_EXPERT * len(sizes)
     balanced = capacity * len(sizes) <= _PAD_MAX_WASTE * rows
-    return capacity if dtype in (torch.bfloat16, torch.half) and small and balanced else 0
+    helps = torch.get_num_threads() > 1 or dtype in (torch.bfloat16, torch.half)
+    return capacity if small and balanced and helps and rows else 0
 
 
 _PAD_MAX_ROWS_PER_EXPERT = 256

@@ -188,7 +188,7 @@ class ExpertBank(nn.Module):
         same dropout draws.
         """
         dtype = _compute_dtype(x, self.w1)
-        fused = x.device.type == "cpu" and self.backend in ("auto", "loop")
+        fused = x.device.type == "cpu" and self.backend != "grouped"
         if not fused:
             return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
         keep, scale = None, 1.0
@@ -210,6 +210,7 @@ class ExpertBank(nn.Module):
             self.activation,
             keep,
             scale,
+            layout={"loop": "segments", "padded": "padded"}.get(self.backend, "auto"),
         )
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
