@@ -204,3 +204,14 @@ def test_build_config_layers_preset_toml_and_flags(tmp_path):
         build_config("huge")
     with pytest.raises(ValueError, match="schedule"):
         build_config("tiny", None, schedule="linear")
+
+
+def test_makemoe_preset_keeps_the_blogs_hyperparameters():
+
+    cfg = build_config("makemoe")
+    assert (cfg.batch_size, cfg.model.block_size, cfg.learning_rate) == (16, 32, 1e-3)
+    assert (cfg.max_iters, cfg.eval_interval, cfg.eval_iters) == (5000, 100, 400)
+    exact = build_config(
+        "makemoe", None, init="kaiming", dropout=0.1, schedule="constant", warmup_iters=0
+    )
+    assert exact.model == LMConfig(init="kaiming", dropout=0.1)
