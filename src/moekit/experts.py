@@ -182,7 +182,7 @@ class ExpertBank(nn.Module):
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
         """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op.
 
-        On CPU with the "auto" or "loop" backend the gather, the experts and the weighted
+        On CPU with any backend but "grouped" the gather, the experts and the weighted
         combine run fused (`_fused_moe`: fewer [M, d] tensors kept for the backward, no
         weighted copy); otherwise the three steps run one after the other. Same result,
         same dropout draws.
