@@ -81,8 +81,9 @@ def _weight_grads(x: Tensor, grad: Tensor, w: Tensor, has_bias: bool, sizes: lis
     return grad_w, grad_b
 
 
-def _input_grad(grad: Tensor, w: Tensor, sizes: list[int]) -> Tensor:
-    out = grad.new_empty(grad.shape[0], w.shape[1])
+def _input_grad(grad: Tensor, w: Tensor, sizes: list[int], out: Tensor | None = None) -> Tensor:
+    if out is None:
+        out = grad.new_empty(grad.shape[0], w.shape[1])
     ws = w.unbind(0)
     for e, grad_e, out_e in _segments(sizes, grad, out):
         torch.mm(grad_e, ws[e].t(), out=out_e)
