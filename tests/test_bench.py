@@ -91,3 +91,15 @@ def test_cli_bench_custom_shape_and_language_model(capsys, monkeypatch):
 def test_cli_bench_rejects_a_partial_custom_shape(capsys):
     assert main(["bench", "--quick", "--no-lm", "--d-model", "8"]) == 1
     assert "--num-experts" in capsys.readouterr().err
+
+
+def test_bfloat16_is_benchmarked_only_where_it_has_a_native_gemm(monkeypatch):
+    import moekit.bench as bench
+
+    lines = []
+    monkeypatch.setattr(bench, "fast_bfloat16", lambda device: False)
+    assert bench.default_dtypes(torch.device("cpu"), lines.append) == ["float32"]
+    assert "bfloat16 skipped" in lines[0] and "--dtypes bfloat16" in lines[0]
+    monkeypatch.setattr(bench, "fast_bfloat16", lambda device: True)
+    assert bench.default_dtypes(torch.device("cpu"), lines.append) == ["float32", "bfloat16"]
+    assert len(lines) == 1

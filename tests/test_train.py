@@ -256,6 +256,18 @@ def test_bf16_autocast_training_runs(tmp_path):
     assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"]
 
 
+def test_bf16_without_a_native_gemm_warns(tmp_path, monkeypatch, caplog):
+    import moekit.lm.train as train_module
+
+    monkeypatch.setattr(train_module, "fast_bfloat16", lambda device: False)
+    with caplog.at_level("WARNING", logger="moekit.lm.train"):
+        Trainer(cfg_for(tmp_path / "bf16", dtype="bfloat16"))
+        assert "--dtype bfloat16" in caplog.text and "native bf16 GEMM" in caplog.text
+        caplog.clear()
+        Trainer(cfg_for(tmp_path / "fp32"))
+        assert not caplog.text
+
+
 def test_estimate_loss_equals_makemoe_per_batch_loop(tmp_path):
     """Chunked evaluation = makeMoE's loop: the mean over `eval_iters` separate batch losses."""
     trainer = Trainer(cfg_for(tmp_path, eval_iters=11))  # 11: a partial last chunk

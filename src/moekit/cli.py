@@ -132,7 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
         if value is not None
     }
     options = BenchOptions.quick(**overrides) if args.quick else BenchOptions(**overrides)
-    for dtype in options.dtypes:
+    for dtype in options.dtypes or ():
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtypes: {dtype!r} must be float32 or bfloat16")
     for activation in options.activations:
@@ -200,7 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--shapes", default="A,B,C", help="named shapes A, B, C, comma-separated (or empty)"
     )
-    bench.add_argument("--dtypes", help="float32,bfloat16 (default: both; --quick: float32)")
+    bench.add_argument(
+        "--dtypes",
+        help="float32,bfloat16 (default: both where the CPU has a native bf16 GEMM, "
+        "else float32; --quick: float32)",
+    )
     bench.add_argument("--activations", help="relu,swiglu (default: both; --quick: relu)")
     bench.add_argument("--rounds", type=int, help="timing rounds per case (median)")
     bench.add_argument("--no-lm", action="store_true", help="skip the language-model benchmark")

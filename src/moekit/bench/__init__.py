@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._device import cpu_capability, fast_bfloat16
 from .layer import SHAPES, LayerShape, Result, bench_layer
 from .lm import LMResult, bench_generation, bench_train_step
 
@@ -22,7 +23,7 @@ __all__ = ["SHAPES", "BenchOptions", "LayerShape", "run_bench"]
 @dataclass
 class BenchOptions:
     shapes: list[LayerShape] = field(default_factory=lambda: list(SHAPES.values()))
-    dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    dtypes: list[str] | None = None  # None: float32, and bfloat16 where it has a native GEMM
     activations: list[str] = field(default_factory=lambda: ["relu", "swiglu"])
     rounds: int = 7
     warmup: int = 2
@@ -54,10 +55,23 @@ class BenchOptions:
 def machine_line() -> str:
     device = platform.processor() or platform.machine()
     return (
-        f"torch {torch.__version__}, python {platform.python_version()}, {device}, "
+        f"torch {torch.__version__}, python {platform.python_version()}, {device} "
+        f"({cpu_capability()}, native bf16 GEMM: {'yes' if fast_bfloat16() else 'no'}), "
         f"{torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     )
+
+
+def default_dtypes(device: torch.device, echo=print) -> list[str]:
+    """float32, and bfloat16 where matmuls have a native kernel (a reference GEMM ~200x slower
+    than float32 would measure nothing but itself)."""
+    if fast_bfloat16(device):
+        return ["float32", "bfloat16"]
+    echo(
+        "bfloat16 skipped: this CPU has no native bf16 GEMM (AVX-512 BF16 or AMX); "
+        "--dtypes bfloat16 runs it anyway"
+    )
+    return ["float32"]
 
 
 def _mb(value: int | None) -> str:
@@ -117,10 +131,11 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
     """Run the benchmark, printing each table as it completes; returns the results."""
     device = torch.device(options.device)
     echo(machine_line())
+    dtypes = options.dtypes or default_dtypes(device, echo)
     layer: list[Result] = []
     for shape in options.shapes:
         echo(f"shape {shape}")
-        for dtype in options.dtypes:
+        for dtype in dtypes:
             for activation in options.activations:
                 layer += bench_layer(
                     shape,
@@ -137,9 +152,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         echo(format_layer_table(layer))
     lm: list[LMResult] = []
     if options.lm:
-        lm += bench_train_step(
-            rounds=options.lm_rounds, steps=options.lm_steps, dtypes=options.dtypes
-        )
+        lm += bench_train_step(rounds=options.lm_rounds, steps=options.lm_steps, dtypes=dtypes)
         lm += bench_generation(tokens=options.generate_tokens)
         echo(format_lm_table(lm))
     return {"layer": layer, "lm": lm}

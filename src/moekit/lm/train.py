@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .._device import fast_bfloat16
 from ..plots import plot_expert_load, plot_losses
 from ..routing import update_router_biases
 from .checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
@@ -97,6 +98,11 @@ class Trainer:
         self.model_config = replace(cfg.model, vocab_size=self.tokenizer.vocab_size)
         self.data = TokenData.from_ids(self.tokenizer.encode(text), self.model_config.block_size)
         # 2. model, optimizer, random streams
+        if cfg.dtype == "bfloat16" and not fast_bfloat16(self.device):
+            log.warning(
+                "--dtype bfloat16: this CPU has no native bf16 GEMM (AVX-512 BF16 or AMX); "
+                "its matmuls fall back to a reference kernel ~100x slower than float32"
+            )
         torch.manual_seed(cfg.seed)
         self.model = SparseMoELanguageModel.from_config(self.model_config).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg)
