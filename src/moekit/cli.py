@@ -143,9 +143,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _info(_: argparse.Namespace) -> int:
+    from ._device import cpu_capability, fast_bfloat16
+
     print(f"moekit {__version__}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.machine()}")
     print(f"threads {torch.get_num_threads()}, cuda available {torch.cuda.is_available()}")
+    print(f"cpu {cpu_capability()}, native bf16 GEMM {fast_bfloat16()}")
     print(f"grouped_mm available {hasattr(F, 'grouped_mm')}")
     return 0
 
