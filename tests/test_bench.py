@@ -26,7 +26,35 @@ def test_peak_extra_bytes_counts_temporaries_not_existing_tensors():
         c = existing.view(10, 100)  # a view: no new storage
         return b.sum() + c.sum()
 
-    assert peak_extra_bytes(step, [existing]) == 3 * 1024  # the sums come after a is freed
+    # the sums (4-byte scalars) come after a is freed; existing's storage is not counted
+    assert peak_extra_bytes(step) == 3 * 1024
+
+
+def test_peak_extra_bytes_gives_no_credit_for_freeing_what_existed():
+    held = [torch.empty(4096, dtype=torch.float32)]  # 16 KiB from before the call
+
+    def step():
+        held.clear()  # frees the 16 KiB: the baseline is what existed, not what is left
+        return torch.empty(1024, dtype=torch.float32)  # 4 KiB
+
+    assert peak_extra_bytes(step) == 4 * 1024
+
+
+def test_peak_extra_bytes_is_repeatable_on_a_training_step():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    x = torch.randn(128, 64, requires_grad=True)
+
+    def step():
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        mlp(x).backward(torch.ones(128, 64))
+
+    step()
+    peaks = {peak_extra_bytes(step, mlp) for _ in range(5)}
+    assert len(peaks) == 1
+    # at least the two [128, 256] activations autograd keeps (hidden, its ReLU output)
+    assert peaks.pop() >= 2 * 128 * 256 * 4
 
 
 def test_peak_extra_bytes_leaves_out_the_parameter_gradients():
@@ -36,7 +64,7 @@ def test_peak_extra_bytes_leaves_out_the_parameter_gradients():
     def step():
         linear(x).sum().backward()
 
-    peak = peak_extra_bytes(step, [x, linear.weight], linear)
+    peak = peak_extra_bytes(step, linear)
     assert linear.weight.grad is not None
     assert 0 < peak < 256 * 256 * 4 // 4  # the activations are a few KiB
 

@@ -94,10 +94,6 @@ class _Step:
             grads.append(torch.ones_like(aux))
         torch.autograd.backward(tensors, grads)
 
-    def existing(self) -> list[Tensor]:
-        """What lives before a step: the parameters and the inputs (gradients are fresh)."""
-        return [self.x, self.grad, *self.module.parameters()]
-
 
 class _RouterStep(_Step):
     def _out(self) -> Tensor:
@@ -165,10 +161,7 @@ def bench_layer(
         for name in ("moekit", "limit", "seed loop"):
             if name in steps:
                 step = steps[name]
-                trials = [
-                    peak_extra_bytes(step, step.existing(), step.module)
-                    for _ in range(memory_trials)
-                ]
+                trials = [peak_extra_bytes(step, step.module, device) for _ in range(memory_trials)]
                 peaks[name] = statistics.median(trials)
     label = str(dtype).removeprefix("torch.")
     results = []
