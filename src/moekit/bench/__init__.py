@@ -27,7 +27,6 @@ class BenchOptions:
     activations: list[str] = field(default_factory=lambda: ["relu", "swiglu"])
     rounds: int = 7
     warmup: int = 2
-    memory_trials: int = 3  # the median of this many peak-memory counts
     lm: bool = True
     lm_rounds: int = 5
     lm_steps: int = 5
@@ -44,7 +43,6 @@ class BenchOptions:
             activations=["relu"],
             rounds=3,
             warmup=1,
-            memory_trials=1,
             lm_rounds=3,
             lm_steps=2,
             generate_tokens=40,
@@ -146,7 +144,6 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
                     device=device,
                     seed_loop=options.seed_loop,
                     memory=options.memory,
-                    memory_trials=options.memory_trials,
                 )
     if layer:
         echo(format_layer_table(layer))

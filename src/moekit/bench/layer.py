@@ -8,7 +8,6 @@ mode with dropout 0 and a random contiguous upstream gradient; "forward" cases a
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +133,6 @@ def bench_layer(
     device: torch.device | str = "cpu",
     seed_loop: bool = True,
     memory: bool = True,
-    memory_trials: int = 3,
 ) -> list[Result]:
     """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved."""
     gen = torch.Generator().manual_seed(0)
@@ -160,9 +158,7 @@ def bench_layer(
     if memory:
         for name in ("moekit", "limit", "seed loop"):
             if name in steps:
-                step = steps[name]
-                trials = [peak_extra_bytes(step, step.module, device) for _ in range(memory_trials)]
-                peaks[name] = statistics.median(trials)
+                peaks[name] = peak_extra_bytes(steps[name], steps[name].module, device)
     label = str(dtype).removeprefix("torch.")
     results = []
     for name, ms in times.items():

@@ -101,7 +101,7 @@ class Trainer:
         if cfg.dtype == "bfloat16" and not fast_bfloat16(self.device):
             log.warning(
                 "--dtype bfloat16: this CPU has no native bf16 GEMM (AVX-512 BF16 or AMX); "
-                "its matmuls fall back to a reference kernel ~100x slower than float32"
+                "its matmuls fall back to a reference kernel ~200x slower than float32"
             )
         torch.manual_seed(cfg.seed)
         self.model = SparseMoELanguageModel.from_config(self.model_config).to(self.device)
