@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 from dataclasses import MISSING, fields
@@ -60,7 +61,9 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in MODEL_FIELDS | TRAIN_FIELDS}
     cfg = build_config(args.preset, args.config, **overrides)
-    print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if main_rank:
+        print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
 
     def on_eval(record: dict) -> None:
         line = (
@@ -72,7 +75,12 @@ def _train(args: argparse.Namespace) -> int:
         (print if not cfg.progress else _tqdm_write)(line)
 
     result = train(cfg, resume=args.resume, on_eval=on_eval)
-    print(f"done: step {result.step}, checkpoint {result.checkpoint}, run directory {result.out}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if main_rank:
+        print(
+            f"done: step {result.step}, checkpoint {result.checkpoint}, run directory {result.out}"
+        )
     return 0
 
 

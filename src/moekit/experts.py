@@ -167,7 +167,7 @@ class ExpertBank(nn.Module):
         Returns:
             [M, d] in the compute dtype (the autocast dtype under autocast, else the weights').
         """
-        dtype = _compute_dtype(rows, self.w1)
+        dtype = compute_dtype(rows, self.w1)
         rows = rows.to(dtype)
         w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
         b1 = None if self.b1 is None else self.b1.to(dtype)
@@ -187,7 +187,7 @@ class ExpertBank(nn.Module):
         weighted copy); otherwise the three steps run one after the other. Same result,
         same dropout draws.
         """
-        dtype = _compute_dtype(x, self.w1)
+        dtype = compute_dtype(x, self.w1)
         fused = x.device.type == "cpu" and self.backend != "grouped"
         if not fused:
             return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
@@ -260,7 +260,8 @@ class ExpertBank(nn.Module):
         )
 
 
-def _compute_dtype(rows: Tensor, weight: Tensor) -> torch.dtype:
+def compute_dtype(rows: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype experts compute in: the autocast dtype under autocast, else the weights'."""
     device = rows.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)

@@ -5,12 +5,14 @@ x [..., d] -> flatten [N, d] -> router: Routing (indices [N, k], weights [N, k],
 -> experts [M, d] -> unpermute: weighted index_add into [N, d] -> reshape [..., d].
 After each forward the layer holds its auxiliary losses (`aux_losses`, `aux_loss`, with graph)
 and detached statistics (`stats`); `total_aux_loss(model)` sums the losses over a model.
+The layer knows nothing of process groups: `moekit.parallel.expert_parallel` sets `parallel`,
+which moves the rows to their experts' ranks and back and sums counts over ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +46,16 @@ ROUTERS = ("softmax", "noisy", "switch", "sigmoid", "expert_choice")
 class MoEOutput(NamedTuple):
     output: Tensor  # [..., d] same leading shape as the input
     aux_loss: Tensor  # [] the layer's scaled auxiliary losses, summed
+
+
+class Parallel(Protocol):
+    """What an MoE layer needs from a parallel runtime (see `moekit.parallel`)."""
+
+    def dispatch(self, x: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
+        """Tokens x [N, d] -> [N, d] through experts that may live on other ranks."""
+
+    def all_reduce(self, t: Tensor) -> Tensor:
+        """`t` summed over the data-parallel ranks (no gradient)."""
 
 
 def _build_router(
@@ -144,6 +156,7 @@ class MoE(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
         self.stats: MoEStats | None = None
+        self.parallel: Parallel | None = None  # set by moekit.parallel.expert_parallel
 
     def plan(self, routing: Routing | ExpertChoice, num_tokens: int) -> DispatchPlan:
         """The dispatch plan of a routing decision."""
@@ -151,11 +164,22 @@ class MoE(nn.Module):
             return expert_choice_plan(routing.token_index, routing.weights, num_tokens)
         return make_plan(routing.indices, routing.weights, self.num_experts, self.capacity_factor)
 
-    def compute_aux_losses(self, routing: Routing | ExpertChoice) -> dict[str, Tensor]:
-        """The scaled auxiliary losses of one routing decision, by name."""
+    def compute_aux_losses(
+        self,
+        routing: Routing | ExpertChoice,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """The scaled auxiliary losses of one routing decision, by name.
+
+        `reduce` sums the balancing loss's expert counts over data-parallel ranks.
+        """
         losses = {}
         if self.load_balance_coef > 0 and isinstance(routing, Routing):
-            lb = load_balancing_loss(routing.probs, routing.indices)
+            counts = None
+            if reduce is not None:
+                counts = torch.bincount(routing.indices.reshape(-1), minlength=self.num_experts)
+                counts = reduce(counts)  # [E] pairs of every rank's tokens
+            lb = load_balancing_loss(routing.probs, routing.indices, counts)
             losses["load_balance"] = self.load_balance_coef * lb
         if self.z_loss_coef > 0:
             losses["z_loss"] = self.z_loss_coef * router_z_loss(routing.logits)
@@ -175,18 +199,23 @@ class MoE(nn.Module):
         num_tokens = x_flat.shape[0]
         routing = self.router.route(x_flat)
         plan = self.plan(routing, num_tokens)
-        if isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
+        if self.parallel is not None:  # experts on other ranks: exchange, compute, exchange
+            output = self.parallel.dispatch(x_flat, plan, self.experts)  # [N, d]
+        elif isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
             output = self.experts.dispatch(x_flat, plan)  # [N, d]
         else:
             rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
             output = unpermute(rows, plan, num_tokens)  # [N, d]
         output = output.reshape(x.shape).to(x.dtype)  # [..., d]
 
-        self.aux_losses = self.compute_aux_losses(routing)
+        reduce = None if self.parallel is None else self.parallel.all_reduce
+        self.aux_losses = self.compute_aux_losses(routing, reduce)
         zero = routing.logits.new_zeros(())
         self.aux_loss = sum(self.aux_losses.values(), zero)
         candidates = num_tokens if isinstance(routing, ExpertChoice) else num_tokens * self.top_k
-        self.stats = routing_stats(routing.probs, plan.group_sizes, plan.num_dropped, candidates)
+        self.stats = routing_stats(
+            routing.probs, plan.group_sizes, plan.num_dropped, candidates, reduce
+        )
         return MoEOutput(output, self.aux_loss)
 
     def extra_repr(self) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 
-def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
+def load_balancing_loss(probs: Tensor, indices: Tensor, counts: Tensor | None = None) -> Tensor:
     """Switch load-balancing loss E * sum_i f_i * P_i.
 
     f_i is the fraction of the N*k (token, slot) pairs routed to expert i (counted before any
@@ -23,12 +23,16 @@ def load_balancing_loss(probs: Tensor, indices: Tensor) -> Tensor:
     Args:
         probs: Router probabilities of shape [N, E].
         indices: Chosen experts of shape [N, k].
+        counts: Pairs per expert [E] for f (default: counted from `indices`). Data-parallel
+            ranks pass the counts summed over all ranks: then, with equal N per rank, the
+            ranks' mean loss and mean gradient are those of the whole global batch.
     """
     num_tokens, num_experts = probs.shape
     if num_tokens == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # [E]
-    fraction = counts.to(probs.dtype) / indices.numel()  # [E] f_i
+    if counts is None:
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # [E]
+    fraction = counts.to(probs.dtype) / counts.sum().clamp_min(1)  # [E] f_i
     mean_prob = probs.mean(0)  # [E] P_i
     return num_experts * (fraction * mean_prob).sum()
 

@@ -94,18 +94,28 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, optimizer, state: dict, keep: int = 2
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: dict,
+    keep: int = 2,
 ) -> Path:
-    """Write checkpoint `ckpt-<step>` atomically into run_dir and keep the `keep` newest."""
+    """Write checkpoint `ckpt-<step>` atomically into run_dir and keep the `keep` newest.
+
+    Args:
+        model_state, optimizer_state: `state_dict()`s (of a model, of its optimizer).
+        state: Everything else, JSON-serialisable.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"ckpt-{step:08d}"
     tmp = run_dir / f".tmp-ckpt-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # 1. the payload
-    model_state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    model_state = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(model_state, tmp / "model.safetensors")
-    optim_tensors, groups = _flatten_optimizer(optimizer.state_dict())
+    optim_tensors, groups = _flatten_optimizer(optimizer_state)
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}))
     # 2. the manifest, last: a checkpoint without a valid manifest is incomplete

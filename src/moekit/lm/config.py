@@ -60,7 +60,21 @@ class TrainConfig:
         default=None, metadata=_help("MLflow tracking URI (default: sqlite:///<out>/mlflow.db)")
     )
     experiment: str = field(default="moekit", metadata=_help("MLflow experiment name"))
-    device: str = field(default="auto", metadata=_help("auto, cpu or cuda"))
+    device: str = field(
+        default="auto",
+        metadata=_help("auto, cpu or cuda (under torchrun: each rank's LOCAL_RANK GPU)"),
+    )
+    expert_parallel: int = field(
+        default=1,
+        metadata=_help(
+            "expert-parallel group size R under torchrun: each group of R consecutive ranks "
+            "shares out every layer's experts; R divides the number of ranks"
+        ),
+    )
+    dist_timeout: float = field(
+        default=300.0,
+        metadata=_help("seconds a collective may wait for a dead or hung rank before failing"),
+    )
     threads: int = field(default=0, metadata=_help("CPU threads for torch (0: torch's default)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 
@@ -72,6 +86,7 @@ class TrainConfig:
             "eval_iters",
             "keep",
             "bpe_vocab_size",
+            "expert_parallel",
         ):
             check_positive_int(name, getattr(self, name))
         for name in ("warmup_iters", "save_every", "sample_tokens", "threads", "seed"):
@@ -79,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("learning_rate", "weight_decay", "min_lr", "grad_clip"):
             check_non_negative(name, getattr(self, name))
+        if check_non_negative("dist_timeout", self.dist_timeout) == 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout} must be > 0 seconds")
         check_choice("tokenizer", self.tokenizer, ("char", "bpe"))
         check_choice("schedule", self.schedule, ("constant", "cosine"))
         check_choice("dtype", self.dtype, ("float32", "bfloat16"))
@@ -115,6 +132,26 @@ PRESETS: dict[str, TrainConfig] = {
     ),
 }
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(values: dict, source: str) -> None:
+    """Each known key's value must have its field's type (a TOML file can hold anything)."""
+    annotations = {f.name: f.type for f in (*fields(LMConfig), *fields(TrainConfig))}
+    for key, value in values.items():
+        annotation = str(annotations.get(key, ""))
+        base = annotation.replace("| None", "").strip()
+        if base not in _TYPES:
+            continue
+        wanted = _TYPES[base]
+        is_bool = isinstance(value, bool)
+        if (is_bool and bool not in wanted) or not isinstance(value, wanted):
+            raise ValueError(
+                f"{source}: {key} must be {annotation.replace('| None', 'or none')}, "
+                f"got {type(value).__name__} {value!r}"
+            )
+
+
 MODEL_FIELDS = {f.name for f in fields(LMConfig)} - {"vocab_size"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"model"}
 
@@ -133,8 +170,12 @@ def build_config(preset: str = "makemoe", toml_path: str | None = None, **overri
             table = tomllib.loads(Path(toml_path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise ValueError(f"--config {toml_path}: {err}") from err
-        values.update(table.pop("model", {}))
+        model_table = table.pop("model", {})
+        if not isinstance(model_table, dict):
+            raise ValueError(f"--config {toml_path}: model must be a table, got {model_table!r}")
+        values.update(model_table)
         values.update(table)
+        _check_types(values, f"--config {toml_path}")
     values.update(overrides)
     unknown = set(values) - MODEL_FIELDS - TRAIN_FIELDS
     if unknown:

@@ -5,10 +5,18 @@ One step: batch from the data generator -> forward (CE + the MoE layers' aux los
 estimate_loss (mean CE over `eval_iters` batches per split, eval mode), per-layer expert load and
 router entropy, a text sample. On CPU a resumed run is bitwise identical to an uninterrupted one:
 the checkpoint carries weights, optimizer state, both RNG states and the step.
+
+Under torchrun (N ranks, `expert_parallel` R): every rank draws the same global batch and takes
+its slice; the experts are shared out over groups of R ranks (`moekit.parallel`), dense
+gradients averaged by DDP, expert gradients summed over replicas / N; losses, counts and the
+router bias are global, so the run follows the single-process one. Rank 0 alone logs, plots and
+writes checkpoints, in the single-process layout (experts gathered): they load in one process
+and resume at any R.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -21,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._device import fast_bfloat16
+from ..parallel import expert_parallel, sharded_parameters
+from ..parallel import training as par
 from ..plots import plot_expert_load, plot_losses
 from ..routing import update_router_biases
 from .checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
@@ -69,9 +79,34 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device cuda: this torch ({torch.__version__}) sees no CUDA device; "
+            "use --device cpu, or install a CUDA build of torch on a GPU machine"
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _make_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {path}: cannot create the run directory ({err})") from err
+
+
+def _wrap_ddp(model: torch.nn.Module, topo: par.Topology) -> torch.nn.Module:
+    """DDP over the dense parameters; expert shards are `par.sync_expert_grads`'."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, list(sharded_parameters(model)))
+    device_ids = [topo.device.index] if topo.device.type == "cuda" else None
+    # buffers stay local after init: the sigmoid router counts its rank's load until
+    # update_bias sums it (torch >= 2.13 names the switch forward_sync_buffers)
+    params = inspect.signature(DDP.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DDP(model, device_ids=device_ids, **{sync: False})
 
 
 class Trainer:
@@ -81,9 +116,16 @@ class Trainer:
         if cfg.data is not None:  # absolute, so `moekit eval` finds it from anywhere
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
+        self.topo = par.init_distributed(cfg.expert_parallel, cfg.device, cfg.dist_timeout)
+        self.is_main = self.topo is None or self.topo.is_main
+        if self.topo is not None and cfg.batch_size % self.topo.world_size:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be divisible by the number of ranks "
+                f"{self.topo.world_size} (each rank takes an equal slice of the global batch)"
+            )
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.device = _device(cfg.device)
+        _make_run_dir(self.out)
+        self.device = self.topo.device if self.topo is not None else _device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         checkpoint = latest_checkpoint(self.out) if resume else None
@@ -105,6 +147,13 @@ class Trainer:
             )
         torch.manual_seed(cfg.seed)
         self.model = SparseMoELanguageModel.from_config(self.model_config).to(self.device)
+        if checkpoint is not None:
+            self._load_model(checkpoint)  # the single-process layout, before sharding
+        self.step_model = self.model  # what the training step calls: the model, or its DDP
+        if self.topo is not None:
+            expert_parallel(self.model, self.topo.ep_group, data_group=self.topo.data_group)
+            self.step_model = _wrap_ddp(self.model, self.topo)
+            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.topo.rank + 1))  # own draws
         self.optimizer = make_optimizer(self.model, cfg)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
@@ -115,9 +164,10 @@ class Trainer:
         run_id = None
         if checkpoint is not None:
             run_id = self._restore(checkpoint)
-        self.tracker = make_tracker(cfg.track, self.out, cfg.experiment, cfg.tracking_uri, run_id)
+        track = cfg.track and self.is_main
+        self.tracker = make_tracker(track, self.out, cfg.experiment, cfg.tracking_uri, run_id)
 
-    def _restore(self, checkpoint) -> str | None:
+    def _load_model(self, checkpoint) -> None:
         saved = LMConfig.from_dict(checkpoint.state["model_config"])
         if saved != self.model_config:
             raise ValueError(
@@ -125,16 +175,37 @@ class Trainer:
                 f"which differs from the requested {self.model_config}"
             )
         self.model.load_state_dict(checkpoint.model)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
-        torch.set_rng_state(decode_bytes(checkpoint.state["rng"]["torch"]))
+
+    def _restore(self, checkpoint) -> str | None:
+        optimizer_state = checkpoint.optimizer
+        if self.topo is not None:
+            optimizer_state = par.local_optimizer_state(optimizer_state, self.model)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = checkpoint.step
+        self._restore_rng(checkpoint.state["rng"])
         self.data_gen.set_state(decode_bytes(checkpoint.state["rng"]["data"]))
         history = checkpoint.state["history"]
-        self.step = checkpoint.step
         self.evals, self.train_losses = history["evals"], history["train_losses"]
         self.load_history = history["expert_load"]
         self._load_sum = torch.tensor(history["load_since_eval"])
         log.info("resumed from %s at step %d", checkpoint.path, self.step)
         return checkpoint.state.get("mlflow_run_id")
+
+    def _restore_rng(self, rng: dict) -> None:
+        """This rank's torch RNG state; at another number of ranks, fresh per-rank streams."""
+        per_rank = rng.get("torch_ranks", [rng["torch"]])
+        world_size = 1 if self.topo is None else self.topo.world_size
+        if len(per_rank) == world_size:
+            torch.set_rng_state(decode_bytes(per_rank[0 if self.topo is None else self.topo.rank]))
+        else:
+            rank = 0 if self.topo is None else self.topo.rank
+            log.warning(
+                "--resume: the checkpoint was written by %d rank(s), this run has %d: "
+                "dropout and routing noise draw from fresh per-rank streams",
+                len(per_rank),
+                world_size,
+            )
+            torch.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (rank + 1) + self.step)
 
     def _autocast(self):
         enabled = self.cfg.dtype == "bfloat16"
@@ -143,21 +214,38 @@ class Trainer:
     def _batch(self, split: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data.batch(split, self.cfg.batch_size, self.model_config.block_size, gen)
 
+    def _my_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's equal slice of a global batch [B, T] (all of it in one process)."""
+        if self.topo is None:
+            return t
+        rows = t.shape[0] // self.topo.world_size
+        return t[self.topo.rank * rows : (self.topo.rank + 1) * rows]
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.topo is None else par.all_reduce_mean(t, self.topo)
+
     def train_step(self) -> float:
         """One optimizer step; returns its cross-entropy."""
         cfg, model = self.cfg, self.model
-        x, y = (t.to(self.device) for t in self._batch("train", self.data_gen))
+        batch = self._batch("train", self.data_gen)
+        x, y = (self._my_rows(t).to(self.device) for t in batch)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
         with self._autocast():
-            _, loss = model(x, y)
+            _, loss = self.step_model(x, y)
             total = loss + model.aux_loss()
-        if not torch.isfinite(total):
-            raise NonFiniteError(f"step {self.step}: non-finite loss {total.item()}")
+        # the global batch's losses: every rank stops at the same step, none waits for another
+        loss_g, total_g = self._global_mean(torch.stack([loss.detach(), total.detach()])).unbind()
+        if not torch.isfinite(total_g):
+            raise NonFiniteError(f"step {self.step}: non-finite loss {total_g.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if self.topo is None:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        else:
+            par.sync_expert_grads(model, self.topo)
+            norm = par.grad_norm(model, self.topo)
         if not torch.isfinite(norm):
             raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm.item()}")
         if cfg.grad_clip > 0:
@@ -165,16 +253,16 @@ class Trainer:
                 model.parameters(), cfg.grad_clip, norm, foreach=True
             )
         self.optimizer.step()
-        update_router_biases(model)
+        update_router_biases(model, None if self.topo is None else self.topo.data_group)
         self._load_sum += torch.stack([m.stats.tokens_per_expert.cpu() for m in model.moe_layers()])
-        return loss.item()
+        return loss_g.item()
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
         """makeMoE's estimate_loss: mean CE over `eval_iters` batches of each split, eval mode.
 
         The batches come from a generator seeded by the step, so evaluating never moves the
-        training batch stream.
+        training batch stream. Under torchrun each rank takes a slice of every chunk.
         """
         cfg, model = self.cfg, self.model
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -187,9 +275,11 @@ class Trainer:
                 # so the chunk's mean CE is the mean of its batches' (1.5x faster on CPU)
                 n = min(_EVAL_CHUNK, cfg.eval_iters - first)
                 pairs = [self._batch(split, gen) for _ in range(n)]
-                x, y = (torch.cat(t).to(self.device) for t in zip(*pairs, strict=True))
+                x, y = (
+                    self._my_rows(torch.cat(t)).to(self.device) for t in zip(*pairs, strict=True)
+                )
                 with self._autocast():
-                    total += model(x, y)[1].item() * n
+                    total += self._global_mean(model(x, y)[1]).item() * n
             result[split] = total / cfg.eval_iters
         model.train()
         return result
@@ -221,22 +311,35 @@ class Trainer:
                 for e, fraction in enumerate(load[i].tolist()):
                     metrics[f"layer{i}_expert{e}_load"] = fraction
         self.tracker.log_metrics(metrics, step=self.step)
-        if self.cfg.sample_tokens:
+        if self.cfg.sample_tokens:  # every rank decodes: the experts are everywhere
             text = self.sample(self.cfg.sample_tokens)
             record["sample"] = text
-            with (self.out / "samples.txt").open("a", encoding="utf-8") as f:
-                f.write(f"--- step {self.step}\n{text}\n")
+            if self.is_main:
+                with (self.out / "samples.txt").open("a", encoding="utf-8") as f:
+                    f.write(f"--- step {self.step}\n{text}\n")
         return record
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0) in the single-process layout; a collective under torchrun."""
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        rng = {"torch": encode_bytes(torch.get_rng_state())}
+        if self.topo is not None:
+            model_state = par.full_state_dict(self.model, self.topo)
+            optimizer_state = par.full_optimizer_state(self.optimizer, self.model, self.topo)
+            rng["torch_ranks"] = par.all_gather_objects(rng["torch"], self.topo)
+        path = self.out / f"ckpt-{self.step:08d}"
+        if self.is_main:
+            path = self._write_checkpoint(model_state, optimizer_state, rng)
+        if self.topo is not None:
+            torch.distributed.barrier(group=self.topo.data_group)
+        return path
+
+    def _write_checkpoint(self, model_state: dict, optimizer_state: dict, rng: dict) -> Path:
         state = {
             "train_config": self.cfg.to_dict(),
             "model_config": self.model_config.to_dict(),
             "tokenizer": self.tokenizer.to_dict(),
-            "rng": {
-                "torch": encode_bytes(torch.get_rng_state()),
-                "data": encode_bytes(self.data_gen.get_state()),
-            },
+            "rng": rng | {"data": encode_bytes(self.data_gen.get_state())},
             "history": {
                 "evals": self.evals,
                 "train_losses": self.train_losses,
@@ -246,7 +349,7 @@ class Trainer:
             "mlflow_run_id": self.tracker.run_id,
         }
         return save_checkpoint(
-            self.out, self.step, self.model, self.optimizer, state, self.cfg.keep
+            self.out, self.step, model_state, optimizer_state, state, self.cfg.keep
         )
 
     def write_reports(self) -> list[Path]:
@@ -275,7 +378,7 @@ class Trainer:
         bar = tqdm(
             total=cfg.max_iters,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.is_main),
             unit="step",
             dynamic_ncols=True,
         )
@@ -284,7 +387,7 @@ class Trainer:
             while self.step < cfg.max_iters:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters - 1:
                     record = self.evaluate()
-                    if on_eval:
+                    if on_eval and self.is_main:
                         on_eval(record)
                 tic = time.perf_counter()
                 self.train_losses.append(self.train_step())
@@ -298,8 +401,18 @@ class Trainer:
                     checkpoint = self.save()
             if self.step > start:  # the final checkpoint
                 checkpoint = self.save()
-            self.write_reports()
+            if self.is_main:
+                self.write_reports()
             status = "FINISHED"
+        except RuntimeError as err:
+            if self.topo is None:
+                raise
+            raise RuntimeError(
+                f"rank {self.topo.rank} of {self.topo.world_size}, step {self.step}: {err} "
+                f"(a collective failed or timed out after --dist-timeout {cfg.dist_timeout:g} s: "
+                "another rank died or hung; the newest complete checkpoint in "
+                f"{self.out} resumes with --resume)"
+            ) from err
         finally:
             bar.close()
             self.tracker.close(status)

@@ -1,0 +1,188 @@
+"""What a data- and expert-parallel training loop needs beyond the layer.
+
+N ranks (torchrun), expert-parallel groups of R consecutive ranks, N/R replicas of each expert:
+  init_distributed      the process group (gloo on CPU, NCCL on GPU, a timeout) and the groups
+  sync_expert_grads     expert gradients summed over the ranks holding the same experts, / N
+                        (dense gradients are DDP's: averaged over all N ranks)
+  grad_norm             the global gradient norm (expert shards counted once)
+  full_state_dict, full_optimizer_state, local_optimizer_state
+                        the single-process checkpoint layout: experts gathered to be saved, cut
+                        to this rank's shard when loaded (so a checkpoint moves between R's)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed import ProcessGroup
+
+from .expert_parallel import sharded_parameters
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place among the ranks of a run."""
+
+    rank: int
+    world_size: int  # N
+    expert_parallel: int  # R
+    device: torch.device
+    ep_group: ProcessGroup  # the R consecutive ranks that share out the experts
+    replica_group: ProcessGroup | None  # ranks holding the same experts (None when N == R)
+    data_group: ProcessGroup  # all N ranks, for counts and losses (its own communicator)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Topology | None:
+    """Join the torchrun job this process belongs to; None for a single process.
+
+    Args:
+        expert_parallel: R, the expert-parallel group size; divides the number of ranks.
+        device: "auto", "cpu" or "cuda" (each rank uses its LOCAL_RANK GPU, with NCCL).
+        timeout_s: Process-group timeout: a collective waiting longer (a peer died or hung)
+            raises instead of hanging.
+
+    Raises:
+        ValueError: R > 1 without torchrun, or R not dividing the number of ranks.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        if expert_parallel != 1:
+            raise ValueError(
+                f"--expert-parallel {expert_parallel} needs {expert_parallel} or more processes: "
+                f"launch with torchrun --nproc-per-node {expert_parallel} -m moekit train ..."
+            )
+        return None
+    if expert_parallel < 1 or world_size % expert_parallel:
+        raise ValueError(
+            f"--expert-parallel {expert_parallel} must divide the number of processes {world_size}"
+        )
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    rank = dist.get_rank()
+    r = expert_parallel
+    ep_group, _ = dist.new_subgroups_by_enumeration(
+        [list(range(start, start + r)) for start in range(0, world_size, r)]
+    )
+    replica_group = None
+    if world_size > r:
+        replica_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, world_size, r)) for i in range(r)]
+        )
+    data_group = dist.new_group(list(range(world_size)))
+    return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group)
+
+
+def sync_expert_grads(model: nn.Module, topo: Topology) -> None:
+    """Sum each expert shard's gradient over its replicas and divide by N, in one collective."""
+    sharded = sharded_parameters(model)
+    params = dict(model.named_parameters())
+    grads = [params[name].grad for name in sharded if params[name].grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    if topo.replica_group is not None:
+        dist.all_reduce(flat, group=topo.replica_group)
+    flat /= topo.world_size
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(synced)
+
+
+def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
+    """The L2 norm of the whole model's gradient, equal on every rank (after the syncs)."""
+    sharded = sharded_parameters(model)
+    dense, experts = [], []
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            (experts if name in sharded else dense).append(param.grad)
+    sq = [torch.nn.utils.get_total_norm(g, foreach=True).float().square() for g in (dense, experts)]
+    expert_sq = sq[1].clone()
+    dist.all_reduce(expert_sq, group=topo.ep_group)  # each shard counted once
+    return (sq[0] + expert_sq).sqrt()
+
+
+def _gather_experts(t: Tensor, group: ProcessGroup) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)  # [E, ...] in expert order
+
+
+def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, Tensor]:
+    """The model's state dict in the single-process layout (a collective over the EP group)."""
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    for name in sharded_parameters(model):
+        state[name] = _gather_experts(state[name], topo.ep_group)
+    return state
+
+
+def optimizer_param_names(model: nn.Module) -> list[str]:
+    """Names of the parameters an optimizer over `model.parameters()` (trainable) indexes."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, topo: Topology):
+    """The optimizer's state dict in the single-process layout (a collective over the EP group):
+    per-expert state (Adam's moments) gathered, scalars (the step) as they are."""
+    state = optimizer.state_dict()
+    names = optimizer_param_names(model)
+    sharded = sharded_parameters(model)
+    gathered = {}
+    for index, entry in state["state"].items():
+        if names[index] in sharded:
+            entry = {
+                key: _gather_experts(v, topo.ep_group) if _per_expert(v) else v
+                for key, v in entry.items()
+            }
+        gathered[index] = entry
+    return {"state": gathered, "param_groups": state["param_groups"]}
+
+
+def local_optimizer_state(state: dict, model: nn.Module) -> dict:
+    """A single-process optimizer state dict cut to this rank's experts."""
+    names = optimizer_param_names(model)
+    params = dict(model.named_parameters())
+    sharded = sharded_parameters(model)
+    local = {}
+    for index, entry in state["state"].items():
+        name = names[index]
+        if name in sharded:
+            first, count = sharded[name][0], params[name].shape[0]
+            entry = {k: v[first : first + count] if _per_expert(v) else v for k, v in entry.items()}
+        local[index] = entry
+    return {"state": local, "param_groups": state["param_groups"]}
+
+
+def _per_expert(v: object) -> bool:
+    return isinstance(v, Tensor) and v.dim() > 0
+
+
+def all_gather_objects(obj: object, topo: Topology) -> list:
+    """`obj` of every rank, in rank order (pickled; for small things such as RNG states)."""
+    out = [None] * topo.world_size
+    dist.all_gather_object(out, obj, group=topo.data_group)
+    return out
+
+
+def all_reduce_mean(t: Tensor, topo: Topology) -> Tensor:
+    """The mean of `t` over all ranks (a new tensor, no gradient)."""
+    t = t.detach().clone()
+    dist.all_reduce(t, group=topo.data_group)
+    return t / topo.world_size

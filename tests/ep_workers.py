@@ -1,0 +1,168 @@
+"""Rank-side checks of expert parallelism, run by `spawn.run_ranks` (see test_parallel.py).
+
+Oracle: the full layer (every expert, one process, float64) on the whole global batch (dropless)
+or on each rank's slice (a capacity factor: capacity is counted per sending rank). Compared:
+each rank's outputs and input gradients, router gradients summed over ranks, each rank's expert
+gradients summed over the ranks that hold the same experts, the global counts, the aux loss.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moekit import MoE, SoftMoE, update_router_biases
+from moekit.experts import MLPExpert
+from moekit.parallel import expert_parallel
+from moekit.routing import SoftmaxRouter
+
+TOL = {"atol": 1e-12, "rtol": 1e-10}  # float64 on both sides; only summation order differs
+
+
+def _groups(world: int, ep_size: int):
+    """(this rank's EP group of consecutive ranks, its replica group or None)."""
+    ep, _ = dist.new_subgroups_by_enumeration(
+        [list(range(s, s + ep_size)) for s in range(0, world, ep_size)]
+    )
+    replicas = None
+    if world > ep_size:
+        replicas, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, world, ep_size)) for i in range(ep_size)]
+        )
+    return ep, replicas
+
+
+def _layer(case: dict) -> MoE:
+    d, num_experts, k = case.get("d", 5), case["E"], case["k"]
+    router = case.get("router", "softmax")
+    if case.get("all_to_first_rank"):  # a gate bias that sends every token to experts 0..k-1
+        router = SoftmaxRouter(d, num_experts, k, bias=True)
+        with torch.no_grad():
+            router.gate.bias.zero_()
+            router.gate.bias[:k] = 30.0
+    layer = MoE(
+        d,
+        num_experts,
+        k,
+        case.get("h", 7),
+        case.get("activation", "relu"),
+        router=router,
+        capacity_factor=case.get("capacity_factor"),
+        bias=case.get("bias", False),
+        load_balance_coef=case.get("lb", 0.01),
+        z_loss_coef=1e-3,
+    ).double()
+    return layer.train(case.get("train", True))
+
+
+def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.clone()
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def check_case(rank: int, world: int, case: dict) -> None:
+    ep_size = case.get("ep", world)
+    ep_group, replicas = _groups(world, ep_size)
+    torch.manual_seed(case.get("seed", 0))  # the same full layer and batch on every rank
+    full = _layer(case)
+    tokens = case["tokens"]  # [world] tokens per rank
+    total = sum(tokens)
+    x = torch.randn(total, full.d_model, dtype=torch.float64)
+    upstream = torch.randn_like(x)
+    start = sum(tokens[:rank])
+    mine = slice(start, start + tokens[rank])
+
+    ep = expert_parallel(copy.deepcopy(full), ep_group)
+    xr = x[mine].clone().requires_grad_()
+    out, aux = ep(xr)
+    # rank r's share of the global objective: its aux loss weighted by its share of the tokens
+    share = tokens[rank] / total
+    torch.autograd.backward((out * upstream[mine]).sum() + aux * share)
+
+    x_ref = x.clone().requires_grad_()
+    if case.get("capacity_factor") is None:
+        ref_out, ref_aux = full(x_ref)
+        ref_counts = full.stats.tokens_per_expert
+        torch.autograd.backward((ref_out * upstream).sum() + ref_aux)
+    else:  # capacity per sending rank: the full layer on each slice
+        outs, ref_counts, objective, ref_aux = [], 0, 0.0, 0.0
+        for r in range(world):
+            s = slice(sum(tokens[:r]), sum(tokens[: r + 1]))
+            o, a = full(x_ref[s])
+            outs.append(o)
+            ref_counts = ref_counts + full.stats.tokens_per_expert
+            objective = objective + (o * upstream[s]).sum() + a * tokens[r] / total
+            ref_aux = ref_aux + a.detach() * tokens[r] / total
+        ref_out = torch.cat(outs)
+        objective.backward()
+
+    torch.testing.assert_close(out, ref_out[mine].detach(), **TOL)
+    torch.testing.assert_close(xr.grad, x_ref.grad[mine], **TOL)
+    torch.testing.assert_close(_sum_over(aux.detach() * share, None), aux.detach() * share)
+    torch.testing.assert_close(_sum_over(aux.detach() * share, dist.group.WORLD), ref_aux, **TOL)
+    for (name, p), p_ref in zip(
+        ep.router.named_parameters(), full.router.parameters(), strict=True
+    ):
+        if p_ref.grad is None:  # the noisy router's noise gate in eval mode
+            assert p.grad is None, name
+            continue
+        grad = _sum_over(p.grad, dist.group.WORLD)
+        torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=f"router {name}")
+    local = full.num_experts // ep_size
+    first = dist.get_rank(ep_group) * local
+    for name, p in ep.experts.named_parameters():
+        p_ref = getattr(full.experts, name)
+        assert p.shape[0] == local
+        torch.testing.assert_close(p.detach(), p_ref.detach()[first : first + local])
+        grad = _sum_over(p.grad, replicas)
+        torch.testing.assert_close(
+            grad, p_ref.grad[first : first + local], **TOL, msg=f"experts.{name}"
+        )
+    assert torch.equal(ep.stats.tokens_per_expert, ref_counts)
+
+
+def parity(rank: int, world: int, cases: list[dict]) -> int:
+    for case in cases:
+        try:
+            check_case(rank, world, case)
+        except Exception as err:
+            raise AssertionError(f"case {case}: {type(err).__name__}: {err}") from err
+    return len(cases)
+
+
+def sigmoid_bias(rank: int, world: int, steps: int) -> list[float]:
+    """The aux-loss-free bias under EP equals the single-process bias on the global batch."""
+    alone = [dist.new_group([r]) for r in range(world)][rank]  # for the reference's update
+    torch.manual_seed(0)
+    full = MoE(6, 4, 2, 8, router="sigmoid").double()
+    full.router.bias_update_rate = 0.05
+    ep = expert_parallel(copy.deepcopy(full), None)
+    n = 5
+    for _ in range(steps):
+        x = torch.randn(world * n, 6, dtype=torch.float64)
+        ep(x[rank * n : (rank + 1) * n])  # train mode: the router counts its rank's load
+        full(x)
+        update_router_biases(ep)  # sums the ranks' counts
+        full.router.update_bias(group=alone)
+    torch.testing.assert_close(ep.router.expert_bias, full.router.expert_bias)
+    assert ep.router.expert_bias.abs().sum() > 0
+    return ep.router.expert_bias.tolist()
+
+
+def errors(rank: int, world: int) -> None:
+    with pytest.raises(ValueError, match=r"num_experts=3 .* R=2"):
+        expert_parallel(MoE(4, 3, 1), None)
+    with pytest.raises(ValueError, match="expert-choice"):
+        expert_parallel(MoE(4, 4, 1, router="expert_choice"), None)
+    with pytest.raises(ValueError, match="Soft MoE"):
+        expert_parallel(torch.nn.Sequential(SoftMoE(4, 2, 2)), None)
+    with pytest.raises(TypeError, match="ExpertBank"):
+        expert_parallel(MoE(4, 2, 1, experts=[MLPExpert(4, 8), MLPExpert(4, 8)]), None)
+    layer = expert_parallel(MoE(4, 2, 1), None)
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        expert_parallel(layer, None)

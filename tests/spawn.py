@@ -1,0 +1,75 @@
+"""Run a function on several gloo ranks from a test: spawned processes, a file store (no port to
+pick), a process-group timeout and a hard deadline, so a broken collective fails instead of
+hanging CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import pickle
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+PG_TIMEOUT_S = 60  # a collective waiting longer raises inside the ranks
+DEADLINE_S = 240  # the whole run; then every rank is killed
+
+
+def _entry(fn, rank: int, world_size: int, tmp: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    out = Path(tmp)
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{tmp}/store",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        )
+        result = fn(rank, world_size, *args)
+        (out / f"result-{rank}.pkl").write_bytes(pickle.dumps(result))
+        dist.destroy_process_group()
+    except BaseException:
+        (out / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+def run_ranks(fn, world_size: int, *args, deadline_s: float = DEADLINE_S) -> list:
+    """fn(rank, world_size, *args) on `world_size` gloo ranks; returns each rank's result.
+
+    `fn` must be importable (defined at the top level of a module on sys.path).
+    Raises AssertionError with the failing ranks' tracebacks, or on the deadline.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [
+            ctx.Process(target=_entry, args=(fn, rank, world_size, tmp, args))
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        end = time.monotonic() + deadline_s
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        errors = [
+            f"rank {rank}:\n{(Path(tmp) / f'error-{rank}.txt').read_text()}"
+            for rank in range(world_size)
+            if (Path(tmp) / f"error-{rank}.txt").exists()
+        ]
+        assert not errors, "\n".join(errors)
+        assert not hung, f"ranks {hung} still running after {deadline_s} s: killed"
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return [
+            pickle.loads((Path(tmp) / f"result-{rank}.pkl").read_bytes())
+            for rank in range(world_size)
+        ]
