@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -279,3 +280,30 @@ def test_estimate_loss_equals_makemoe_per_batch_loop(tmp_path):
         for split in ("train", "val"):
             losses = [trainer.model(*trainer._batch(split, gen))[1].item() for _ in range(11)]
             assert got[split] == pytest.approx(sum(losses) / 11, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags,toml,match",
+    [
+        (["--device", "cuda"], None, "--device cuda: this torch"),
+        (["--out", "{tmp}/file/run"], None, "--out .*cannot create the run directory"),
+        ([], 'max_iters = "ten"', r"max_iters must be int, got str 'ten'"),
+        ([], "[model]\ndropout = true", "dropout must be float, got bool"),
+        ([], "model = 3", "model must be a table"),
+        (["--expert-parallel", "2"], None, "needs 2 or more processes: launch with torchrun"),
+        (["--dist-timeout", "0"], None, "dist_timeout=0.0 must be > 0"),
+    ],
+)
+def test_bad_train_inputs_get_one_line_errors(tmp_path, capsys, monkeypatch, flags, toml, match):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "file").write_text("a file where a directory should be")
+    args = ["train", "--preset", "tiny", "--data", CORPUS, "--out", str(tmp_path / "run")]
+    args += ["--no-track", "--no-progress", "--max-iters", "1"]
+    args += [flag.format(tmp=tmp_path) for flag in flags]
+    if toml is not None:
+        (tmp_path / "run.toml").write_text(toml)
+        args += ["--config", str(tmp_path / "run.toml")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("moekit train: error:") and err.count("\n") == 1, err
+    assert re.search(match, err), err

@@ -71,23 +71,23 @@ def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Top
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if use_cuda else None,
+            "nccl" if use_cuda else "gloo", timeout=timeout, device_id=dev if use_cuda else None
         )
     rank = dist.get_rank()
     r = expert_parallel
+    # new groups take the default timeout (30 min), not the world's: pass it to each
     ep_group, _ = dist.new_subgroups_by_enumeration(
-        [list(range(start, start + r)) for start in range(0, world_size, r)]
+        [list(range(start, start + r)) for start in range(0, world_size, r)], timeout=timeout
     )
     replica_group = None
     if world_size > r:
         replica_group, _ = dist.new_subgroups_by_enumeration(
-            [list(range(i, world_size, r)) for i in range(r)]
+            [list(range(i, world_size, r)) for i in range(r)], timeout=timeout
         )
-    data_group = dist.new_group(list(range(world_size)))
+    data_group = dist.new_group(list(range(world_size)), timeout=timeout)
     return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group)
 
 
