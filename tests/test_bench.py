@@ -131,3 +131,40 @@ def test_bfloat16_is_benchmarked_only_where_it_has_a_native_gemm(monkeypatch):
     monkeypatch.setattr(bench, "fast_bfloat16", lambda device: True)
     assert bench.default_dtypes(torch.device("cpu"), lines.append) == ["float32", "bfloat16"]
     assert len(lines) == 1
+
+
+@pytest.mark.distributed
+def test_expert_parallel_bench_under_torchrun():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd += ["-m", "moekit", "bench", "--expert-parallel", "2", "--shapes", "", "--rounds", "1"]
+    cmd += [
+        "--d-model",
+        "16",
+        "--d-hidden",
+        "32",
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--tokens",
+        "64",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.split() for line in done.stdout.splitlines()]
+    rows = [row for row in lines if row and row[0] == "custom"]
+    assert [row[1] for row in rows] == ["relu", "swiglu"]  # rank 0 alone prints
+    for _, _, ranks, step_ms, exchange_ms, share, single_ms, speedup in rows:
+        assert ranks == "2"
+        assert float(share.rstrip("%")) == pytest.approx(
+            100 * float(exchange_ms) / float(step_ms), abs=1
+        )
+        assert float(speedup) == pytest.approx(float(single_ms) / float(step_ms), abs=0.01)
+
+
+def test_expert_parallel_bench_outside_torchrun_is_an_error(capsys):
+    assert main(["bench", "--expert-parallel", "2", "--quick"]) == 1
+    assert "torchrun" in capsys.readouterr().err

@@ -114,11 +114,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import SHAPES, BenchOptions, LayerShape, run_bench
+    from .bench import SHAPES, BenchOptions, LayerShape, run_bench, run_ep_bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = [SHAPES[name] for name in args.shapes.split(",") if name]
+    names = args.shapes if args.shapes is not None else ("B,C" if args.expert_parallel else "A,B,C")
+    shapes = [SHAPES[name] for name in names.split(",") if name]
     custom = (args.d_model, args.d_hidden, args.num_experts, args.top_k, args.tokens)
     if any(v is not None for v in custom):
         if any(v is None for v in custom):
@@ -146,7 +147,10 @@ def _bench(args: argparse.Namespace) -> int:
     for activation in options.activations:
         if activation not in ("relu", "gelu", "swiglu"):
             raise ValueError(f"--activations: {activation!r} must be relu, gelu or swiglu")
-    run_bench(options)
+    if args.expert_parallel:
+        run_ep_bench(options, args.expert_parallel)
+    else:
+        run_bench(options)
     return 0
 
 
@@ -209,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark against the dense limit and the seeds")
     bench.add_argument("--quick", action="store_true", help="float32 ReLU, few rounds: < 1 min")
     bench.add_argument(
-        "--shapes", default="A,B,C", help="named shapes A, B, C, comma-separated (or empty)"
+        "--shapes",
+        help="named shapes A, B, C, comma-separated, or empty (default: A,B,C; "
+        "with --expert-parallel: B,C)",
     )
     bench.add_argument(
         "--dtypes",
@@ -221,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-lm", action="store_true", help="skip the language-model benchmark")
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=0,
+        metavar="R",
+        help="under torchrun --nproc-per-node R: the expert-parallel step and its all-to-all",
+    )
     for flag in ("--d-model", "--d-hidden", "--num-experts", "--top-k", "--tokens"):
         bench.add_argument(flag, type=int, help="a custom shape (all five flags)")
     bench.set_defaults(run=_bench)

@@ -16,8 +16,9 @@ import torch
 from .._device import cpu_capability, fast_bfloat16
 from .layer import SHAPES, LayerShape, Result, bench_layer
 from .lm import LMResult, bench_generation, bench_train_step
+from .parallel import EPResult, bench_expert_parallel
 
-__all__ = ["SHAPES", "BenchOptions", "LayerShape", "run_bench"]
+__all__ = ["SHAPES", "BenchOptions", "LayerShape", "run_bench", "run_ep_bench"]
 
 
 @dataclass
@@ -115,6 +116,33 @@ def format_lm_table(results: list[LMResult]) -> str:
     return _table(header, rows)
 
 
+def format_ep_table(results: list[EPResult]) -> str:
+    header = (
+        "shape",
+        "act",
+        "ranks",
+        "EP step ms",
+        "all-to-all ms",
+        "share",
+        "1 process ms",
+        "speedup",
+    )
+    rows = [
+        (
+            r.shape.name,
+            r.activation,
+            r.ranks,
+            f"{r.step_ms:.2f}",
+            f"{r.exchange_ms:.2f}",
+            f"{r.share:.0%}",
+            f"{r.single_ms:.2f}",
+            f"{r.speedup:.2f}",
+        )
+        for r in results
+    ]
+    return _table(header, rows)
+
+
 def _table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     lines = [
@@ -153,3 +181,33 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         lm += bench_generation(tokens=options.generate_tokens)
         echo(format_lm_table(lm))
     return {"layer": layer, "lm": lm}
+
+
+def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:
+    """The expert-parallel table (under torchrun, R = all ranks); only rank 0 echoes."""
+    from ..parallel.training import init_distributed
+
+    topo = init_distributed(expert_parallel, options.device, timeout_s=300.0)
+    if topo is None or topo.world_size != expert_parallel:
+        raise ValueError(
+            f"--expert-parallel {expert_parallel}: run under torchrun --nproc-per-node "
+            f"{expert_parallel} (every rank in one expert-parallel group)"
+        )
+    say = echo if topo.is_main else (lambda *_: None)
+    say(machine_line())
+    say(
+        f"expert parallel over {topo.world_size} ranks ({torch.distributed.get_backend()}): "
+        "each takes N/R of the shape's N tokens; "
+        "float32 forward+backward; times are the slowest rank's medians"
+    )
+    results = []
+    for shape in options.shapes:
+        for activation in options.activations:
+            results.append(
+                bench_expert_parallel(
+                    shape, activation, topo, rounds=options.rounds, warmup=options.warmup
+                )
+            )
+    say(format_ep_table(results))
+    torch.distributed.destroy_process_group()
+    return results

@@ -38,15 +38,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
         ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
-        return _exchange(x, out_splits, in_splits, group)
+        return exchange(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         # the rows came from where their gradients go back to: the same exchange, reversed
-        return _exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        return exchange(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
 
 
-def _exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+def exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
+    """`all_to_all` without autograd."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out

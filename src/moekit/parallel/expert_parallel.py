@@ -5,7 +5,8 @@ On every rank, for tokens x [N, d] (its own slice of the global batch):
      owner rank (rank r owns experts r*e .. (r+1)*e - 1, e = E/R)
   2. exchange the per-expert counts (one all-to-all of [E] ints), one host read of the splits
   3. all-to-all the rows [M, d] -> received [M_recv, d], blocks by source rank
-  4. regroup rank-major -> expert-major, the local ExpertBank on contiguous segments, regroup back
+  4. the local ExpertBank on the received rows, read expert-major (contiguous segments) and
+     written back rank-major: `ExpertBank.dispatch` with the regrouping as its plan
   5. the reverse all-to-all [M_recv, d] -> [M, d], then the weighted combine on this rank
      (routing weights never travel)
 The backward runs the mirror exchanges. Capacity is counted per sending rank: rank r keeps at
@@ -87,12 +88,17 @@ class ExpertParallel:
         splits = torch.cat([send_splits, recv_splits]).tolist()  # the one host read
         send_splits, recv_splits = splits[: self.size], splits[self.size :]
         received = all_to_all(rows, recv_splits, send_splits, self.group)  # [M_recv, d]
+        # the local experts read the received rows in expert-major order and write each result
+        # back to its row's place: a dispatch whose "tokens" are the received rows
         total = sum(recv_splits)
-        by_expert = _transpose_blocks(recv_counts, total)  # rank-major -> expert-major
-        by_rank = _transpose_blocks(recv_counts.t(), total)  # and back
-        local_sizes = recv_counts.sum(0)  # [e]
-        out = experts(received.index_select(0, by_expert), local_sizes)  # [M_recv, d]
-        back = all_to_all(out.index_select(0, by_rank), send_splits, recv_splits, self.group)
+        regroup = DispatchPlan(
+            token_index=_transpose_blocks(recv_counts, total),  # [M_recv] rank- to expert-major
+            slot_weight=received.new_ones(total),
+            group_sizes=recv_counts.sum(0),  # [e]
+            num_dropped=plan.num_dropped.new_zeros(()),
+        )
+        out = experts.dispatch(received, regroup)  # [M_recv, d], blocks by source rank
+        back = all_to_all(out, send_splits, recv_splits, self.group)  # [M, d]
         return unpermute(back, plan, x.shape[0])  # [N, d]
 
     def _exchange_counts(self, group_sizes: Tensor) -> tuple[Tensor, Tensor]:
