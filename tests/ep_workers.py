@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from moekit import MoE, SoftMoE, update_router_biases
 from moekit.experts import MLPExpert
@@ -77,6 +78,9 @@ def check_case(rank: int, world: int, case: dict) -> None:
     start = sum(tokens[:rank])
     mine = slice(start, start + tokens[rank])
 
+    if case.get("mesh"):  # a 1-D DeviceMesh over the same ranks instead of the group
+        assert ep_size == world
+        ep_group = init_device_mesh("cpu", (world,))
     ep = expert_parallel(copy.deepcopy(full), ep_group)
     xr = x[mine].clone().requires_grad_()
     out, aux = ep(xr)
@@ -114,7 +118,7 @@ def check_case(rank: int, world: int, case: dict) -> None:
         grad = _sum_over(p.grad, dist.group.WORLD)
         torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=f"router {name}")
     local = full.num_experts // ep_size
-    first = dist.get_rank(ep_group) * local
+    first = ep.parallel.rank * local
     for name, p in ep.experts.named_parameters():
         p_ref = getattr(full.experts, name)
         assert p.shape[0] == local

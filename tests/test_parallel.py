@@ -30,6 +30,7 @@ TWO_RANKS = [
     dict(E=4, k=2, tokens=[9, 7], capacity_factor=0.5, lb=0.0),
     dict(E=4, k=2, tokens=[9, 7], capacity_factor=1.25, lb=0.0),
     dict(E=2, k=1, tokens=[4, 4], ep=1),  # data parallel only: experts replicated
+    dict(E=4, k=2, tokens=[4, 3], mesh=True),  # a 1-D DeviceMesh as the group
 ]
 
 FOUR_RANKS = [
