@@ -43,7 +43,6 @@ def config(out: Path, **kw) -> dict:
             sample_tokens=8,
             dropout=0.0,
             router="softmax",
-            threads=1,
             dist_timeout=30.0,
         )
         | kw
@@ -129,7 +128,8 @@ def _free_port() -> int:
 def test_a_dead_or_hung_rank_fails_the_others_then_resume(tmp_path, ep2, fault):
     timeout = 8.0
     cfg = config(tmp_path, expert_parallel=2, save_every=4, dist_timeout=timeout)
-    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    # as torchrun would: one thread per rank (the EP 2 run it is compared with bitwise ran so)
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     env |= {"MASTER_PORT": str(_free_port())}
     ranks = [
         subprocess.Popen(
@@ -162,7 +162,7 @@ def test_a_dead_or_hung_rank_fails_the_others_then_resume(tmp_path, ep2, fault):
 def _torchrun_cli(nproc: int, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", "-m", "moekit", "train", "--preset", "tiny"]
-    cmd += ["--data", CORPUS, "--threads", "1", *args]
+    cmd += ["--data", CORPUS, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 

@@ -11,6 +11,8 @@ Every preset also keeps `aux_losses`, `aux_loss` and `stats` after each forward 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -89,7 +91,10 @@ class MixtureOfExperts(MoE):
     def k(self) -> int:
         return self.top_k
 
-    def compute_aux_losses(self, routing: Routing | ExpertChoice) -> dict[str, Tensor]:
+    def compute_aux_losses(
+        self, routing: Routing | ExpertChoice, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """The seed's loss, of this rank's tokens also under expert parallelism (`reduce`)."""
         probs = F.softmax(routing.logits, dim=-1)  # [N, E] of the clean logits, as the seed
         return {"squared_deviation": squared_deviation_loss(probs)}
 

@@ -89,6 +89,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed of its own for each rank's dropout and routing noise (and step, on a reshard)."""
+    return seed * 1_000_003 + 7919 * (rank + 1) + step
+
+
 def _make_run_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -116,6 +121,7 @@ class Trainer:
         if cfg.data is not None:  # absolute, so `moekit eval` finds it from anywhere
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
+        device = _device(cfg.device)  # checked before any process group starts
         self.topo = par.init_distributed(cfg.expert_parallel, cfg.device, cfg.dist_timeout)
         self.is_main = self.topo is None or self.topo.is_main
         if self.topo is not None and cfg.batch_size % self.topo.world_size:
@@ -125,7 +131,7 @@ class Trainer:
             )
         self.out = Path(cfg.out)
         _make_run_dir(self.out)
-        self.device = self.topo.device if self.topo is not None else _device(cfg.device)
+        self.device = self.topo.device if self.topo is not None else device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         checkpoint = latest_checkpoint(self.out) if resume else None
@@ -153,7 +159,7 @@ class Trainer:
         if self.topo is not None:
             expert_parallel(self.model, self.topo.ep_group, data_group=self.topo.data_group)
             self.step_model = _wrap_ddp(self.model, self.topo)
-            torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (self.topo.rank + 1))  # own draws
+            torch.manual_seed(_rank_seed(cfg.seed, self.topo.rank))  # own dropout, noise draws
         self.optimizer = make_optimizer(self.model, cfg)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
@@ -194,18 +200,17 @@ class Trainer:
     def _restore_rng(self, rng: dict) -> None:
         """This rank's torch RNG state; at another number of ranks, fresh per-rank streams."""
         per_rank = rng.get("torch_ranks", [rng["torch"]])
-        world_size = 1 if self.topo is None else self.topo.world_size
+        rank, world_size = (0, 1) if self.topo is None else (self.topo.rank, self.topo.world_size)
         if len(per_rank) == world_size:
-            torch.set_rng_state(decode_bytes(per_rank[0 if self.topo is None else self.topo.rank]))
+            torch.set_rng_state(decode_bytes(per_rank[rank]))
         else:
-            rank = 0 if self.topo is None else self.topo.rank
             log.warning(
                 "--resume: the checkpoint was written by %d rank(s), this run has %d: "
                 "dropout and routing noise draw from fresh per-rank streams",
                 len(per_rank),
                 world_size,
             )
-            torch.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (rank + 1) + self.step)
+            torch.manual_seed(_rank_seed(self.cfg.seed, rank, self.step))
 
     def _autocast(self):
         enabled = self.cfg.dtype == "bfloat16"
@@ -409,8 +414,8 @@ class Trainer:
                 raise
             raise RuntimeError(
                 f"rank {self.topo.rank} of {self.topo.world_size}, step {self.step}: {err} "
-                f"(a collective failed or timed out after --dist-timeout {cfg.dist_timeout:g} s: "
-                "another rank died or hung; the newest complete checkpoint in "
+                f"(a collective that fails, or waits past --dist-timeout {cfg.dist_timeout:g} s, "
+                "means another rank died or hung; the newest complete checkpoint in "
                 f"{self.out} resumes with --resume)"
             ) from err
         finally:
