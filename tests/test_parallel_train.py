@@ -105,9 +105,10 @@ def test_ep_checkpoint_loads_in_one_process_with_equal_logits(ep2):
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("nproc,ep", [(4, 4), (1, 1), (4, 2)])
+@pytest.mark.parametrize("nproc,ep", [(4, 4), (1, 1), (4, 2), (2, 1)])
 def test_resume_at_another_ep_size(tmp_path, ep2, single, nproc, ep):
-    """The EP 2 run's step-10 checkpoint continues at EP 4, in one process, and at 2 x EP 2."""
+    """The EP 2 run's step-10 checkpoint continues at EP 4, in one process, at 2 x EP 2, and
+    data-parallel on 2 ranks (every expert on each)."""
     (tmp_path / "ckpt-00000010").symlink_to(ep2 / "ckpt-00000010", target_is_directory=True)
     cfg = config(tmp_path, expert_parallel=ep)
     if nproc == 1:
