@@ -170,3 +170,23 @@ def errors(rank: int, world: int) -> None:
     layer = expert_parallel(MoE(4, 2, 1), None)
     with pytest.raises(ValueError, match="already expert-parallel"):
         expert_parallel(layer, None)
+
+
+def bf16_autocast(rank: int, world: int) -> None:
+    """Under bf16 autocast (rows exchanged in the experts' bf16) the result is the full
+    layer's to bf16 rounding."""
+    torch.manual_seed(0)
+    full = MoE(16, 4, 2, 32, "swiglu")
+    ep = expert_parallel(copy.deepcopy(full), None)
+    x = torch.randn(8 * world, 16)
+    mine = slice(rank * 8, (rank + 1) * 8)
+    xr, x_ref = x[mine].clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ep(xr).output
+        ref = full(x_ref).output
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    ref.sum().backward()
+    bf16 = {"atol": 3e-2, "rtol": 3e-2}  # bf16 GEMMs on differently batched rows
+    torch.testing.assert_close(out, ref[mine].detach(), **bf16)
+    torch.testing.assert_close(xr.grad, x_ref.grad[mine], **bf16)

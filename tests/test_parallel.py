@@ -56,6 +56,10 @@ def test_sigmoid_bias_equals_the_single_process_bias():
     assert biases[0] == biases[1]
 
 
+def test_bf16_autocast_matches_the_full_layer():
+    run_ranks(ep_workers.bf16_autocast, 2)
+
+
 def test_bad_layers_are_refused():
     run_ranks(ep_workers.errors, 2)
 
