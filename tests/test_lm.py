@@ -215,3 +215,37 @@ def test_makemoe_preset_keeps_the_blogs_hyperparameters():
         "makemoe", None, init="kaiming", dropout=0.1, schedule="constant", warmup_iters=0
     )
     assert exact.model == LMConfig(init="kaiming", dropout=0.1)
+
+
+def test_stream_yields_generates_tokens_one_at_a_time_without_leaking_modes():
+    model = tiny_model()
+    idx = torch.randint(0, 11, (2, 3))
+    want = model.generate(idx, 12, top_k=5, generator=torch.Generator().manual_seed(3))
+    stream = model.stream(idx, 12, top_k=5, generator=torch.Generator().manual_seed(3))
+    got = []
+    for token in stream:
+        assert token.shape == (2, 1)
+        assert torch.is_grad_enabled() and not model.training  # eval while the stream is open
+        got.append(token)
+    assert torch.equal(torch.cat([idx, *got], dim=1), want)
+    assert model.training
+    early = model.stream(idx, 12)
+    next(early)
+    early.close()  # a stream left early restores the mode too
+    assert model.training
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.stream(idx, -1)  # checked when the stream is made, not when first read
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_generate_text_streams_the_text_it_returns(kind):
+    from moekit.lm.inference import Loaded, generate_text
+
+    text = CORPUS.read_text()[:20000]
+    tok = lm_data.build_tokenizer(kind, text, 300)
+    model = tiny_model(vocab_size=tok.vocab_size)
+    prompt = "ROMEO: é" if kind == "bpe" else "ROMEO:"  # byte-level BPE: a 2-byte character
+    pieces = []
+    out = generate_text(Loaded(model, tok, {}, 0), prompt, 40, seed=2, on_text=pieces.append)
+    assert "".join(pieces) == out and pieces[0] == prompt and len(pieces) > 10
+    assert generate_text(Loaded(model, tok, {}, 0), prompt, 40, seed=2) == out

@@ -94,10 +94,16 @@ def _generate(args: argparse.Namespace) -> int:
     from .lm.inference import generate_text, load_model
 
     loaded = load_model(args.checkpoint, device=args.device)
-    text = generate_text(
-        loaded, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    generate_text(
+        loaded,
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.seed,
+        on_text=lambda piece: print(piece, end="", flush=True),  # tokens as they come
     )
-    print(text)
+    print()
     return 0
 
 

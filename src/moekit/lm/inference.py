@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,31 @@ def generate_text(
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
+    on_text: Callable[[str], None] | None = None,
 ) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens (reproducible for a seed)."""
+    """The prompt followed by `max_new_tokens` sampled tokens (reproducible for a seed).
+
+    `on_text` receives the text as it comes: the prompt, then each piece the new tokens add
+    (a byte-level BPE token that ends inside a UTF-8 character waits for the rest of it).
+    """
     ids = loaded.tokenizer.encode(prompt) or [0]
     device = next(loaded.model.parameters()).device
     idx = torch.tensor([ids], device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = loaded.model.generate(idx, max_new_tokens, temperature, top_k, generator=gen)
-    return loaded.tokenizer.decode(out[0].tolist())
+    shown = loaded.tokenizer.decode(ids)
+    if on_text:
+        on_text(shown)
+    stream = loaded.model.stream(idx, max_new_tokens, temperature, top_k, generator=gen)
+    for token in stream:
+        ids.append(int(token[0, 0]))
+        text = loaded.tokenizer.decode(ids)
+        if on_text and text.startswith(shown) and not text.endswith("\ufffd"):
+            on_text(text[len(shown) :])
+            shown = text
+    text = loaded.tokenizer.decode(ids)
+    if on_text and text.startswith(shown) and len(text) > len(shown):
+        on_text(text[len(shown) :])  # an incomplete character at the very end
+    return text
 
 
 @torch.no_grad()

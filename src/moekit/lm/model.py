@@ -10,6 +10,7 @@ Defaults are makeMoE's (https://github.com/AviSoori1x/makeMoE): 8,996,545 parame
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -277,7 +278,6 @@ class SparseMoELanguageModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [block.moe for block in self.blocks]
 
-    @torch.no_grad()
     def generate(
         self,
         idx: Tensor,
@@ -301,6 +301,22 @@ class SparseMoELanguageModel(nn.Module):
             generator: Random source for sampling (reproducible under a seed).
             use_cache: False re-encodes the whole window at every step (the reference path).
         """
+        steps = self.stream(
+            idx, max_new_tokens, temperature, top_k, generator=generator, use_cache=use_cache
+        )
+        return torch.cat([idx, *steps], dim=1)
+
+    def stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[Tensor]:
+        """`generate`, one sampled token [B, 1] at a time, as each is drawn (same draws)."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
         if not temperature > 0:
@@ -308,17 +324,27 @@ class SparseMoELanguageModel(nn.Module):
         if top_k is not None:
             check_top_k(top_k, self.config.vocab_size)
         self._check_idx(idx[:, -self.config.block_size :], "idx")
+        return self._sample(idx, max_new_tokens, temperature, top_k, generator, use_cache)
+
+    def _sample(self, idx, max_new_tokens, temperature, top_k, generator, use_cache):
+        """Yields each token [B, 1]. The model is in eval mode until the stream is exhausted or
+        closed; only the forwards run without grad (a grad mode held across a yield would leak
+        into the caller)."""
         was_training = self.training
         self.eval()
         try:
-            return self._sample(idx, max_new_tokens, temperature, top_k, generator, use_cache)
+            yield from self._draw(idx, max_new_tokens, temperature, top_k, generator, use_cache)
         finally:
             self.train(was_training)
 
-    def _sample(self, idx, max_new_tokens, temperature, top_k, generator, use_cache) -> Tensor:
+    @torch.no_grad()
+    def _logits(self, idx: Tensor, cache: KVCache | None) -> Tensor:
+        return self(idx, cache=cache)[0]
+
+    def _draw(self, idx, max_new_tokens, temperature, top_k, generator, use_cache):
         block_size = self.config.block_size
         cache = KVCache(self.config.n_layer) if use_cache else None
-        logits, _ = self(idx[:, -block_size:], cache=cache)
+        logits = self._logits(idx[:, -block_size:], cache)
         for step in range(max_new_tokens):
             next_logits = logits[:, -1, :].float() / temperature  # [B, V]
             if top_k is not None:
@@ -326,12 +352,12 @@ class SparseMoELanguageModel(nn.Module):
                 next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
             probs = F.softmax(next_logits, dim=-1)
             idx_next = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+            yield idx_next
             idx = torch.cat([idx, idx_next], dim=1)
             if step == max_new_tokens - 1:
                 break
             if cache is not None and cache.length < block_size:
-                logits, _ = self(idx_next, cache=cache)
+                logits = self._logits(idx_next, cache)
             else:
                 cache = KVCache(self.config.n_layer) if use_cache else None
-                logits, _ = self(idx[:, -block_size:], cache=cache)
-        return idx
+                logits = self._logits(idx[:, -block_size:], cache)
