@@ -210,11 +210,19 @@ def test_makemoe_preset_keeps_the_blogs_hyperparameters():
 
     cfg = build_config("makemoe")
     assert (cfg.batch_size, cfg.model.block_size, cfg.learning_rate) == (16, 32, 1e-3)
-    assert (cfg.max_iters, cfg.eval_interval, cfg.eval_iters) == (5000, 100, 400)
+    assert (cfg.max_iters, cfg.eval_interval, cfg.eval_iters) == (5000, 500, 100)
     exact = build_config(
-        "makemoe", None, init="kaiming", dropout=0.1, schedule="constant", warmup_iters=0
+        "makemoe",
+        None,
+        init="kaiming",
+        dropout=0.1,
+        schedule="constant",
+        warmup_iters=0,
+        eval_interval=100,
+        eval_iters=400,
     )
     assert exact.model == LMConfig(init="kaiming", dropout=0.1)
+    assert (exact.eval_interval, exact.eval_iters, exact.schedule) == (100, 400, "constant")
 
 
 def test_stream_yields_generates_tokens_one_at_a_time_without_leaking_modes():

@@ -7,6 +7,7 @@ manifest's hashes for corrupt checkpoints; the seed's loss going down.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import subprocess
@@ -225,6 +226,11 @@ def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
         runs[0].data.metrics
     )
     assert runs[0].data.params["batch_size"] == "8"
+    client = mlflow.MlflowClient()
+    history = client.get_metric_history(runs[0].info.run_id, "step_loss")  # every step, batched
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2, 3]
+    assert all(math.isfinite(m.value) for m in history)
+    assert len(client.get_metric_history(runs[0].info.run_id, "learning_rate")) == 4
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
     assert {"loss.png", "expert_load.png", "config.json", "samples.txt"} <= artifacts
 

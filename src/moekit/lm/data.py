@@ -11,6 +11,7 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,3 +207,21 @@ class TokenData:
         x = data[starts[:, None] + offsets]  # [B, T]
         y = data[starts[:, None] + offsets + 1]  # [B, T]
         return x, y
+
+    def eval_chunks(
+        self,
+        split: str,
+        batch_size: int,
+        block_size: int,
+        iters: int,
+        generator: torch.Generator,
+        chunk: int = 8,
+    ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """makeMoE's `iters` evaluation batches, `chunk` per forward: yields (n, x [n*B, T],
+        y [n*B, T]). The batches are equal-sized, so a chunk's mean loss is the mean of its n
+        batches' (one forward of 128 windows ran 1.7x faster per batch than 16 at a time)."""
+        for first in range(0, iters, chunk):
+            n = min(chunk, iters - first)
+            pairs = [self.batch(split, batch_size, block_size, generator) for _ in range(n)]
+            xs, ys = zip(*pairs, strict=True)
+            yield n, torch.cat(xs), torch.cat(ys)

@@ -82,8 +82,7 @@ def evaluate(
     gen = torch.Generator().manual_seed(seed)
     device = next(loaded.model.parameters()).device
     total = 0.0
-    for _ in range(iters):
-        x, y = split.batch("val", train_cfg["batch_size"], config.block_size, gen)
-        total += loaded.model(x.to(device), y.to(device))[1].item()
+    for n, x, y in split.eval_chunks("val", train_cfg["batch_size"], config.block_size, iters, gen):
+        total += loaded.model(x.to(device), y.to(device))[1].item() * n
     val_loss = total / iters
     return {"val_loss": val_loss, "perplexity": math.exp(val_loss), "step": loaded.step}

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+_BATCH = 1000  # metrics per MLflow log_batch call (its limit)
 
 # MLflow >= 3.2 reports usage over the network unless told not to; moekit makes no network
 # connection by default (set MLFLOW_DISABLE_TELEMETRY=false to allow it).
@@ -27,6 +30,9 @@ class NullTracker:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def log_artifact(self, path: Path) -> None:
@@ -54,18 +60,34 @@ class MLflowTracker:
         mlflow.set_experiment(experiment)
         self._run = mlflow.start_run(run_id=run_id)
         self.run_id = self._run.info.run_id
+        self._pending: list = []  # metrics not yet sent
         log.info("MLflow run %s at %s", self.run_id, uri)
 
     def log_params(self, params: dict) -> None:
         self._mlflow.log_params({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._mlflow.log_metrics(metrics, step=step)
+        """Buffered: sent in batches by `flush` (the trainer logs every step; one SQLite
+        transaction a step would cost more than the step's bookkeeping)."""
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+        if len(self._pending) >= _BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metrics (MLflow takes at most 1000 a batch)."""
+        client = self._mlflow.MlflowClient()
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path) -> None:
         self._mlflow.log_artifact(str(path))
 
     def close(self, status: str = "FINISHED") -> None:
+        self.flush()
         self._mlflow.end_run(status=status)
 
 

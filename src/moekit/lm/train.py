@@ -267,26 +267,37 @@ class Trainer:
         """makeMoE's estimate_loss: mean CE over `eval_iters` batches of each split, eval mode.
 
         The batches come from a generator seeded by the step, so evaluating never moves the
-        training batch stream. Under torchrun each rank takes a slice of every chunk.
+        training batch stream; they run `_EVAL_CHUNK` to a forward. Under torchrun each rank
+        takes a slice of every chunk. A progress line counts the batches.
         """
         cfg, model = self.cfg, self.model
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        block_size = self.model_config.block_size
+        bar = tqdm(
+            total=2 * cfg.eval_iters,
+            desc=f"eval at step {self.step}",
+            unit="batch",
+            leave=False,
+            disable=not (cfg.progress and self.is_main),
+            dynamic_ncols=True,
+        )
         model.eval()
         result = {}
-        for split in ("train", "val"):
-            total = 0.0
-            for first in range(0, cfg.eval_iters, _EVAL_CHUNK):
-                # the same batches as makeMoE's, `_EVAL_CHUNK` per forward: equal-sized batches,
-                # so the chunk's mean CE is the mean of its batches' (1.5x faster on CPU)
-                n = min(_EVAL_CHUNK, cfg.eval_iters - first)
-                pairs = [self._batch(split, gen) for _ in range(n)]
-                x, y = (
-                    self._my_rows(torch.cat(t)).to(self.device) for t in zip(*pairs, strict=True)
+        try:
+            for split in ("train", "val"):
+                total = 0.0
+                chunks = self.data.eval_chunks(
+                    split, cfg.batch_size, block_size, cfg.eval_iters, gen, _EVAL_CHUNK
                 )
-                with self._autocast():
-                    total += self._global_mean(model(x, y)[1]).item() * n
-            result[split] = total / cfg.eval_iters
-        model.train()
+                for n, x, y in chunks:
+                    x, y = self._my_rows(x).to(self.device), self._my_rows(y).to(self.device)
+                    with self._autocast():
+                        total += self._global_mean(model(x, y)[1]).item() * n
+                    bar.update(n)
+                result[split] = total / cfg.eval_iters
+        finally:
+            model.train()
+            bar.close()
         return result
 
     def sample(self, num_tokens: int) -> str:
@@ -316,6 +327,7 @@ class Trainer:
                 for e, fraction in enumerate(load[i].tolist()):
                     metrics[f"layer{i}_expert{e}_load"] = fraction
         self.tracker.log_metrics(metrics, step=self.step)
+        self.tracker.flush()
         if self.cfg.sample_tokens:  # every rank decodes: the experts are everywhere
             text = self.sample(self.cfg.sample_tokens)
             record["sample"] = text
@@ -326,6 +338,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0) in the single-process layout; a collective under torchrun."""
+        self.tracker.flush()
         model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         rng = {"torch": encode_bytes(torch.get_rng_state())}
         if self.topo is not None:
@@ -396,6 +409,9 @@ class Trainer:
                         on_eval(record)
                 tic = time.perf_counter()
                 self.train_losses.append(self.train_step())
+                step_metrics = {"step_loss": self.train_losses[-1]}
+                step_metrics["learning_rate"] = learning_rate(cfg, self.step)
+                self.tracker.log_metrics(step_metrics, step=self.step)
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(
