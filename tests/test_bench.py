@@ -113,7 +113,8 @@ def test_cli_bench_custom_shape_and_language_model(capsys, monkeypatch):
     )
     assert code == 0
     out = capsys.readouterr().out
-    assert "custom" in out and "faster than makeMoE" in out and "generate, KV cache" in out
+    assert "custom" in out and "faster than makeMoE" in out
+    assert "generate 40, KV cache" in out and "x makeMoE" in out and "(window), KV cache" in out
 
 
 def test_cli_bench_rejects_a_partial_custom_shape(capsys):

@@ -144,3 +144,32 @@ def test_moe_grouped_gemm_float32_matches_oracle(n, e, k, activation):
     bank = ExpertBank(e, 16, 32, activation, bias=True, backend="grouped")
     layer = MoE(16, e, k, experts=bank, load_balance_coef=LB, z_loss_coef=Z)
     _check_parity(layer, torch.randn(n, 16), lambda x: _oracle(layer, x, "softmax"))
+
+
+SMALL = [(1, 3, 1, 1), (1, 17, 8, 2), (2, 17, 8, 4), (1, 3, 3, 3), (4, 5, 8, 2)]
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+@pytest.mark.parametrize("n,d,e,k", SMALL)
+def test_moe_small_batch_inference_path_matches_oracle(n, d, e, k, activation, monkeypatch):
+    """In eval mode with N*k <= E the layer gathers the chosen experts' weights (no plan)."""
+    layer = _layer(d, e, k, activation=activation, bias=activation != "relu").eval()
+    monkeypatch.setattr(layer, "plan", lambda *a: pytest.fail("the small path makes no plan"))
+    _check_parity(
+        layer, torch.randn(n, d, dtype=torch.float64), lambda x: _oracle(layer, x, "softmax")
+    )
+    assert int(layer.stats.tokens_per_expert.sum()) == n * k
+    empty = layer(torch.randn(0, d, dtype=torch.float64)).output
+    assert empty.shape == (0, d)
+
+
+@pytest.mark.parametrize("router", ["noisy", "sigmoid", "switch"])
+def test_moe_small_batch_path_equals_the_dispatch_path(router):
+    layer = MoE(16, 8, 1 if router == "switch" else 2, 24, "swiglu", router=router).eval()
+    x = torch.randn(3, 16)
+    small = layer(x)
+    plan_path = layer.experts.dispatch(x, layer.plan(layer.router.route(x), 3))
+    torch.testing.assert_close(small.output, plan_path, atol=1e-5, rtol=1e-5)
+    skipped = layer(x, aux_losses=False)
+    assert skipped.aux_loss.item() == 0 and layer.aux_losses == {}
+    torch.testing.assert_close(skipped.output, small.output)

@@ -48,7 +48,7 @@ def test_kv_cache_logits_equal_full_forward(router):
     model = tiny_model(router=router, top_k=1 if router == "switch" else 2).eval()
     idx = torch.randint(0, 11, (2, 8))
     full, _ = model(idx)
-    cache = KVCache(2)
+    cache = KVCache(2, 8)
     steps = [model(idx[:, :3], cache=cache)[0]] + [
         model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 8)
     ]
@@ -257,3 +257,30 @@ def test_generate_text_streams_the_text_it_returns(kind):
     out = generate_text(Loaded(model, tok, {}, 0), prompt, 40, seed=2, on_text=pieces.append)
     assert "".join(pieces) == out and pieces[0] == prompt and len(pieces) > 10
     assert generate_text(Loaded(model, tok, {}, 0), prompt, 40, seed=2) == out
+
+
+def test_decoding_computes_the_last_position_alone_and_equals_the_full_forward():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (3, 8))
+    full, _ = model(idx)  # [3, 8, V]
+    torch.testing.assert_close(model._logits(idx, None), full[:, -1], atol=1e-5, rtol=1e-5)
+    cache = KVCache(model.config.n_layer, 8)
+    got = [model._logits(idx[:, :5], cache)]
+    got += [model._logits(idx[:, t : t + 1], cache) for t in range(5, 8)]
+    want = full[:, 4:]
+    torch.testing.assert_close(torch.stack(got, dim=1), want, atol=1e-5, rtol=1e-5)
+    assert all(layer.aux_losses == {} for layer in model.moe_layers())  # decoding skips them
+
+
+def test_kv_cache_writes_in_place_and_refuses_overflow():
+    cache = KVCache(1, 4)
+    k = torch.randn(2, 3, 3, 5)
+    keys, _ = cache.extend(0, k, k)
+    buffer = cache.keys[0]
+    keys, values = cache.extend(0, k[:, :, :1], k[:, :, :1])
+    assert cache.keys[0] is buffer and keys.shape == (2, 3, 4, 5) and cache.length == 4
+    torch.testing.assert_close(keys[:, :, :3], k)
+    with pytest.raises(ValueError, match="max_length=4"):
+        cache.extend(0, k[:, :, :1], k[:, :, :1])
+    cache.reset()
+    assert cache.length == 0 and cache.extend(0, k, k)[0].shape[2] == 3

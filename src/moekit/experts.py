@@ -213,6 +213,26 @@ class ExpertBank(nn.Module):
             layout={"loop": "segments", "padded": "padded"}.get(self.backend, "auto"),
         )
 
+    def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+        """A few tokens: x [N, d], indices [N, k], weights [N, k] -> [N, d], each (token, slot)
+        pair through its expert's weights gathered into a batched matmul: no sort, no host
+        sync, fixed shapes. The k outputs are summed with their weights in float32 (or wider).
+        No dropout (the caller's inference path); gathering costs N*k experts' weights, so it
+        pays while N*k is at most E."""
+        dtype = compute_dtype(x, self.w1)
+        n, k = indices.shape
+        pairs = indices.reshape(-1)  # [N*k]
+        rows = x.to(dtype).repeat_interleave(k, dim=0).unsqueeze(1)  # [N*k, 1, d]
+        hidden = torch.bmm(rows, self.w1.to(dtype)[pairs])  # [N*k, 1, h or 2h]
+        if self.b1 is not None:
+            hidden = hidden + self.b1.to(dtype)[pairs].unsqueeze(1)
+        out = torch.bmm(_activate(hidden, self.activation), self.w2.to(dtype)[pairs])  # [N*k, 1, d]
+        if self.b2 is not None:
+            out = out + self.b2.to(dtype)[pairs].unsqueeze(1)
+        acc = torch.promote_types(dtype, torch.float32)  # at least float32
+        out = out.view(n, k, self.d_model).to(acc) * weights.to(acc).unsqueeze(-1)  # [N, k, d]
+        return out.sum(1).to(dtype)  # [N, d]
+
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
         wanted = self.backend == "grouped" or (self.backend == "auto" and rows.device.type != "cpu")
         return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)

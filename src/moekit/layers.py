@@ -155,7 +155,8 @@ class MoE(nn.Module):
         self.experts = _check_experts(experts, num_experts)
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
-        self.stats: MoEStats | None = None
+        self._stats: MoEStats | None = None
+        self._stats_inputs: tuple | None = None  # routing_stats' arguments, until read
         self.parallel: Parallel | None = None  # set by moekit.parallel.expert_parallel
 
     def plan(self, routing: Routing | ExpertChoice, num_tokens: int) -> DispatchPlan:
@@ -185,11 +186,33 @@ class MoE(nn.Module):
             losses["z_loss"] = self.z_loss_coef * router_z_loss(routing.logits)
         return losses
 
-    def forward(self, x: Tensor) -> MoEOutput:
+    @property
+    def stats(self) -> MoEStats | None:
+        """Detached statistics of the last forward (`MoEStats`), computed when first read."""
+        if self._stats is None and self._stats_inputs is not None:
+            self._stats = routing_stats(*self._stats_inputs)
+            self._stats_inputs = None
+        return self._stats
+
+    def _small_batch(self, routing: Routing | ExpertChoice, num_tokens: int) -> bool:
+        """Whether to run the gathered-weights path: inference, dropless token choice on an
+        `ExpertBank` in this process, and no more (token, slot) pairs than experts (then the
+        gathered weights are no more than the bank's)."""
+        return (
+            not self.training
+            and isinstance(routing, Routing)
+            and self.capacity_factor is None
+            and self.parallel is None
+            and isinstance(self.experts, ExpertBank)
+            and num_tokens * self.top_k <= self.num_experts
+        )
+
+    def forward(self, x: Tensor, *, aux_losses: bool = True) -> MoEOutput:
         """Route, compute and combine.
 
         Args:
             x: Tokens of shape [..., d_model] (e.g. [B, T, d]); floating, finite.
+            aux_losses: False skips the auxiliary losses (`aux_loss` is then zero): decoding.
 
         Returns:
             MoEOutput(output [..., d_model], aux_loss []).
@@ -198,24 +221,31 @@ class MoE(nn.Module):
         x_flat = x.reshape(-1, self.d_model)  # [N, d]
         num_tokens = x_flat.shape[0]
         routing = self.router.route(x_flat)
-        plan = self.plan(routing, num_tokens)
-        if self.parallel is not None:  # experts on other ranks: exchange, compute, exchange
-            output = self.parallel.dispatch(x_flat, plan, self.experts)  # [N, d]
-        elif isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
-            output = self.experts.dispatch(x_flat, plan)  # [N, d]
+        if self._small_batch(routing, num_tokens):  # a few tokens: no sort, no host sync
+            output = self.experts.gathered(x_flat, routing.indices, routing.weights)  # [N, d]
+            group_sizes = torch.bincount(routing.indices.reshape(-1), minlength=self.num_experts)
+            num_dropped = group_sizes.new_zeros(())
         else:
-            rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
-            output = unpermute(rows, plan, num_tokens)  # [N, d]
+            plan = self.plan(routing, num_tokens)
+            if self.parallel is not None:  # experts on other ranks: exchange, compute, exchange
+                output = self.parallel.dispatch(x_flat, plan, self.experts)  # [N, d]
+            elif isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
+                output = self.experts.dispatch(x_flat, plan)  # [N, d]
+            else:
+                rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
+                output = unpermute(rows, plan, num_tokens)  # [N, d]
+            group_sizes, num_dropped = plan.group_sizes, plan.num_dropped
         output = output.reshape(x.shape).to(x.dtype)  # [..., d]
 
         reduce = None if self.parallel is None else self.parallel.all_reduce
-        self.aux_losses = self.compute_aux_losses(routing, reduce)
+        self.aux_losses = self.compute_aux_losses(routing, reduce) if aux_losses else {}
         zero = routing.logits.new_zeros(())
         self.aux_loss = sum(self.aux_losses.values(), zero)
         candidates = num_tokens if isinstance(routing, ExpertChoice) else num_tokens * self.top_k
-        self.stats = routing_stats(
-            routing.probs, plan.group_sizes, plan.num_dropped, candidates, reduce
-        )
+        inputs = (routing.probs.detach(), group_sizes, num_dropped, candidates, reduce)
+        self._stats, self._stats_inputs = None, inputs
+        if reduce is not None:  # a collective: every rank computes them now
+            self._stats = routing_stats(*inputs)
         return MoEOutput(output, self.aux_loss)
 
     def extra_repr(self) -> str:

@@ -178,7 +178,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
     lm: list[LMResult] = []
     if options.lm:
         lm += bench_train_step(rounds=options.lm_rounds, steps=options.lm_steps, dtypes=dtypes)
-        lm += bench_generation(tokens=options.generate_tokens)
+        lm += bench_generation(tokens=options.generate_tokens, rounds=options.lm_rounds)
         echo(format_lm_table(lm))
     return {"layer": layer, "lm": lm}
 

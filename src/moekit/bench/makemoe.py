@@ -137,6 +137,7 @@ class MakeMoELanguageModel(nn.Module):
         )
         self.ln_f = nn.LayerNorm(n_embed)
         self.lm_head = nn.Linear(n_embed, vocab_size)
+        self.block_size = block_size
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init.kaiming_normal_(m.weight)
@@ -151,3 +152,20 @@ class MakeMoELanguageModel(nn.Module):
             return logits, None
         B, T, C = logits.shape
         return logits, F.cross_entropy(logits.view(B * T, C), targets.view(B * T))
+
+    def generate(self, idx, max_new_tokens):
+        # idx is (B, T) array of indices in the current context
+        for _ in range(max_new_tokens):
+            # crop idx to the last block_size tokens
+            idx_cond = idx[:, -self.block_size :]
+            # get the predictions
+            logits, loss = self(idx_cond)
+            # focus only on the last time step
+            logits = logits[:, -1, :]  # becomes (B, C)
+            # apply softmax to get probabilities
+            probs = F.softmax(logits, dim=-1)  # (B, C)
+            # sample from the distribution
+            idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
+            # append sampled index to the running sequence
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        return idx

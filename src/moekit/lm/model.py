@@ -89,28 +89,48 @@ class LMConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: [B, H, length, hd] each."""
+    """Keys and values of every layer for the tokens seen so far, in buffers allocated once.
 
-    def __init__(self, n_layer: int) -> None:
+    Each layer's keys and values live in [B, H, max_length, hd] buffers made at the first
+    `extend` (its batch, heads, dtype and device); a step writes its positions in place and
+    attends to a view of the filled part, so decoding allocates nothing per token.
+    """
+
+    def __init__(self, n_layer: int, max_length: int) -> None:
+        self.max_length = check_positive_int("max_length", max_length)
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_layer
 
     @property
     def length(self) -> int:
         """Tokens cached (as seen by the last layer, i.e. after a whole forward)."""
-        return self.past(len(self.keys) - 1)
+        return self.lengths[-1]
 
     def past(self, layer: int) -> int:
         """Tokens already cached for `layer`."""
-        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        return self.lengths[layer]
+
+    def reset(self) -> None:
+        """Forget every token; the buffers stay for the next sequence of the same shape."""
+        self.lengths = [0] * len(self.lengths)
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's k, v [B, H, T, hd]; return all keys and values so far."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append this step's k, v [B, H, T, hd]; return views of all keys and values so far."""
+        past, t = self.lengths[layer], k.shape[2]
+        if past + t > self.max_length:
+            raise ValueError(
+                f"KVCache holds max_length={self.max_length} tokens; {past} cached + {t} new"
+            )
+        buffer = self.keys[layer]
+        if buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype:
+            shape = (*k.shape[:2], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty(shape)
+        self.keys[layer][:, :, past : past + t] = k
+        self.values[layer][:, :, past : past + t] = v
+        self.lengths[layer] = past + t
+        return self.keys[layer][:, :, : past + t], self.values[layer][:, :, : past + t]
 
 
 def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
@@ -147,7 +167,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.resid_drop = Dropout(dropout)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
+    ) -> Tensor:
+        """x [B, T, d] -> [B, T, d], or [B, 1, d] for the last position alone (`last_only`:
+        keys and values of every position, one query)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x [B, T, d]
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
@@ -155,6 +179,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.past(layer)
             k, v = cache.extend(layer, k, v)  # [B, H, past + T, hd]
+        if last_only:  # the last query sees every key: no mask
+            q, t = q[:, :, -1:], 1
         if self.training and self.dropout > 0 and x.device.type == "cpu":
             y = _attention_with_dropout(q, k, v, self.dropout)  # [B, H, T, hd]
         else:
@@ -199,9 +225,18 @@ class Block(nn.Module):
             z_loss_coef=config.z_loss_coef,
         )
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        x = x + self.attn(self.ln1(x), cache, layer)
-        return x + self.moe(self.ln2(x)).output
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        last_only: bool = False,
+        aux_losses: bool = True,
+    ) -> Tensor:
+        """x [B, T, d] -> [B, T, d]; `last_only`: [B, 1, d], the last position's."""
+        h = self.attn(self.ln1(x), cache, layer, last_only)
+        x = (x[:, -1:] if last_only else x) + h
+        return x + self.moe(self.ln2(x), aux_losses=aux_losses).output
 
 
 class SparseMoELanguageModel(nn.Module):
@@ -277,14 +312,7 @@ class SparseMoELanguageModel(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Args: idx: token ids [B, T]; targets: next-token ids [B, T] or None; cache: a KVCache
         to extend (generation). Returns (logits [B, T, V], mean cross-entropy or None)."""
-        past = 0 if cache is None else cache.length
-        self._check_idx(idx, "idx", past)
-        t = idx.shape[1]
-        positions = torch.arange(past, past + t, device=idx.device)  # [T]
-        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # [B, T, d]
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
-        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        logits = self.lm_head(self.ln_f(self._hidden(idx, cache)))  # [B, T, V]
         if targets is None:
             return logits, None
         self._check_idx(targets, "targets")
@@ -292,6 +320,20 @@ class SparseMoELanguageModel(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape")
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss
+
+    def _hidden(self, idx: Tensor, cache: KVCache | None, last_only: bool = False) -> Tensor:
+        """idx [B, T] -> the final blocks' output [B, T, d]; `last_only`: [B, 1, d], the last
+        position's alone (the last block computes one query and one token's MoE, and the MoE
+        layers skip their auxiliary losses: decoding)."""
+        past = 0 if cache is None else cache.length
+        self._check_idx(idx, "idx", past)
+        t = idx.shape[1]
+        positions = torch.arange(past, past + t, device=idx.device)  # [T]
+        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # [B, T, d]
+        last = len(self.blocks) - 1
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, last_only and layer == last, aux_losses=not last_only)
+        return x
 
     def aux_loss(self) -> Tensor:
         """The MoE layers' scaled auxiliary losses from the last forward, summed."""
@@ -361,14 +403,15 @@ class SparseMoELanguageModel(nn.Module):
 
     @torch.no_grad()
     def _logits(self, idx: Tensor, cache: KVCache | None) -> Tensor:
-        return self(idx, cache=cache)[0]
+        """The next token's logits [B, V] after idx [B, T] (and the cached tokens)."""
+        return self.lm_head(self.ln_f(self._hidden(idx, cache, last_only=True)[:, -1]))
 
     def _draw(self, idx, max_new_tokens, temperature, top_k, generator, use_cache):
         block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer) if use_cache else None
+        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
         logits = self._logits(idx[:, -block_size:], cache)
         for step in range(max_new_tokens):
-            next_logits = logits[:, -1, :].float() / temperature  # [B, V]
+            next_logits = logits.float() / temperature  # [B, V]
             if top_k is not None:
                 kth = torch.topk(next_logits, top_k, dim=-1).values[:, -1:]
                 next_logits = next_logits.masked_fill(next_logits < kth, -math.inf)
@@ -380,6 +423,6 @@ class SparseMoELanguageModel(nn.Module):
                 break
             if cache is not None and cache.length < block_size:
                 logits = self._logits(idx_next, cache)
-            else:
-                cache = KVCache(self.config.n_layer) if use_cache else None
+            else:  # past the window every position moves: re-encode it, nothing to cache
+                cache = None
                 logits = self._logits(idx[:, -block_size:], cache)
