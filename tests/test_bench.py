@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from moekit.bench import BenchOptions, LayerShape, run_bench
+from moekit.bench.hf_peer import available as hf_available
+from moekit.bench.layer import HF_CASE
 from moekit.bench.seed_loop import SeedLoopMoE
 from moekit.bench.timing import peak_extra_bytes
 from moekit.cli import main
@@ -96,11 +98,12 @@ def test_run_bench_measures_every_case(capsys):
         "moekit forward",
         "limit forward",
         "seed loop",
-    }
+    } | ({HF_CASE} if hf_available() else set())  # SwiGLU: transformers' Mixtral block
     assert cases["moekit"].ratio == pytest.approx(cases["moekit"].ms / cases["limit"].ms)
     assert cases["moekit"].peak_bytes > 0 and cases["limit"].peak_bytes > 0
+    assert cases["moekit"].tflops > 0 and cases["router"].tflops is None
     out = capsys.readouterr().out
-    assert "x LIMIT" in out and "seed loop" in out and "torch " in out
+    assert "x LIMIT" in out and "seed loop" in out and "torch " in out and "TFLOP/s" in out
 
 
 def test_cli_bench_custom_shape_and_language_model(capsys, monkeypatch):
@@ -169,3 +172,35 @@ def test_expert_parallel_bench_under_torchrun():
 def test_expert_parallel_bench_outside_torchrun_is_an_error(capsys):
     assert main(["bench", "--expert-parallel", "2", "--quick"]) == 1
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_hf_mixtral_peer_computes_the_same_layer():
+    """The benchmark's Hugging Face peer holds moekit's weights: same output and input grad."""
+    pytest.importorskip("transformers")
+    from moekit import MoE
+    from moekit.bench.hf_peer import mixtral_peer
+
+    moe = MoE(16, 4, 2, 24, "swiglu", router="softmax")  # float32: grouped_mm has no float64
+    peer = mixtral_peer(moe)
+    x = torch.randn(11, 16, requires_grad=True)
+    upstream = torch.randn(11, 16)
+    ours = torch.autograd.grad((moe(x).output * upstream).sum(), x)[0]
+    theirs = torch.autograd.grad((peer(x) * upstream).sum(), x)[0]
+    torch.testing.assert_close(peer(x), moe(x).output, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        mixtral_peer(MoE(16, 4, 2, 24, "relu"))
+
+
+def test_named_gpu_shapes_and_tflops():
+    from moekit.bench import shapes_named
+    from moekit.bench.layer import Result, layer_flops
+
+    q = shapes_named("Q")[0]
+    assert (q.d_model, q.d_hidden, q.num_experts, q.top_k, q.tokens) == (2048, 768, 128, 8, 16384)
+    # SwiGLU: 2 * N*k * (d*2h + h*d) per forward, x3 with the backward
+    assert layer_flops(q, "swiglu", True) == 3 * 2 * 16384 * 8 * (2048 * 1536 + 768 * 2048)
+    result = Result(q, "bfloat16", "swiglu", "moekit", ms=1000.0, tokens=q.tokens)
+    assert result.tflops == pytest.approx(layer_flops(q, "swiglu", True) / 1e12)
+    with pytest.raises(ValueError, match="unknown shape"):
+        shapes_named("A,Z")

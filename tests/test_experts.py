@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moekit import ExpertBank, ExpertList, MLPExpert, MoE
-from moekit.experts import _ContiguousGrad, grouped_mm_supported
+from moekit.ops.grouped import _ContiguousGrad, grouped_mm_supported
 
 SIZES = [torch.tensor(s) for s in ([3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 0, 0, 0])]
 
@@ -158,7 +158,7 @@ def test_mlp_expert_weight_is_first_layer():
 @pytest.mark.parametrize("capacity", [0, 5])
 def test_segment_mlp_custom_op_registration(activation, bias, capacity):
     """opcheck: the fake kernel's shapes, the schema and the registered autograd are consistent."""
-    from moekit._segment_mlp import _segment_mlp_op
+    from moekit.ops.segment_mlp import _segment_mlp_op
 
     width = 12 if activation == "swiglu" else 6
     rows = torch.randn(7, 4, requires_grad=True)
@@ -171,7 +171,7 @@ def test_segment_mlp_custom_op_registration(activation, bias, capacity):
 
 
 def test_auto_layout_pads_only_small_balanced_segments_where_it_helps():
-    from moekit._segment_mlp import padded_capacity
+    from moekit.ops.segment_mlp import padded_capacity
 
     balanced = torch.tensor([120, 130, 128, 134])
     threads = torch.get_num_threads()
@@ -222,7 +222,7 @@ def test_fused_dispatch_equals_permute_experts_unpermute(
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("capacity", [0, 5])
 def test_fused_moe_custom_op_registration(activation, bias, dropout, capacity):
-    from moekit._fused_moe import _fused_op
+    from moekit.ops.fused_cpu import _fused_op
 
     width = 12 if activation == "swiglu" else 6
     x = torch.randn(5, 4, requires_grad=True)

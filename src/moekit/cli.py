@@ -120,12 +120,21 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import SHAPES, BenchOptions, LayerShape, run_bench, run_ep_bench
+    from .bench import (
+        CPU_SHAPES,
+        CUDA_SHAPES,
+        BenchOptions,
+        LayerShape,
+        run_bench,
+        run_ep_bench,
+        shapes_named,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.shapes if args.shapes is not None else ("B,C" if args.expert_parallel else "A,B,C")
-    shapes = [SHAPES[name] for name in names.split(",") if name]
+    default = CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES
+    names = args.shapes if args.shapes is not None else ("B,C" if args.expert_parallel else default)
+    shapes = shapes_named(names)
     custom = (args.d_model, args.d_hidden, args.num_experts, args.top_k, args.tokens)
     if any(v is not None for v in custom):
         if any(v is None for v in custom):
@@ -142,6 +151,7 @@ def _bench(args: argparse.Namespace) -> int:
             ("activations", args.activations and args.activations.split(",")),
             ("rounds", args.rounds),
             ("lm", not args.no_lm),
+            ("hf_peer", not args.no_hf_peer),
             ("device", args.device),
         )
         if value is not None
@@ -220,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="float32 ReLU, few rounds: < 1 min")
     bench.add_argument(
         "--shapes",
-        help="named shapes A, B, C, comma-separated, or empty (default: A,B,C; "
-        "with --expert-parallel: B,C)",
+        help="named shapes, comma-separated, or empty: A (makeMoE), B, C (small), M (Mixtral-8x7B),"
+        " D (DeepSeek-V2-Lite), O (OLMoE), Q (Qwen3-30B-A3B) (default: A,B,C; --device cuda: "
+        "M,D,O,Q,B,C; with --expert-parallel: B,C)",
     )
     bench.add_argument(
         "--dtypes",
@@ -231,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--activations", help="relu,swiglu (default: both; --quick: relu)")
     bench.add_argument("--rounds", type=int, help="timing rounds per case (median)")
     bench.add_argument("--no-lm", action="store_true", help="skip the language-model benchmark")
+    bench.add_argument(
+        "--no-hf-peer",
+        action="store_true",
+        help="skip transformers' Mixtral block (timed at SwiGLU shapes when installed)",
+    )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument(

@@ -3,7 +3,8 @@
 (indices [N, k], weights [N, k]) -> DispatchPlan: the N*k (token, slot) pairs sorted by expert,
 group sizes per expert, and (with a capacity) the pairs dropped. Then
   permute:   x [N, d] -> rows [M, d] grouped by expert (a gather)
-  unpermute: rows [M, d] -> out [N, d], each token the weighted sum of its rows (an index_add)
+  unpermute: rows [M, d] -> out [N, d], each token the weighted sum of its rows (an
+             index_add on CPU; on accelerators a gather through the inverse permutation)
 Work and memory are O(N*k): one argsort, no per-expert masks, no [N, E, d] tensors.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_capacity_factor, check_positive_int, expert_capacity
+from .ops import combine
 
 
 class DispatchPlan(NamedTuple):
@@ -28,6 +30,8 @@ class DispatchPlan(NamedTuple):
     group_sizes: Tensor  # [E] int64 rows per expert; sums to M
     num_dropped: Tensor  # [] int64 token-choice: (token, slot) pairs over capacity;
     #                       expert-choice: tokens that no expert chose
+    pair_index: Tensor | None = None  # [M] int64 token-choice: the pair n * k + j of each row
+    top_k: int = 0  # token-choice: k (the pairs per token); 0 for expert choice
 
 
 def _check_routing(indices: Tensor, weights: Tensor) -> None:
@@ -89,6 +93,8 @@ def make_plan(
         slot_weight=weights.reshape(-1)[order],  # [M]
         group_sizes=group_sizes,
         num_dropped=num_dropped,
+        pair_index=order,
+        top_k=top_k,
     )
 
 
@@ -138,8 +144,9 @@ def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
 def unpermute(rows: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
     """Combine expert rows [M, d] into tokens [N, d]: out[n] = sum of weight * row over n's rows.
 
-    A token with no kept row gets zeros. Computed in the rows' dtype.
+    A token with no kept row gets zeros. On CPU a weighted `index_add`; on accelerators, for
+    token choice, each token gathers its k rows through the inverse permutation and sums them
+    in float32 (no atomics, deterministic; `moekit.ops.combine`). Returns the rows' dtype.
     """
-    weighted = rows * plan.slot_weight.to(rows.dtype).unsqueeze(-1)  # [M, d]
-    out = rows.new_zeros((num_tokens, rows.shape[-1]))  # [N, d]
-    return out.index_add(0, plan.token_index, weighted)
+    weight = plan.slot_weight.to(rows.dtype)
+    return combine(rows, weight, plan.token_index, num_tokens, plan.pair_index, plan.top_k)

@@ -20,9 +20,14 @@ from torch import Tensor, nn
 
 from ._checks import check_choice, check_positive_int, check_probability
 from ._dropout import Dropout, dropout, keep_mask
-from ._fused_moe import fused_moe
-from ._segment_mlp import segment_mlp
 from .dispatch import DispatchPlan, permute, unpermute
+from .ops import (
+    fused_moe,
+    grouped_linear,
+    grouped_mm_supported,
+    segment_mlp,
+    uses_fused_cpu,
+)
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 INITS = ("default", "kaiming")
@@ -37,44 +42,6 @@ def _activate(h: Tensor, activation: str) -> Tensor:
         return F.gelu(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: grouped_mm's backward rejects
-    the expanded zero-stride gradient that ``out.sum().backward()`` sends."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
-
-
-def grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
-    """Whether `F.grouped_mm` takes rows [M, .] @ weight [E, d_in, d_out] (rows' dtype and M).
-
-    It needs float32/bf16/fp16, 16-byte aligned row strides and at least one row.
-    """
-    if not hasattr(F, "grouped_mm") or rows.dtype not in (
-        torch.float32,
-        torch.bfloat16,
-        torch.half,
-    ):
-        return False
-    size = rows.element_size()
-    d_in, d_out = weight.shape[1], weight.shape[2]
-    return rows.shape[0] > 0 and (d_in * size) % 16 == 0 and (d_out * size) % 16 == 0
-
-
-def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """rows [M, d_in] @ weight[e] for each expert's segment -> [M, d_out] in one grouped GEMM.
-
-    Args:
-        offsets: [E] int32 cumulative group sizes (end of each segment).
-    """
-    return _ContiguousGrad.apply(F.grouped_mm(rows, weight, offs=offsets))
 
 
 def loop_linear(rows: Tensor, weight: Tensor, sizes: list[int]) -> Tensor:
@@ -183,13 +150,12 @@ class ExpertBank(nn.Module):
         """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op.
 
         On CPU with any backend but "grouped" the gather, the experts and the weighted
-        combine run fused (`_fused_moe`: fewer [M, d] tensors kept for the backward, no
+        combine run fused (`ops.fused_cpu`: fewer [M, d] tensors kept for the backward, no
         weighted copy); otherwise the three steps run one after the other. Same result,
         same dropout draws.
         """
         dtype = compute_dtype(x, self.w1)
-        fused = x.device.type == "cpu" and self.backend != "grouped"
-        if not fused:
+        if not uses_fused_cpu(x.device, self.backend):
             return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
         keep, scale = None, 1.0
         if self.training and self.dropout > 0 and plan.token_index.numel():
@@ -239,11 +205,12 @@ class ExpertBank(nn.Module):
 
     def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor) -> Tensor:
         """Two grouped GEMMs; no host sync."""
-        offsets = torch.cumsum(group_sizes, 0).to(torch.int32)  # [E] segment ends
+        ends = torch.cumsum(group_sizes, 0)  # [E] segment ends
+        offsets = ends.to(torch.int32)
         row_expert = None
-        if b1 is not None:
-            experts = torch.arange(self.num_experts, device=rows.device)
-            row_expert = torch.repeat_interleave(experts, group_sizes, output_size=rows.shape[0])
+        if b1 is not None:  # [M] the expert of each row (fixed shapes: traceable by compile)
+            positions = torch.arange(rows.shape[0], device=rows.device)
+            row_expert = torch.searchsorted(ends, positions, right=True)
         hidden = grouped_linear(rows, w1, offsets)  # [M, h]
         if b1 is not None:
             hidden = hidden + b1.index_select(0, row_expert)

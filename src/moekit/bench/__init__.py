@@ -14,16 +14,35 @@ from dataclasses import dataclass, field
 import torch
 
 from .._device import cpu_capability, fast_bfloat16
-from .layer import SHAPES, LayerShape, Result, bench_layer
+from .layer import CPU_SHAPES, CUDA_SHAPES, SHAPES, LayerShape, Result, bench_layer
 from .lm import LMResult, bench_generation, bench_train_step
 from .parallel import EPResult, bench_expert_parallel
 
-__all__ = ["SHAPES", "BenchOptions", "LayerShape", "run_bench", "run_ep_bench"]
+__all__ = [
+    "CPU_SHAPES",
+    "CUDA_SHAPES",
+    "SHAPES",
+    "BenchOptions",
+    "LayerShape",
+    "run_bench",
+    "run_ep_bench",
+    "shapes_named",
+]
+
+
+def shapes_named(names: str) -> list[LayerShape]:
+    """ "A,B,C" -> the named shapes (ValueError naming an unknown one)."""
+    unknown = [n for n in names.split(",") if n and n not in SHAPES]
+    if unknown:
+        raise ValueError(
+            f"--shapes: unknown shape(s) {unknown}; the named ones are {sorted(SHAPES)}"
+        )
+    return [SHAPES[n] for n in names.split(",") if n]
 
 
 @dataclass
 class BenchOptions:
-    shapes: list[LayerShape] = field(default_factory=lambda: list(SHAPES.values()))
+    shapes: list[LayerShape] = field(default_factory=lambda: shapes_named(CPU_SHAPES))
     dtypes: list[str] | None = None  # None: float32, and bfloat16 where it has a native GEMM
     activations: list[str] = field(default_factory=lambda: ["relu", "swiglu"])
     rounds: int = 7
@@ -34,6 +53,7 @@ class BenchOptions:
     generate_tokens: int = 200
     seed_loop: bool = True
     memory: bool = True
+    hf_peer: bool = True  # transformers' Mixtral block at SwiGLU shapes, when installed
     device: str = "cpu"
 
     @classmethod
@@ -89,6 +109,7 @@ def format_layer_table(results: list[Result]) -> str:
         "case",
         "ms",
         "tokens/s",
+        "TFLOP/s",
         "x LIMIT",
         "peak MB",
         "mem x LIMIT",
@@ -101,6 +122,7 @@ def format_layer_table(results: list[Result]) -> str:
             r.case,
             f"{r.ms:.2f}",
             f"{r.tokens_per_s:,.0f}",
+            "" if r.tflops is None else f"{r.tflops:.3g}",
             _x(r.ratio),
             _mb(r.peak_bytes),
             _x(r.memory_ratio),
@@ -171,14 +193,19 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
                     warmup=options.warmup,
                     device=device,
                     seed_loop=options.seed_loop,
+                    hf_peer=options.hf_peer,
                     memory=options.memory,
                 )
     if layer:
         echo(format_layer_table(layer))
     lm: list[LMResult] = []
     if options.lm:
-        lm += bench_train_step(rounds=options.lm_rounds, steps=options.lm_steps, dtypes=dtypes)
-        lm += bench_generation(tokens=options.generate_tokens, rounds=options.lm_rounds)
+        lm += bench_train_step(
+            rounds=options.lm_rounds, steps=options.lm_steps, dtypes=dtypes, device=device.type
+        )
+        lm += bench_generation(
+            tokens=options.generate_tokens, rounds=options.lm_rounds, device=device.type
+        )
         echo(format_lm_table(lm))
     return {"layer": layer, "lm": lm}
 

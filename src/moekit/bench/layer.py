@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import MoE
+from .hf_peer import available as hf_available
+from .hf_peer import mixtral_peer
 from .seed_loop import SeedExpert, SeedLoopMoE
 from .timing import interleaved_medians, peak_extra_bytes
 
@@ -38,7 +40,26 @@ SHAPES = {
     "A": LayerShape("A", 128, 512, 8, 2, 512),  # makeMoE-size
     "B": LayerShape("B", 512, 2048, 8, 2, 4096),  # Mixtral-small
     "C": LayerShape("C", 512, 256, 64, 6, 4096),  # fine-grained (DeepSeek-like)
+    # real models' layers (GPU sizes: minutes a case on a CPU)
+    "M": LayerShape("M", 4096, 14336, 8, 2, 8192),  # Mixtral-8x7B
+    "D": LayerShape("D", 2048, 1408, 64, 6, 16384),  # DeepSeek-V2-Lite
+    "O": LayerShape("O", 2048, 1024, 64, 8, 16384),  # OLMoE
+    "Q": LayerShape("Q", 2048, 768, 128, 8, 16384),  # Qwen3-30B-A3B
 }
+CPU_SHAPES = "A,B,C"
+CUDA_SHAPES = "M,D,O,Q,B,C"
+
+
+def layer_flops(shape: LayerShape, activation: str, train: bool) -> float:
+    """FLOPs of the N*k routed rows through the expert MLP (the LIMIT's): 2 per multiply-add,
+    x3 for forward+backward (the backward's two GEMMs per forward GEMM)."""
+    width = 2 * shape.d_hidden if activation == "swiglu" else shape.d_hidden
+    rows = shape.tokens * shape.top_k
+    forward = 2 * rows * (shape.d_model * width + shape.d_hidden * shape.d_model)
+    return forward * (3 if train else 1)
+
+
+HF_CASE = "HF Mixtral grouped_mm"
 
 
 @dataclass
@@ -56,6 +77,14 @@ class Result:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.ms * 1e3
+
+    @property
+    def tflops(self) -> float | None:
+        """Useful TFLOP/s: the LIMIT's FLOPs over this case's time (none for the router)."""
+        if self.case == "router":
+            return None
+        flops = layer_flops(self.shape, self.activation, not self.case.endswith("forward"))
+        return flops / (self.ms * 1e-3) / 1e12
 
     @property
     def ratio(self) -> float | None:
@@ -106,21 +135,25 @@ class _RouterStep(_Step):
         weights.backward(self.grad)
 
 
-def _modules(shape: LayerShape, activation: str, dtype: torch.dtype, device) -> dict:
-    moe = MoE(
-        shape.d_model,
-        shape.num_experts,
-        shape.top_k,
-        shape.d_hidden,
-        activation,
-        router="softmax",
-    )
-    limit = SeedExpert(shape.d_model, shape.d_hidden, activation)  # one expert, dense
-    seed = SeedLoopMoE(shape.d_model, shape.d_hidden, shape.num_experts, shape.top_k, activation)
-    return {
-        name: m.to(device=device, dtype=dtype).train()
-        for name, m in (("moekit", moe), ("limit", limit), ("seed loop", seed))
+def _modules(
+    shape: LayerShape, activation: str, dtype: torch.dtype, device, seed_loop: bool
+) -> dict:
+    mods = {
+        "moekit": MoE(
+            shape.d_model,
+            shape.num_experts,
+            shape.top_k,
+            shape.d_hidden,
+            activation,
+            router="softmax",
+        ),
+        "limit": SeedExpert(shape.d_model, shape.d_hidden, activation),  # one expert, dense
     }
+    if seed_loop:
+        mods["seed loop"] = SeedLoopMoE(
+            shape.d_model, shape.d_hidden, shape.num_experts, shape.top_k, activation
+        )
+    return {name: m.to(device=device, dtype=dtype).train() for name, m in mods.items()}
 
 
 def bench_layer(
@@ -133,8 +166,10 @@ def bench_layer(
     device: torch.device | str = "cpu",
     seed_loop: bool = True,
     memory: bool = True,
+    hf_peer: bool = True,
 ) -> list[Result]:
-    """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved."""
+    """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved;
+    with SwiGLU and transformers installed, also transformers' Mixtral block (`hf_peer`)."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     n, d, k = shape.tokens, shape.d_model, shape.top_k
@@ -142,7 +177,9 @@ def bench_layer(
     def tensor(*size: int) -> Tensor:
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
 
-    mods = _modules(shape, activation, dtype, device)
+    mods = _modules(shape, activation, dtype, device, seed_loop)
+    if hf_peer and activation == "swiglu" and hf_available():
+        mods[HF_CASE] = mixtral_peer(mods["moekit"]).train()
     x, rows = tensor(n, d).requires_grad_(), tensor(n * k, d).requires_grad_()
     steps = {
         "moekit": _Step(mods["moekit"], x, tensor(n, d), True),
@@ -153,10 +190,12 @@ def bench_layer(
     }
     if seed_loop:
         steps["seed loop"] = _Step(mods["seed loop"], x, tensor(n, d), True)
+    if HF_CASE in mods:
+        steps[HF_CASE] = _Step(mods[HF_CASE], x, tensor(n, d), True)
     times = interleaved_medians(steps, rounds=rounds, warmup=warmup, device=device)
     peaks = {}
     if memory:
-        for name in ("moekit", "limit", "seed loop"):
+        for name in ("moekit", "limit", "seed loop", HF_CASE):
             if name in steps:
                 peaks[name] = peak_extra_bytes(steps[name], steps[name].module, device)
     label = str(dtype).removeprefix("torch.")

@@ -53,10 +53,11 @@ def dense_limit_model() -> SparseMoELanguageModel:
 
 def _train_step(model, optimizer, batches, with_aux: bool, bf16: bool = False):
     counter = iter(range(1 << 62))
+    device_type = batches[0][0].device.type
 
     def run() -> None:
         x, y = batches[next(counter) % len(batches)]
-        autocast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
+        autocast = torch.autocast(device_type, torch.bfloat16) if bf16 else contextlib.nullcontext()
         with autocast:
             _, loss = model(x, y)
             if with_aux:
@@ -68,16 +69,21 @@ def _train_step(model, optimizer, batches, with_aux: bool, bf16: bool = False):
     return run
 
 
-def bench_train_step(*, rounds: int, steps: int, dtypes: list[str]) -> list[LMResult]:
+def bench_train_step(
+    *, rounds: int, steps: int, dtypes: list[str], device: str = "cpu"
+) -> list[LMResult]:
     torch.manual_seed(0)
     batches = [
-        (torch.randint(0, VOCAB, (BATCH, BLOCK)), torch.randint(0, VOCAB, (BATCH, BLOCK)))
+        (
+            torch.randint(0, VOCAB, (BATCH, BLOCK), device=device),
+            torch.randint(0, VOCAB, (BATCH, BLOCK), device=device),
+        )
         for _ in range(8)
     ]
     cfg = TrainConfig()
     models = {
-        "makeMoE (seed 003)": MakeMoELanguageModel(VOCAB),
-        "LIMIT (dense)": dense_limit_model(),
+        "makeMoE (seed 003)": MakeMoELanguageModel(VOCAB).to(device),
+        "LIMIT (dense)": dense_limit_model().to(device),
     }
     cases = {}
     for name, model in models.items():
@@ -88,7 +94,7 @@ def bench_train_step(*, rounds: int, steps: int, dtypes: list[str]) -> list[LMRe
         )
         cases[name] = _train_step(model, optimizer, batches, False)
     for dtype in dtypes:
-        model = SparseMoELanguageModel(VOCAB)
+        model = SparseMoELanguageModel(VOCAB).to(device)
         bf16 = dtype == "bfloat16"
         cases[f"moekit {dtype}"] = _train_step(
             model, make_optimizer(model, cfg), batches, True, bf16
@@ -98,7 +104,7 @@ def bench_train_step(*, rounds: int, steps: int, dtypes: list[str]) -> list[LMRe
         return lambda: [fn() for _ in range(steps)]
 
     times = interleaved_medians(
-        {name: repeated(fn) for name, fn in cases.items()}, rounds=rounds, warmup=1
+        {name: repeated(fn) for name, fn in cases.items()}, rounds=rounds, warmup=1, device=device
     )
     makemoe, limit = times["makeMoE (seed 003)"], times["LIMIT (dense)"]
     results = []
@@ -110,18 +116,20 @@ def bench_train_step(*, rounds: int, steps: int, dtypes: list[str]) -> list[LMRe
     return results
 
 
-def _per_token_ms(generate, tokens: int, rounds: int) -> float:
+def _per_token_ms(generate, tokens: int, rounds: int, device: str = "cpu") -> float:
     """Median ms per generated token over `rounds` runs of `generate(tokens)`, after a warm-up."""
     generate(min(tokens, 8))
     times = []
     for _ in range(rounds):
         tic = time.perf_counter()
         generate(tokens)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append((time.perf_counter() - tic) / tokens * 1e3)
     return sorted(times)[len(times) // 2]
 
 
-def bench_generation(*, tokens: int, rounds: int = 3) -> list[LMResult]:
+def bench_generation(*, tokens: int, rounds: int = 3, device: str = "cpu") -> list[LMResult]:
     """Batch-1 sampling from a one-token prompt, the makemoe model (block 32):
 
     - `tokens` tokens with and without the KV cache, and makeMoE's own `generate` (seed 003,
@@ -131,13 +139,13 @@ def bench_generation(*, tokens: int, rounds: int = 3) -> list[LMResult]:
     - the window itself (31 tokens), with and without the cache: what the cache buys.
     """
     torch.manual_seed(0)
-    model = SparseMoELanguageModel(VOCAB).eval()
-    seed_model = MakeMoELanguageModel(VOCAB).eval()
-    start = torch.zeros(1, 1, dtype=torch.long)
+    model = SparseMoELanguageModel(VOCAB).to(device).eval()
+    seed_model = MakeMoELanguageModel(VOCAB).to(device).eval()
+    start = torch.zeros(1, 1, dtype=torch.long, device=device)
     window = model.config.block_size - 1
 
     def ours(use_cache: bool):
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device).manual_seed(0)
         return lambda n: model.generate(start, n, generator=gen, use_cache=use_cache)
 
     def seed(n: int) -> None:
@@ -145,11 +153,11 @@ def bench_generation(*, tokens: int, rounds: int = 3) -> list[LMResult]:
             seed_model.generate(start, n)
 
     ms = {
-        "cache": _per_token_ms(ours(True), tokens, rounds),
-        "no cache": _per_token_ms(ours(False), tokens, rounds),
-        "makeMoE": _per_token_ms(seed, tokens, rounds),
-        "window cache": _per_token_ms(ours(True), window, rounds),
-        "window no cache": _per_token_ms(ours(False), window, rounds),
+        "cache": _per_token_ms(ours(True), tokens, rounds, device),
+        "no cache": _per_token_ms(ours(False), tokens, rounds, device),
+        "makeMoE": _per_token_ms(seed, tokens, rounds, device),
+        "window cache": _per_token_ms(ours(True), window, rounds, device),
+        "window no cache": _per_token_ms(ours(False), window, rounds, device),
     }
     vs_seed = (
         f"{ms['makeMoE'] / ms['cache']:.2f}x makeMoE, {ms['no cache'] / ms['cache']:.2f}x no cache"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._segment_mlp import (
+from .segment_mlp import (
     _activate,
     _activation_backward,
     _batched,

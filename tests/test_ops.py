@@ -1,0 +1,186 @@
+"""moekit.ops: the atomic-free combine (torch and Triton) and the per-device choice.
+
+Oracle: a per-token float64 loop over each token's kept rows. The Triton kernels run on CPU
+tensors under TRITON_INTERPRET=1 (set before triton is first imported here); they are skipped
+where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from moekit import make_plan
+from moekit.ops import combine, combine_reference, inverse_rows, triton_available
+from strategies import routings
+
+
+def _loop_combine(rows, slot_weight, token_index, num_tokens):
+    """out[n] = sum over the rows m of token n of w[m] * rows[m], one token at a time."""
+    out = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float64)
+    for n in range(num_tokens):
+        for m in (token_index == n).nonzero().flatten().tolist():
+            out[n] += slot_weight[m].double() * rows[m].double()
+    return out
+
+
+def _plan_and_rows(routing, capacity_factor, width, dtype=torch.float64):
+    indices, weights, num_experts = routing
+    plan = make_plan(indices, weights, num_experts, capacity_factor)
+    rows = torch.randn(plan.token_index.shape[0], width, dtype=dtype)
+    return plan, rows, indices.shape
+
+
+def _grads(fn, rows, slot_weight, upstream):
+    rows = rows.detach().requires_grad_()
+    slot_weight = slot_weight.detach().requires_grad_()
+    out = fn(rows, slot_weight)
+    if not out.requires_grad:  # the loop oracle with no rows: a constant
+        return out, (None, None)
+    grads = torch.autograd.grad((out * upstream).sum(), [rows, slot_weight], allow_unused=True)
+    return out, grads
+
+
+@given(routings(), st.sampled_from([None, 0.5, 1.0, 1.5]), st.integers(1, 9))
+def test_combine_matches_the_token_loop_forward_and_backward(routing, capacity_factor, width):
+    plan, rows, (n, k) = _plan_and_rows(routing, capacity_factor, width)
+    weight = plan.slot_weight.double()
+    upstream = torch.randn(n, width, dtype=torch.float64)
+
+    def ours(r, w):
+        return combine_reference(r, w, plan.pair_index, n, k)
+
+    def loop(r, w):
+        return _loop_combine(r, w, plan.token_index, n)
+
+    got, got_grads = _grads(ours, rows, weight, upstream)
+    want, want_grads = _grads(loop, rows, weight, upstream)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:  # nothing kept: no row, no gradient
+            assert g is None or g.numel() == 0
+        else:
+            torch.testing.assert_close(g, w)
+
+
+@given(routings(), st.sampled_from([None, 0.5, 1.0]))
+def test_inverse_rows_inverts_the_plan(routing, capacity_factor):
+    plan, _, (n, k) = _plan_and_rows(routing, capacity_factor, 1)
+    row_of = inverse_rows(plan.pair_index, n * k)
+    kept = row_of < plan.pair_index.shape[0]
+    assert int(kept.sum()) == plan.pair_index.shape[0]  # every kept pair has its row, once
+    assert torch.equal(plan.pair_index[row_of[kept]], kept.nonzero().flatten())
+    assert int((~kept).sum()) == int(plan.num_dropped)
+
+
+def test_combine_reads_zero_for_dropped_pairs_and_accumulates_in_float32():
+    indices = torch.tensor([[0, 1], [0, 1], [0, 1]])
+    weights = torch.full((3, 2), 0.5)
+    plan = make_plan(indices, weights, 2, capacity_factor=0.3)  # C = 1: one row an expert
+    rows = torch.ones(2, 4, dtype=torch.bfloat16)
+    out = combine_reference(rows, plan.slot_weight.bfloat16(), plan.pair_index, 3, 2)
+    assert out.dtype == torch.bfloat16 and out[0].tolist() == [1.0] * 4  # token 0 kept both
+    assert out[1:].abs().sum() == 0  # the others read nothing
+    # 256 + 1 + 1: 258 summed in float32 and rounded once; a bf16 running sum stays at 256
+    rows3 = torch.tensor([[256.0], [1.0], [1.0]], dtype=torch.bfloat16)
+    ones = torch.ones(3, dtype=torch.bfloat16)
+    exact = combine_reference(rows3, ones, torch.tensor([0, 1, 2]), 1, 3)
+    assert exact.item() == 258.0
+
+
+def test_combine_backends_agree_and_bad_ones_are_refused():
+    indices = torch.rand(9, 5).topk(3, dim=-1).indices
+    plan = make_plan(indices, torch.rand(9, 3), 5, capacity_factor=0.8)
+    rows = torch.randn(plan.token_index.shape[0], 6, dtype=torch.float64)
+    args = (rows, plan.slot_weight.double(), plan.token_index, 9, plan.pair_index, 3)
+    want = combine(*args, backend="index_add")
+    torch.testing.assert_close(combine(*args, backend="torch"), want)
+    torch.testing.assert_close(combine(*args), want)  # auto: index_add on CPU
+    with pytest.raises(ValueError, match="backend="):
+        combine(*args, backend="cuda")
+    with pytest.raises(ValueError, match="pair_index"):
+        combine(rows, plan.slot_weight.double(), plan.token_index, 9, backend="torch")
+
+
+def test_no_triton_on_cpu_tensors_outside_the_interpreter():
+    assert not triton_available(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def triton_interpreted():
+    """moekit.ops.triton_combine with its kernels interpreted on CPU tensors: conftest sets
+    TRITON_INTERPRET=1 where no CUDA device is seen, before anything imports triton."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 not set (a CUDA machine: tests/test_gpu.py runs them)")
+    return importlib.import_module("moekit.ops.triton_combine")
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,width,capacity_factor,dtype",
+    [
+        (7, 4, 2, 5, None, torch.float32),
+        (9, 3, 3, 33, 0.7, torch.float32),
+        (5, 8, 1, 16, 1.0, torch.bfloat16),
+        (1, 2, 2, 1100, None, torch.float32),  # wider than one block of columns
+        (4, 2, 2, 8, 0.25, torch.float32),  # C = 1: most pairs dropped
+    ],
+)
+def test_triton_combine_equals_the_torch_combine(
+    triton_interpreted, num_tokens, num_experts, top_k, width, capacity_factor, dtype
+):
+    gen = torch.Generator().manual_seed(num_tokens * 31 + width)
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    indices = scores.topk(top_k, dim=-1).indices
+    weights = torch.rand(num_tokens, top_k, generator=gen)
+    plan = make_plan(indices, weights, num_experts, capacity_factor)
+    rows = torch.randn(plan.token_index.shape[0], width, generator=gen).to(dtype)
+    weight = plan.slot_weight.to(dtype)
+    upstream = torch.randn(num_tokens, width, generator=gen).to(dtype)
+
+    def run(fn):
+        return _grads(
+            lambda r, w: fn(r, w, plan.pair_index, num_tokens, top_k), rows, weight, upstream
+        )
+
+    got, got_grads = run(triton_interpreted.combine_triton)
+    want, want_grads = run(combine_reference)
+    tol = dict(atol=1e-2, rtol=1e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+def test_triton_combine_with_no_kept_rows(triton_interpreted):
+    out = triton_interpreted.combine_triton(
+        torch.empty(0, 4), torch.empty(0), torch.empty(0, dtype=torch.long), 3, 2
+    )
+    assert out.shape == (3, 4) and out.abs().sum() == 0
+
+
+def test_compiled_gather_combine_equals_eager():
+    """The accelerators' combine traces under torch.compile (the Triton kernels step aside)."""
+    torch._dynamo.reset()
+    indices = torch.rand(12, 6).topk(2, dim=-1).indices
+    plan = make_plan(indices, torch.rand(12, 2), 6, capacity_factor=1.0)
+    rows = torch.randn(plan.token_index.shape[0], 8)
+    upstream = torch.randn(12, 8)
+
+    def run(fn):
+        return _grads(
+            lambda r, w: fn(r, w, plan.token_index, 12, plan.pair_index, 2, backend="torch"),
+            rows,
+            plan.slot_weight,
+            upstream,
+        )
+
+    got, got_grads = run(torch.compile(combine, fullgraph=True))
+    want, want_grads = run(combine)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
