@@ -313,3 +313,13 @@ def test_bad_train_inputs_get_one_line_errors(tmp_path, capsys, monkeypatch, fla
     err = capsys.readouterr().err
     assert err.startswith("moekit train: error:") and err.count("\n") == 1, err
     assert re.search(match, err), err
+
+
+def test_compiled_training_follows_eager(tmp_path):
+    """--compile: the same losses as eager (dropout 0, no routing noise: no RNG in the step)."""
+    kw = dict(max_iters=6, eval_interval=100, sample_tokens=0, save_every=0, dropout=0.0)
+    kw |= dict(router="softmax")
+    eager = train(cfg_for(tmp_path / "eager", **kw))
+    torch._dynamo.reset()
+    compiled = train(cfg_for(tmp_path / "compiled", compile=True, **kw))
+    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4, abs=1e-4)

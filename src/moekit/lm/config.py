@@ -75,6 +75,13 @@ class TrainConfig:
         default=300.0,
         metadata=_help("seconds a collective may wait for a dead or hung rank before failing"),
     )
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "torch.compile the model: on CUDA mode reduce-overhead (the step replays as CUDA "
+            "graphs), on CPU Inductor's default"
+        ),
+    )
     threads: int = field(default=0, metadata=_help("CPU threads for torch (0: torch's default)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
 

@@ -160,6 +160,9 @@ class Trainer:
             expert_parallel(self.model, self.topo.ep_group, data_group=self.topo.data_group)
             self.step_model = _wrap_ddp(self.model, self.topo)
             torch.manual_seed(_rank_seed(cfg.seed, self.topo.rank))  # own dropout, noise draws
+        if cfg.compile:  # the forward and backward; the optimizer and logging stay eager
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.step_model = torch.compile(self.step_model, mode=mode)
         self.optimizer = make_optimizer(self.model, cfg)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step = 0
