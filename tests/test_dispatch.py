@@ -155,14 +155,19 @@ def test_unpermute_gradients_match_manual():
     )
 
 
-@pytest.mark.parametrize("bad", ["shape", "dtype"])
+@pytest.mark.parametrize("bad", ["shape", "dtype", "range"])
 def test_make_plan_rejects_bad_routing(bad):
     if bad == "shape":
         with pytest.raises(ValueError, match="weights"):
             make_plan(INDICES, WEIGHTS[:, :1], 3)
-    else:
+    elif bad == "dtype":
         with pytest.raises(ValueError, match="indices"):
             make_plan(INDICES.float(), WEIGHTS, 3)
+    else:
+        with pytest.raises(ValueError, match=r"indices must lie in \[0, 2\), got \[0, 2\]"):
+            make_plan(INDICES, WEIGHTS, 2)
+        with pytest.raises(ValueError, match="must lie in"):
+            expert_choice_plan(torch.tensor([[0, 5]]), torch.ones(1, 2), num_tokens=3)
 
 
 def test_make_plan_rejects_bad_capacity():

@@ -284,3 +284,31 @@ def test_kv_cache_writes_in_place_and_refuses_overflow():
         cache.extend(0, k[:, :, :1], k[:, :, :1])
     cache.reset()
     assert cache.length == 0 and cache.extend(0, k, k)[0].shape[2] == 3
+
+
+@pytest.mark.parametrize("prompt", [1, 5, 8])
+def test_fixed_shape_decoding_draws_the_same_tokens(prompt):
+    """The static path (device-side position, whole-buffer attention, [B, block] windows: what
+    CUDA replays as graphs) samples exactly what the dynamic path samples."""
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (3, prompt))
+    runs = []
+    for static in (False, True):
+        gen = torch.Generator().manual_seed(5)
+        steps = model._draw(idx, 20, 1.0, None, gen, True, static=static)
+        runs.append(torch.cat(list(steps), dim=1))
+    assert runs[0].shape == (3, 20)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_kv_cache_write_at_a_device_position_equals_extend():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 11, (2, 6))
+    dynamic = KVCache(model.config.n_layer, 8)
+    static = KVCache(model.config.n_layer, 8)
+    model._logits(idx[:, :5], dynamic)
+    model._logits(idx[:, :5], static)
+    want = model._logits(idx[:, 5:], dynamic)
+    got = model._logits(idx[:, 5:], static, torch.tensor([5]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert static.length == 5  # the fixed-shape step leaves the host-side count alone

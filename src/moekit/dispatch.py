@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_capacity_factor, check_positive_int, expert_capacity
+from ._counts import count_ids
 from .ops import combine
 
 
@@ -34,7 +35,8 @@ class DispatchPlan(NamedTuple):
     top_k: int = 0  # token-choice: k (the pairs per token); 0 for expert choice
 
 
-def _check_routing(indices: Tensor, weights: Tensor) -> None:
+def _check_routing(indices: Tensor, weights: Tensor, bound: int | None = None) -> None:
+    """Shapes and dtypes; on CPU outside compile also the ids' range [0, bound) (a host read)."""
     if indices.dim() != 2 or indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"indices must be an integer tensor of shape [N, k], got {indices.dtype} "
@@ -45,6 +47,11 @@ def _check_routing(indices: Tensor, weights: Tensor) -> None:
             f"weights must have the shape of indices {tuple(indices.shape)}, "
             f"got {tuple(weights.shape)}"
         )
+    checkable = indices.device.type == "cpu" and not torch.compiler.is_compiling()
+    if bound is not None and checkable and indices.numel():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= bound:
+            raise ValueError(f"indices must lie in [0, {bound}), got [{low}, {high}]")
 
 
 def make_plan(
@@ -71,12 +78,12 @@ def make_plan(
     Returns:
         The `DispatchPlan`.
     """
-    _check_routing(indices, weights)
     check_positive_int("num_experts", num_experts)
+    _check_routing(indices, weights, num_experts)
     check_capacity_factor(capacity_factor)
     num_pairs = indices.numel()
     expert_flat = indices.reshape(-1).long()  # [N*k] pair p = token * k + slot
-    counts = torch.bincount(expert_flat, minlength=num_experts)  # [E]
+    counts = count_ids(expert_flat, num_experts)  # [E]
     if capacity_factor is None:
         order = torch.argsort(expert_flat, stable=True)  # [N*k] grouped by expert, token order
         group_sizes, num_dropped = counts, counts.new_zeros(())
@@ -122,10 +129,10 @@ def expert_choice_plan(token_index: Tensor, weights: Tensor, num_tokens: int) ->
         weights: Combine weights of shape [E, C].
         num_tokens: N, to count the tokens no expert chose.
     """
-    _check_routing(token_index, weights)
+    _check_routing(token_index, weights, num_tokens)
     num_experts, capacity = token_index.shape
     token_flat = token_index.reshape(-1).long()  # [E*C] grouped by expert
-    chosen = torch.bincount(token_flat, minlength=num_tokens)  # [N] experts per token
+    chosen = count_ids(token_flat, num_tokens)  # [N] experts per token
     return DispatchPlan(
         token_index=token_flat,
         slot_weight=weights.reshape(-1),

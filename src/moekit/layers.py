@@ -25,6 +25,7 @@ from ._checks import (
     check_positive_int,
     check_top_k,
 )
+from ._counts import count_ids
 from .dispatch import DispatchPlan, expert_choice_plan, make_plan, permute, unpermute
 from .experts import ExpertBank, ExpertList
 from .losses import load_balancing_loss, router_z_loss
@@ -178,7 +179,7 @@ class MoE(nn.Module):
         if self.load_balance_coef > 0 and isinstance(routing, Routing):
             counts = None
             if reduce is not None:
-                counts = torch.bincount(routing.indices.reshape(-1), minlength=self.num_experts)
+                counts = count_ids(routing.indices, self.num_experts)
                 counts = reduce(counts)  # [E] pairs of every rank's tokens
             lb = load_balancing_loss(routing.probs, routing.indices, counts)
             losses["load_balance"] = self.load_balance_coef * lb
@@ -223,7 +224,7 @@ class MoE(nn.Module):
         routing = self.router.route(x_flat)
         if self._small_batch(routing, num_tokens):  # a few tokens: no sort, no host sync
             output = self.experts.gathered(x_flat, routing.indices, routing.weights)  # [N, d]
-            group_sizes = torch.bincount(routing.indices.reshape(-1), minlength=self.num_experts)
+            group_sizes = count_ids(routing.indices, self.num_experts)
             num_dropped = group_sizes.new_zeros(())
         else:
             plan = self.plan(routing, num_tokens)

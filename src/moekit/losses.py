@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._counts import count_ids
+
 
 def load_balancing_loss(probs: Tensor, indices: Tensor, counts: Tensor | None = None) -> Tensor:
     """Switch load-balancing loss E * sum_i f_i * P_i.
@@ -31,7 +33,7 @@ def load_balancing_loss(probs: Tensor, indices: Tensor, counts: Tensor | None = 
     if num_tokens == 0:
         return probs.sum() * 0.0
     if counts is None:
-        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)  # [E]
+        counts = count_ids(indices, num_experts)  # [E]
     fraction = counts.to(probs.dtype) / counts.sum().clamp_min(1)  # [E] f_i
     mean_prob = probs.mean(0)  # [E] P_i
     return num_experts * (fraction * mean_prob).sum()

@@ -27,6 +27,7 @@ from ._checks import (
     check_top_k,
     expert_capacity,
 )
+from ._counts import count_ids
 from .losses import squared_deviation_loss
 
 
@@ -277,9 +278,7 @@ class SigmoidRouter(Router):
             biased = scores + self.expert_bias.to(scores.dtype)
             indices = torch.topk(biased, self.top_k, dim=-1).indices  # [N, k]
             if training:
-                self.expert_load += torch.bincount(
-                    indices.reshape(-1), minlength=self.num_experts
-                ).to(self.expert_load.dtype)
+                self.expert_load += count_ids(indices, self.num_experts).to(self.expert_load.dtype)
         weights = scores.gather(-1, indices)  # [N, k] unbiased scores
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)

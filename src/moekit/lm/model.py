@@ -29,6 +29,7 @@ from .._dropout import Dropout, dropout
 from ..experts import ACTIVATIONS, INITS
 from ..layers import ROUTERS, MoE, total_aux_loss
 from ..routing import NoisyTopkRouter
+from .decode import Decoder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,15 +123,27 @@ class KVCache:
             raise ValueError(
                 f"KVCache holds max_length={self.max_length} tokens; {past} cached + {t} new"
             )
-        buffer = self.keys[layer]
-        if buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype:
-            shape = (*k.shape[:2], self.max_length, k.shape[3])
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty(shape)
+        self._allocate(layer, k)
         self.keys[layer][:, :, past : past + t] = k
         self.values[layer][:, :, past : past + t] = v
         self.lengths[layer] = past + t
         return self.keys[layer][:, :, : past + t], self.values[layer][:, :, : past + t]
+
+    def write(self, layer: int, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Fixed shapes (a step replayable as a CUDA graph): write one token's k, v [B, H, 1, hd]
+        at `position` ([1] int64, on the device) and return the whole buffers [B, H, max_length,
+        hd]; the caller masks the positions after `position`. `lengths` is not advanced."""
+        self._allocate(layer, k)
+        self.keys[layer].index_copy_(2, position, k)
+        self.values[layer].index_copy_(2, position, v)
+        return self.keys[layer], self.values[layer]
+
+    def _allocate(self, layer: int, k: Tensor) -> None:
+        buffer = self.keys[layer]
+        if buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype:
+            shape = (*k.shape[:2], self.max_length, k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = k.new_empty(shape)
 
 
 def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
@@ -168,13 +181,25 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = Dropout(dropout)
 
     def forward(
-        self, x: Tensor, cache: KVCache | None = None, layer: int = 0, last_only: bool = False
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        last_only: bool = False,
+        position: Tensor | None = None,
     ) -> Tensor:
         """x [B, T, d] -> [B, T, d], or [B, 1, d] for the last position alone (`last_only`:
-        keys and values of every position, one query)."""
+        keys and values of every position, one query). `position` ([1] int64 on the device,
+        T = 1, with a cache): the fixed-shape decoding step, attending over the whole cache
+        buffer with the positions after `position` masked."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x [B, T, d]
         q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if position is not None:
+            k, v = cache.write(layer, position, k, v)  # [B, H, L, hd]
+            seen = torch.arange(cache.max_length, device=x.device) <= position  # [L]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen.view(1, 1, 1, -1))
+            return self.proj(y.transpose(1, 2).reshape(b, t, d))  # eval: no dropout
         past = 0
         if cache is not None:
             past = cache.past(layer)
@@ -232,9 +257,11 @@ class Block(nn.Module):
         layer: int = 0,
         last_only: bool = False,
         aux_losses: bool = True,
+        position: Tensor | None = None,
     ) -> Tensor:
-        """x [B, T, d] -> [B, T, d]; `last_only`: [B, 1, d], the last position's."""
-        h = self.attn(self.ln1(x), cache, layer, last_only)
+        """x [B, T, d] -> [B, T, d]; `last_only`: [B, 1, d], the last position's; `position`:
+        the fixed-shape decoding step (see `CausalSelfAttention`)."""
+        h = self.attn(self.ln1(x), cache, layer, last_only, position)
         x = (x[:, -1:] if last_only else x) + h
         return x + self.moe(self.ln2(x), aux_losses=aux_losses).output
 
@@ -321,18 +348,28 @@ class SparseMoELanguageModel(nn.Module):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss
 
-    def _hidden(self, idx: Tensor, cache: KVCache | None, last_only: bool = False) -> Tensor:
+    def _hidden(
+        self,
+        idx: Tensor,
+        cache: KVCache | None,
+        last_only: bool = False,
+        position: Tensor | None = None,
+    ) -> Tensor:
         """idx [B, T] -> the final blocks' output [B, T, d]; `last_only`: [B, 1, d], the last
         position's alone (the last block computes one query and one token's MoE, and the MoE
-        layers skip their auxiliary losses: decoding)."""
-        past = 0 if cache is None else cache.length
-        self._check_idx(idx, "idx", past)
-        t = idx.shape[1]
-        positions = torch.arange(past, past + t, device=idx.device)  # [T]
+        layers skip their auxiliary losses: decoding). `position` ([1] int64 on the device):
+        one token [B, 1] at that position through `cache` with fixed shapes (no host reads)."""
+        if position is None:
+            past = 0 if cache is None else cache.length
+            self._check_idx(idx, "idx", past)
+            positions = torch.arange(past, past + idx.shape[1], device=idx.device)  # [T]
+        else:
+            positions = position
         x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # [B, T, d]
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, last_only and layer == last, aux_losses=not last_only)
+            last_block = last_only and layer == last
+            x = block(x, cache, layer, last_block, aux_losses=not last_only, position=position)
         return x
 
     def aux_loss(self) -> Tensor:
@@ -402,14 +439,18 @@ class SparseMoELanguageModel(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def _logits(self, idx: Tensor, cache: KVCache | None) -> Tensor:
-        """The next token's logits [B, V] after idx [B, T] (and the cached tokens)."""
-        return self.lm_head(self.ln_f(self._hidden(idx, cache, last_only=True)[:, -1]))
+    def _logits(self, idx: Tensor, cache: KVCache | None, position: Tensor | None = None) -> Tensor:
+        """The next token's logits [B, V] after idx [B, T] (and the cached tokens); with
+        `position`, the fixed-shape step of one token (`_hidden`)."""
+        hidden = self._hidden(idx, cache, last_only=True, position=position)
+        return self.lm_head(self.ln_f(hidden[:, -1]))
 
-    def _draw(self, idx, max_new_tokens, temperature, top_k, generator, use_cache):
-        block_size = self.config.block_size
-        cache = KVCache(self.config.n_layer, block_size) if use_cache else None
-        logits = self._logits(idx[:, -block_size:], cache)
+    def _draw(self, idx, max_new_tokens, temperature, top_k, generator, use_cache, static=None):
+        """The sampling loop; `static` (default: on CUDA) runs fixed-shape steps, replayed as
+        CUDA graphs (`moekit.lm.decode`)."""
+        static = idx.device.type == "cuda" if static is None else static
+        decoder = Decoder(self, use_cache, static)
+        logits = decoder.start(idx[:, -self.config.block_size :])
         for step in range(max_new_tokens):
             next_logits = logits.float() / temperature  # [B, V]
             if top_k is not None:
@@ -421,8 +462,4 @@ class SparseMoELanguageModel(nn.Module):
             idx = torch.cat([idx, idx_next], dim=1)
             if step == max_new_tokens - 1:
                 break
-            if cache is not None and cache.length < block_size:
-                logits = self._logits(idx_next, cache)
-            else:  # past the window every position moves: re-encode it, nothing to cache
-                cache = None
-                logits = self._logits(idx[:, -block_size:], cache)
+            logits = decoder.next(idx)
