@@ -233,7 +233,14 @@ class Trainer:
         return t if self.topo is None else par.all_reduce_mean(t, self.topo)
 
     def train_step(self) -> float:
-        """One optimizer step; returns its cross-entropy."""
+        """One optimizer step; returns its cross-entropy.
+
+        One host read a step: the global losses, the gradient norm and the expert loads come
+        back together after the backward, and a non-finite loss or norm stops the run there,
+        before the optimizer touches the weights (on CUDA each read waits for the queued work,
+        so fewer reads keep the GPU fed). Under torchrun the losses and the norm are global:
+        every rank stops at the same step, none waits for another.
+        """
         cfg, model = self.cfg, self.model
         batch = self._batch("train", self.data_gen)
         x, y = (self._my_rows(t).to(self.device) for t in batch)
@@ -242,10 +249,7 @@ class Trainer:
         with self._autocast():
             _, loss = self.step_model(x, y)
             total = loss + model.aux_loss()
-        # the global batch's losses: every rank stops at the same step, none waits for another
-        loss_g, total_g = self._global_mean(torch.stack([loss.detach(), total.detach()])).unbind()
-        if not torch.isfinite(total_g):
-            raise NonFiniteError(f"step {self.step}: non-finite loss {total_g.item()}")
+        losses = self._global_mean(torch.stack([loss.detach(), total.detach()]).float())  # [2]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.topo is None:
@@ -254,16 +258,21 @@ class Trainer:
         else:
             par.sync_expert_grads(model, self.topo)
             norm = par.grad_norm(model, self.topo)
-        if not torch.isfinite(norm):
-            raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm.item()}")
+        loads = torch.stack([m.stats.tokens_per_expert for m in model.moe_layers()])  # [L, E]
+        host = torch.cat([losses, norm.reshape(1).float(), loads.flatten().float()]).cpu()
+        loss_g, total_g, norm_g = host[:3].tolist()
+        if not math.isfinite(total_g):
+            raise NonFiniteError(f"step {self.step}: non-finite loss {total_g}")
+        if not math.isfinite(norm_g):
+            raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm_g}")
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(
                 model.parameters(), cfg.grad_clip, norm, foreach=True
             )
         self.optimizer.step()
         update_router_biases(model, None if self.topo is None else self.topo.data_group)
-        self._load_sum += torch.stack([m.stats.tokens_per_expert.cpu() for m in model.moe_layers()])
-        return loss_g.item()
+        self._load_sum += host[3:].view(loads.shape).to(self._load_sum.dtype)
+        return loss_g
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
