@@ -309,6 +309,8 @@ def test_kv_cache_write_at_a_device_position_equals_extend():
     model._logits(idx[:, :5], dynamic)
     model._logits(idx[:, :5], static)
     want = model._logits(idx[:, 5:], dynamic)
+    for buffer in (*static.keys, *static.values):
+        buffer[:, :, 6:] = 1e30  # stale values past the position must not leak in
     got = model._logits(idx[:, 5:], static, torch.tensor([5]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert static.length == 5  # the fixed-shape step leaves the host-side count alone

@@ -142,8 +142,10 @@ class KVCache:
         buffer = self.keys[layer]
         if buffer is None or buffer.shape[:2] != k.shape[:2] or buffer.dtype != k.dtype:
             shape = (*k.shape[:2], self.max_length, k.shape[3])
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = k.new_empty(shape)
+            # zeros, not empty: the fixed-shape step multiplies the masked positions' values by
+            # a zero weight, and 0 * (NaN left in fresh memory) is NaN
+            self.keys[layer] = k.new_zeros(shape)
+            self.values[layer] = k.new_zeros(shape)
 
 
 def _attention_with_dropout(q: Tensor, k: Tensor, v: Tensor, p: float) -> Tensor:
