@@ -15,7 +15,7 @@ def test_info_in_process(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "moekit" in out and "torch" in out and "grouped_mm available" in out
-    assert "native bf16 GEMM" in out
+    assert "native bf16 GEMM" in out and "triton combine kernels on CUDA" in out
 
 
 def test_unknown_command_exits_with_usage():

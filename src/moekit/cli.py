@@ -178,6 +178,10 @@ def _info(_: argparse.Namespace) -> int:
     print(f"threads {torch.get_num_threads()}, cuda available {torch.cuda.is_available()}")
     print(f"cpu {cpu_capability()}, native bf16 GEMM {fast_bfloat16()}")
     print(f"grouped_mm available {hasattr(F, 'grouped_mm')}")
+    from .ops import triton_available
+
+    cuda = torch.cuda.is_available() and triton_available(torch.device("cuda"))
+    print(f"triton combine kernels on CUDA {cuda}")
     return 0
 
 
