@@ -27,6 +27,7 @@ from .ops import (
     grouped_mm_supported,
     segment_mlp,
     uses_fused_cpu,
+    wants_grouped_mm,
 )
 
 ACTIVATIONS = ("relu", "gelu", "swiglu")
@@ -200,7 +201,7 @@ class ExpertBank(nn.Module):
         return out.sum(1).to(dtype)  # [N, d]
 
     def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
-        wanted = self.backend == "grouped" or (self.backend == "auto" and rows.device.type != "cpu")
+        wanted = wants_grouped_mm(rows.device, self.backend)
         return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
 
     def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor) -> Tensor:

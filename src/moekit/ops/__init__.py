@@ -38,6 +38,7 @@ __all__ = [
     "segment_mlp",
     "triton_available",
     "uses_fused_cpu",
+    "wants_grouped_mm",
 ]
 
 COMBINE_BACKENDS = ("auto", "index_add", "torch", "triton")
@@ -61,6 +62,12 @@ def triton_available(device: torch.device) -> bool:
 def uses_fused_cpu(device: torch.device, backend: str) -> bool:
     """Whether `ExpertBank.dispatch` runs the fused CPU op (every backend but "grouped")."""
     return device.type == "cpu" and backend != "grouped"
+
+
+def wants_grouped_mm(device: torch.device, backend: str) -> bool:
+    """Whether `ExpertBank.forward` asks for `F.grouped_mm` ("grouped", or "auto" off CPU);
+    it runs it where the dtype and alignment allow (`grouped_mm_supported`)."""
+    return backend == "grouped" or (backend == "auto" and device.type != "cpu")
 
 
 def combine(
