@@ -1,12 +1,36 @@
 #!/usr/bin/env bash
 # The device check of issue 10, as one script for a GPU machine with torch preinstalled and no
-# package registry: run from the repository root with PYTHONPATH=src. Prints the gpu tests,
-# then the layer table (bf16, the named shapes, HF's Mixtral block where transformers is there)
-# and the language model's step and generation on CUDA.
+# package registry: run from the repository root. Prints the gpu tests, the layer table (bf16,
+# the named shapes, HF's Mixtral block where transformers is there), the language model's step
+# and generation on CUDA, then where the time goes (scripts/gpu_profile.py). Each part has its
+# own time limit; logs go to $OUT when set.
+#   usage: bash scripts/gpu_check.sh DATA [SECTIONS]   (SECTIONS: any of tests,layer,lm,profile)
 set -uo pipefail
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+DATA=${1:?the tinyshakespeare text file}
+SECTIONS=${2:-tests,layer,lm,profile}
+LOG=${OUT:-/tmp}
+want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python -c "import torch, sys; print('torch', torch.__version__, 'python', sys.version.split()[0])"
-python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15
-python -m moekit bench --device cuda --shapes M,D,O,Q,B,C --dtypes bfloat16 --activations swiglu --no-lm --rounds 5
-python -m moekit bench --device cuda --shapes "" --dtypes float32 --rounds 5
+python -c "import triton, transformers; print('triton', triton.__version__, 'transformers', transformers.__version__)"
+if want tests; then
+  timeout 130 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$LOG/tests.log" | tail -25
+fi
+if want layer; then
+  timeout 120 python -m moekit bench --device cuda --shapes M,D,O,Q,B,C --dtypes bfloat16 \
+    --activations swiglu --no-lm --rounds 5 2>&1 | tee "$LOG/layer.log" | grep -v "^shape "
+fi
+if want lm; then  # the bench's language-model table, 3 generation rounds (makeMoE: ~8 s a round)
+  timeout 90 python - <<'PY' 2>&1 | tee "$LOG/lm.log"
+from moekit.bench import format_lm_table, machine_line
+from moekit.bench.lm import bench_generation, bench_train_step
+print(machine_line())
+lm = bench_train_step(rounds=5, steps=5, dtypes=["float32", "bfloat16"], device="cuda")
+lm += bench_generation(tokens=200, rounds=3, device="cuda")
+print(format_lm_table(lm))
+PY
+fi
+if want profile; then
+  timeout 150 python scripts/gpu_profile.py "$DATA" 2>&1 | tee "$LOG/profile.log"
+fi

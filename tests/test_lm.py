@@ -16,6 +16,7 @@ from moekit import SparseMoELanguageModel
 from moekit.lm import KVCache, LMConfig
 from moekit.lm import data as lm_data
 from moekit.lm.config import build_config
+from moekit.lm.decode import decoder_for
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -299,6 +300,21 @@ def test_fixed_shape_decoding_draws_the_same_tokens(prompt):
         runs.append(torch.cat(list(steps), dim=1))
     assert runs[0].shape == (3, 20)
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_kept_static_decoder_starts_over_at_each_call():
+    """The static decoder (and on CUDA its graphs) is kept across calls: a second and third
+    sequence of other prompt lengths draw what fresh dynamic decoding draws."""
+    model = tiny_model().eval()
+    for prompt in (5, 1, 8):
+        idx = torch.randint(0, 11, (2, prompt))
+        runs = []
+        for static in (True, False):
+            gen = torch.Generator().manual_seed(prompt)
+            runs.append(torch.cat(list(model._draw(idx, 12, 1.0, None, gen, True, static)), 1))
+        assert torch.equal(runs[0], runs[1])
+    assert decoder_for(model, 2, True, True) is decoder_for(model, 2, True, True)
+    assert decoder_for(model, 3, True, True) is not decoder_for(model, 2, True, True)
 
 
 def test_kv_cache_write_at_a_device_position_equals_extend():

@@ -2,7 +2,8 @@
 
 (indices [N, k], weights [N, k]) -> DispatchPlan: the N*k (token, slot) pairs sorted by expert,
 group sizes per expert, and (with a capacity) the pairs dropped. Then
-  permute:   x [N, d] -> rows [M, d] grouped by expert (a gather)
+  permute:   x [N, d] -> rows [M, d] grouped by expert (a gather; on accelerators its backward
+             gathers too)
   unpermute: rows [M, d] -> out [N, d], each token the weighted sum of its rows (an
              index_add on CPU; on accelerators a gather through the inverse permutation)
 Work and memory are O(N*k): one argsort, no per-expert masks, no [N, E, d] tensors.
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from ._checks import check_capacity_factor, check_positive_int, expert_capacity
 from ._counts import count_ids
-from .ops import combine
+from .ops import combine, gather
 
 
 class DispatchPlan(NamedTuple):
@@ -144,8 +145,9 @@ def expert_choice_plan(token_index: Tensor, weights: Tensor, num_tokens: int) ->
 
 
 def permute(x: Tensor, plan: DispatchPlan) -> Tensor:
-    """Gather token rows x [N, d] into expert order: rows [M, d]."""
-    return x.index_select(0, plan.token_index)
+    """Gather token rows x [N, d] into expert order: rows [M, d] (on accelerators, for token
+    choice, a backward without atomics: `moekit.ops.gather`)."""
+    return gather(x, plan.token_index, plan.pair_index, plan.top_k)
 
 
 def unpermute(rows: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:

@@ -23,9 +23,11 @@ from ._dropout import Dropout, dropout, keep_mask
 from .dispatch import DispatchPlan, permute, unpermute
 from .ops import (
     fused_moe,
+    gathered_grouped_linear,
     grouped_linear,
     grouped_mm_supported,
     segment_mlp,
+    swiglu,
     uses_fused_cpu,
     wants_grouped_mm,
 )
@@ -41,8 +43,7 @@ def _activate(h: Tensor, activation: str) -> Tensor:
         return F.relu(h)
     if activation == "gelu":
         return F.gelu(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return swiglu(h)
 
 
 def loop_linear(rows: Tensor, weight: Tensor, sizes: list[int]) -> Tensor:
@@ -157,7 +158,14 @@ class ExpertBank(nn.Module):
         """
         dtype = compute_dtype(x, self.w1)
         if not uses_fused_cpu(x.device, self.backend):
-            return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
+            x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
+            # x has rows (N > 0) iff the plan has (capacities are >= 1): a static test
+            if not (x.shape[0] and self._grouped(x, w1, w2)):
+                return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
+            b1 = None if self.b1 is None else self.b1.to(dtype)
+            b2 = None if self.b2 is None else self.b2.to(dtype)
+            rows = self._grouped_forward(x, w1, b1, w2, b2, plan.group_sizes, plan)  # [M, d]
+            return unpermute(dropout(rows, self.dropout, self.training), plan, x.shape[0])
         keep, scale = None, 1.0
         if self.training and self.dropout > 0 and plan.token_index.numel():
             keep, scale = keep_mask(
@@ -204,15 +212,23 @@ class ExpertBank(nn.Module):
         wanted = wants_grouped_mm(rows.device, self.backend)
         return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
 
-    def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor) -> Tensor:
-        """Two grouped GEMMs; no host sync."""
+    def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor, plan=None) -> Tensor:
+        """Two grouped GEMMs; no host sync. With a `plan`, `rows` are the tokens [N, d] and the
+        first GEMM gathers them itself (`gathered_grouped_linear`: the gathered [M, d] rows are
+        not kept for the backward)."""
         ends = torch.cumsum(group_sizes, 0)  # [E] segment ends
         offsets = ends.to(torch.int32)
+        num_rows = rows.shape[0] if plan is None else plan.token_index.shape[0]  # M
         row_expert = None
         if b1 is not None:  # [M] the expert of each row (fixed shapes: traceable by compile)
-            positions = torch.arange(rows.shape[0], device=rows.device)
+            positions = torch.arange(num_rows, device=rows.device)
             row_expert = torch.searchsorted(ends, positions, right=True)
-        hidden = grouped_linear(rows, w1, offsets)  # [M, h]
+        if plan is None:
+            hidden = grouped_linear(rows, w1, offsets)  # [M, h]
+        else:
+            hidden = gathered_grouped_linear(
+                rows, w1, offsets, plan.token_index, plan.pair_index, plan.top_k
+            )  # [M, h]
         if b1 is not None:
             hidden = hidden + b1.index_select(0, row_expert)
         out = grouped_linear(_activate(hidden, self.activation), w2, offsets)  # [M, d]

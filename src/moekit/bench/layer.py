@@ -8,6 +8,7 @@ mode with dropout 0 and a random contiguous upstream gradient; "forward" cases a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -179,7 +180,10 @@ def bench_layer(
 
     mods = _modules(shape, activation, dtype, device, seed_loop)
     if hf_peer and activation == "swiglu" and hf_available():
-        mods[HF_CASE] = mixtral_peer(mods["moekit"]).train()
+        try:
+            mods[HF_CASE] = mixtral_peer(mods["moekit"]).train()
+        except Exception as err:  # another transformers version: the table goes on without it
+            warnings.warn(f"{HF_CASE} peer skipped: {type(err).__name__}: {err}", stacklevel=2)
     x, rows = tensor(n, d).requires_grad_(), tensor(n * k, d).requires_grad_()
     steps = {
         "moekit": _Step(mods["moekit"], x, tensor(n, d), True),

@@ -15,12 +15,33 @@ last block_size tokens. Two ways to run those steps:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: Decoder}
+_KEPT_PER_MODEL = 4
+
+
+def decoder_for(model, batch: int, use_cache: bool, static: bool) -> Decoder:
+    """A `Decoder` for `model`; a static one is kept across calls (for the batch size, cache
+    use, and the parameters' device, dtype and storage), so its CUDA graphs are captured once
+    and replayed by every later `generate` (the graphs read the parameters in place, so
+    training between calls is seen). At most a few are kept per model, none on the model."""
+    if not static:
+        return Decoder(model, use_cache, static)
+    param = next(model.parameters())
+    key = (batch, use_cache, param.device, param.dtype, param.data_ptr())
+    kept = _KEPT.setdefault(model, {})
+    if key not in kept:
+        if len(kept) >= _KEPT_PER_MODEL:
+            kept.pop(next(iter(kept)))  # the oldest
+        kept[key] = Decoder(model, use_cache, static)
+    return kept[key]
 
 
 class Decoder:
@@ -40,10 +61,13 @@ class Decoder:
         self._position: Tensor | None = None  # [1] int64 on the device (static steps)
 
     def start(self, prompt: Tensor) -> Tensor:
-        """Logits after the prompt [B, T0 <= block_size] (its length varies: run eagerly)."""
+        """Logits after the prompt [B, T0 <= block_size] (its length varies: run eagerly).
+        A decoder starts over at each call: its buffers and graphs serve the next sequence."""
         if self.cache is not None:
             self.cache.reset()
         self.length = prompt.shape[1]
+        if self._position is not None:  # the captured step reads this tensor: update in place
+            self._position.fill_(self.length)
         return self.model._logits(prompt, self.cache)
 
     def next(self, sequence: Tensor) -> Tensor:

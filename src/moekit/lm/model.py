@@ -29,7 +29,7 @@ from .._dropout import Dropout, dropout
 from ..experts import ACTIVATIONS, INITS
 from ..layers import ROUTERS, MoE, total_aux_loss
 from ..routing import NoisyTopkRouter
-from .decode import Decoder
+from .decode import decoder_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -451,7 +451,7 @@ class SparseMoELanguageModel(nn.Module):
         """The sampling loop; `static` (default: on CUDA) runs fixed-shape steps, replayed as
         CUDA graphs (`moekit.lm.decode`)."""
         static = idx.device.type == "cuda" if static is None else static
-        decoder = Decoder(self, use_cache, static)
+        decoder = decoder_for(self, idx.shape[0], use_cache, static)
         logits = decoder.start(idx[:, -self.config.block_size :])
         for step in range(max_new_tokens):
             next_logits = logits.float() / temperature  # [B, V]

@@ -30,8 +30,8 @@ def inverse_rows(pair_index: Tensor, num_pairs: int) -> Tensor:
     return row_of.scatter_(0, pair_index, torch.arange(rows, device=pair_index.device))
 
 
-def _forward(rows: Tensor, slot_weight: Tensor, row_of: Tensor, top_k: int) -> Tensor:
-    """out [N, d] in float32: each token's k rows, weighted, summed."""
+def _forward(rows: Tensor, slot_weight: Tensor | None, row_of: Tensor, top_k: int) -> Tensor:
+    """out [N, d] in float32: each token's k rows, weighted (unweighted: None), summed."""
     m, d = rows.shape
     n = row_of.shape[0] // top_k
     acc = torch.promote_types(rows.dtype, torch.float32)
@@ -39,7 +39,8 @@ def _forward(rows: Tensor, slot_weight: Tensor, row_of: Tensor, top_k: int) -> T
         return rows.new_zeros((n, d), dtype=acc)
     kept = row_of < m  # [P]
     safe = torch.where(kept, row_of, 0)  # [P] a dropped pair reads row 0 ...
-    weight = torch.where(kept, slot_weight[safe].to(acc), 0.0)  # ... with weight zero
+    weight = kept.to(acc) if slot_weight is None else slot_weight[safe].to(acc)
+    weight = torch.where(kept, weight, 0.0)  # ... with weight zero
     picked = rows.index_select(0, safe).to(acc).view(n, top_k, d)  # [N, k, d]
     return torch.einsum("nkd,nk->nd", picked, weight.view(n, top_k))
 
@@ -89,3 +90,54 @@ def combine_index_add(
     weighted = rows * slot_weight.to(rows.dtype).unsqueeze(-1)  # [M, d]
     out = rows.new_zeros((num_tokens, rows.shape[-1]))  # [N, d]
     return out.index_add(0, token_index, weighted)
+
+
+def sum_token_rows(
+    rows: Tensor, token_index: Tensor, row_of: Tensor | None, top_k: int, num_tokens: int,
+    backend: str,
+) -> Tensor:  # fmt: skip
+    """[M, d] rows -> [N, d]: each token the sum of its rows (the backward of a gather x[token]).
+
+    backend "index_add": scatter-add by `token_index`; "torch" / "triton": each token gathers
+    its k rows through the inverse permutation `row_of` (float32 sums, no atomics).
+    """
+    if backend == "index_add":
+        return rows.new_zeros((num_tokens, rows.shape[1])).index_add_(0, token_index, rows)
+    if backend == "triton":
+        from .triton_combine import sum_rows_triton
+
+        return sum_rows_triton(rows, row_of, top_k)
+    return _forward(rows, None, row_of, top_k).to(rows.dtype)
+
+
+class _Gather(torch.autograd.Function):
+    """x [N, d] -> rows [M, d] = x[token]; backward: `sum_token_rows` of the row gradients."""
+
+    @staticmethod
+    def forward(ctx, x, token, row_of, top_k, backend):
+        ctx.save_for_backward(token, row_of)
+        ctx.top_k, ctx.backend, ctx.num_tokens = top_k, backend, x.shape[0]
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        token, row_of = ctx.saved_tensors
+        grad_x = sum_token_rows(
+            grad_rows.contiguous(), token, row_of, ctx.top_k, ctx.num_tokens, ctx.backend
+        )
+        return grad_x, None, None, None, None
+
+
+def gather_rows(
+    x: Tensor, token_index: Tensor, pair_index: Tensor, top_k: int, backend: str = "torch"
+) -> Tensor:
+    """rows [M, d] = x[token_index] whose backward gathers (no `index_add`): "torch" in plain
+    torch, "triton" as the combine's forward kernel without weights.
+
+    Args:
+        x: [N, d] tokens.
+        token_index, pair_index: [M] int64 each row's token and its pair n * k + j (distinct).
+        top_k: k.
+    """
+    row_of = inverse_rows(pair_index, x.shape[0] * top_k)
+    return _Gather.apply(x, token_index, row_of, top_k, backend)

@@ -1,10 +1,12 @@
-"""Grouped GEMM on rows grouped by expert: `F.grouped_mm`, and a float32 path for torch.compile.
+"""Grouped GEMM on rows grouped by expert: `F.grouped_mm`, and the custom op `moekit::grouped_mm`.
 
-`F.grouped_mm` has a fake (meta) kernel for bfloat16 only, so a compiled graph that hands it a
-float32 tensor fails to trace. Under torch.compile any other dtype goes through the custom op
-`moekit::grouped_mm` (a fake kernel of its own, and a backward that is two grouped GEMMs:
-grad_rows = grad @ w[e]^T per segment, grad_w[e] = rows_e^T @ grad_e); eager runs `F.grouped_mm`
-with its own autograd.
+`F.grouped_mm` runs CUTLASS for bfloat16 on CUDA, but a per-group loop of matmuls for float32
+there, which reads the group sizes on the host (a sync each call, and CUDA graph capture fails);
+and it has a fake (meta) kernel for bfloat16 only, so torch.compile cannot trace it in float32.
+The custom op `moekit::grouped_mm` (a fake kernel of its own; backward = two grouped GEMMs:
+grad_rows = grad @ w[e]^T per segment, grad_w[e] = rows_e^T @ grad_e) takes every other case:
+under torch.compile in any dtype but bfloat16, and on CUDA outside bfloat16 always, where it
+runs the Triton kernels of `triton_grouped` (no host sync) when triton imports.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._triton import triton_module
+from .combine import sum_token_rows
 
 
 def grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
@@ -45,7 +50,15 @@ class _ContiguousGrad(torch.autograd.Function):
 
 @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
 def _grouped_mm(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    return F.grouped_mm(rows, weight, offs=offsets)
+    return F.grouped_mm(rows, weight, offs=offsets).contiguous()  # the fake kernel's layout
+
+
+@_grouped_mm.register_kernel("cuda")
+def _(rows, weight, offsets):
+    kernels = triton_module("triton_grouped")
+    if kernels is None or rows.dtype == torch.bfloat16:
+        return F.grouped_mm(rows, weight, offs=offsets).contiguous()
+    return kernels.grouped_mm_rows(rows, weight, offsets)
 
 
 @_grouped_mm.register_fake
@@ -60,6 +73,19 @@ def _grouped_mm_backward(
     grad = grad.contiguous()
     grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
     grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)  # [E, d_in, d_out]
+    return grad_rows.contiguous(), grad_weight.contiguous()
+
+
+@_grouped_mm_backward.register_kernel("cuda")
+def _(grad, rows, weight, offsets):
+    kernels = triton_module("triton_grouped")
+    if kernels is None or rows.dtype == torch.bfloat16:
+        grad = grad.contiguous()
+        grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)
+        grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)
+        return grad_rows.contiguous(), grad_weight.contiguous()
+    grad_rows = kernels.grouped_mm_rows(grad, weight.transpose(-2, -1), offsets)  # [M, d_in]
+    grad_weight = kernels.grouped_mm_weight_grad(rows, grad, offsets, weight.shape[0])
     return grad_rows, grad_weight
 
 
@@ -82,12 +108,57 @@ def _backward(ctx, grad):
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _uses_custom_op(rows: Tensor) -> bool:
+    return rows.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or rows.is_cuda)
+
+
 def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """rows [M, d_in] @ weight[e] for each expert's segment -> [M, d_out] in one grouped GEMM.
 
     Args:
         offsets: [E] int32 cumulative group sizes (end of each segment).
     """
-    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
-        return _grouped_mm(rows, weight, offsets)  # traceable in any dtype
+    if _uses_custom_op(rows):
+        return _grouped_mm(rows, weight, offsets)  # traceable, and sync-free on CUDA
     return _ContiguousGrad.apply(F.grouped_mm(rows, weight, offs=offsets))
+
+
+class _GatheredGroupedLinear(torch.autograd.Function):
+    """x[token_index] @ w[e] per segment, without keeping the gathered rows for the backward:
+    it gathers them again (one [M, d_in] gather) instead of holding them all step long."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets, token_index, row_of, top_k, backend):
+        rows = x.index_select(0, token_index)  # [M, d_in]
+        if _uses_custom_op(rows):
+            out = _grouped_mm(rows, weight, offsets)
+        else:
+            out = F.grouped_mm(rows, weight, offs=offsets)
+        ctx.save_for_backward(x, weight, offsets, token_index, row_of)
+        ctx.top_k, ctx.backend = top_k, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, offsets, token_index, row_of = ctx.saved_tensors
+        rows = x.index_select(0, token_index)  # [M, d_in] again
+        grad_rows, grad_weight = _grouped_mm_backward(grad.contiguous(), rows, weight, offsets)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sum_token_rows(
+                grad_rows, token_index, row_of, ctx.top_k, x.shape[0], ctx.backend
+            )
+        return grad_x, grad_weight, None, None, None, None, None
+
+
+def _gathered_grouped_linear(
+    x: Tensor,
+    weight: Tensor,
+    offsets: Tensor,
+    token_index: Tensor,
+    row_of: Tensor | None,
+    top_k: int,
+    backend: str,
+) -> Tensor:
+    """See `moekit.ops.gathered_grouped_linear` (which resolves `backend` and `row_of`)."""
+    return _GatheredGroupedLinear.apply(x, weight, offsets, token_index, row_of, top_k, backend)

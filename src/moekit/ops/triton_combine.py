@@ -5,6 +5,8 @@ forward   one program per (token, block of columns): reads the token's k rows th
           element, nothing materialised (a dropped pair adds zero, never a NaN times zero).
 backward  one program per expert row: reads its token's upstream gradient once, writes the row's
           gradient (weight * g) and, from the same loads, the router-weight gradient <g, row>.
+The forward kernel without weights is also the backward of the gather x[token] -> rows
+(`sum_rows_triton`): each token sums its rows' gradients, where autograd would `index_add`.
 Both run on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (how CI tests them).
 """
 
@@ -28,6 +30,7 @@ def _combine_forward_kernel(
     width,
     TOP_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    WEIGHTED: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -37,9 +40,10 @@ def _combine_forward_kernel(
         row = tl.load(row_of_ptr + token * TOP_K + j)
         kept = row < num_rows  # a dropped pair points past the last row ...
         row = tl.where(kept, row, 0)  # ... so it reads row 0 and adds nothing
-        w = tl.load(weight_ptr + row).to(tl.float32)
         x = tl.load(rows_ptr + row * width + cols, mask=in_width, other=0.0).to(tl.float32)
-        acc += tl.where(kept, w * x, 0.0)
+        if WEIGHTED:
+            x *= tl.load(weight_ptr + row).to(tl.float32)
+        acc += tl.where(kept, x, 0.0)
     tl.store(out_ptr + token * width + cols, acc.to(out_ptr.dtype.element_ty), mask=in_width)
 
 
@@ -73,24 +77,32 @@ def _block(width: int) -> int:
     return min(1024, triton.next_power_of_2(max(width, 16)))
 
 
+def _sum_rows(rows: Tensor, slot_weight: Tensor | None, row_of: Tensor, top_k: int) -> Tensor:
+    """out [N, d]: each token's k rows (weighted by `slot_weight` unless None) summed in float32."""
+    rows = rows.contiguous()
+    num_rows, width = rows.shape
+    num_tokens = row_of.shape[0] // top_k
+    out = rows.new_empty((num_tokens, width))
+    if num_tokens and width:
+        if num_rows == 0:
+            out.zero_()
+        else:
+            block = _block(width)
+            grid = (num_tokens, triton.cdiv(width, block))
+            weighted = slot_weight is not None
+            _combine_forward_kernel[grid](
+                rows, slot_weight if weighted else rows, row_of, out, num_rows, width,
+                TOP_K=top_k, BLOCK=block, WEIGHTED=weighted,
+            )  # fmt: skip
+    return out
+
+
 class _TritonCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, slot_weight, row_of, token, top_k):
         rows, slot_weight = rows.contiguous(), slot_weight.contiguous()
-        num_rows, width = rows.shape
-        num_tokens = row_of.shape[0] // top_k
-        out = rows.new_empty((num_tokens, width))
-        if num_tokens and width:
-            if num_rows == 0:
-                out.zero_()
-            else:
-                block = _block(width)
-                grid = (num_tokens, triton.cdiv(width, block))
-                _combine_forward_kernel[grid](
-                    rows, slot_weight, row_of, out, num_rows, width, TOP_K=top_k, BLOCK=block
-                )
         ctx.save_for_backward(rows, slot_weight, token)
-        return out
+        return _sum_rows(rows, slot_weight, row_of, top_k)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -116,3 +128,8 @@ def combine_triton(
     row_of = inverse_rows(pair_index, num_tokens * top_k)
     token = torch.div(pair_index, top_k, rounding_mode="floor")
     return _TritonCombine.apply(rows, slot_weight, row_of, token, top_k)
+
+
+def sum_rows_triton(rows: Tensor, row_of: Tensor, top_k: int) -> Tensor:
+    """Each token's k rows [M, d] summed (no weights) -> [N, d]: the backward of a gather."""
+    return _sum_rows(rows, None, row_of, top_k)
