@@ -36,12 +36,18 @@ def _close(got, want, dtype) -> None:
 
 
 def _run(layer, x, upstream):
+    """(output, grad of x, grads of the parameters) on the CPU in float32. The output is read
+    before the backward and must read the same after it (a compiled backward must not reuse
+    the buffer of an output the caller holds)."""
     x = x.detach().requires_grad_()
     layer.zero_grad(set_to_none=True)
     out = layer(x)
+    before = out.output.detach().float().cpu()
     (out.output.float() * upstream.to(out.output.device)).sum().add(out.aux_loss).backward()
+    after = out.output.detach().float().cpu()
+    torch.testing.assert_close(after, before, rtol=0, atol=0, msg="output changed by backward")
     grads = [p.grad.float().cpu() for p in layer.parameters() if p.grad is not None]
-    return out.output.float().cpu(), x.grad.float().cpu(), grads
+    return before, x.grad.float().cpu(), grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,13 +59,13 @@ def test_layer_on_cuda_matches_cpu_float64(router, dtype, capacity_factor):
     torch.manual_seed(0)
     top_k = 1 if router == "switch" else 2
     layer = MoE(64, 8, top_k, 96, "swiglu", router=router, capacity_factor=capacity_factor)
-    layer.eval()  # no routing noise: both devices route the same
+    layer.to(dtype).eval()  # eval: no routing noise, both devices route the same
     reference = MoE(64, 8, top_k, 96, "swiglu", router=router, capacity_factor=capacity_factor)
-    reference.load_state_dict(layer.state_dict())
     reference.double().eval()
-    x = torch.randn(300, 64)
+    reference.load_state_dict(layer.state_dict())  # the same (bf16-rounded) weights
+    x = torch.randn(300, 64).to(dtype)  # the same (rounded) input: the routers see equal logits
     upstream = torch.randn(300, 64)
-    got = _run(layer.to("cuda", dtype), x.to("cuda", dtype), upstream)
+    got = _run(layer.to("cuda"), x.to("cuda"), upstream)
     want = _run(reference, x.double(), upstream.double())
     for g, w in zip([got[0], got[1], *got[2]], [want[0], want[1], *want[2]], strict=True):
         _close(g, w, dtype)
@@ -95,8 +101,8 @@ def test_triton_combine_on_cuda_equals_torch(dtype, capacity_factor):
     results = []
     for backend, wide in (("torch", torch.float64), ("triton", dtype), ("torch", dtype),
                           ("index_add", dtype)):  # fmt: skip
-        r = rows.to(wide).requires_grad_()
-        w = plan.slot_weight.to(dtype).to(wide).requires_grad_()
+        r = rows.to(wide).clone().requires_grad_()  # a leaf of its own each time
+        w = plan.slot_weight.to(dtype).to(wide).clone().requires_grad_()
         out = combine(r, w, plan.token_index, n, plan.pair_index, k, backend=backend)
         (out * upstream.to(wide)).sum().backward()
         results.append((out, r.grad, w.grad))

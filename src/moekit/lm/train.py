@@ -250,6 +250,9 @@ class Trainer:
             _, loss = self.step_model(x, y)
             total = loss + model.aux_loss()
         losses = self._global_mean(torch.stack([loss.detach(), total.detach()]).float())  # [2]
+        # the statistics are computed from forward tensors: before the backward, which a
+        # compiled model may run in buffers of its forward
+        loads = torch.stack([m.stats.tokens_per_expert for m in model.moe_layers()])  # [L, E]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.topo is None:
@@ -258,7 +261,6 @@ class Trainer:
         else:
             par.sync_expert_grads(model, self.topo)
             norm = par.grad_norm(model, self.topo)
-        loads = torch.stack([m.stats.tokens_per_expert for m in model.moe_layers()])  # [L, E]
         host = torch.cat([losses, norm.reshape(1).float(), loads.flatten().float()]).cpu()
         loss_g, total_g, norm_g = host[:3].tolist()
         if not math.isfinite(total_g):
