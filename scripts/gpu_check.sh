@@ -2,13 +2,14 @@
 # The device check of issue 10, as one script for a GPU machine with torch preinstalled and no
 # package registry: run from the repository root. Prints the gpu tests, the layer table (bf16,
 # the named shapes, HF's Mixtral block where transformers is there), the language model's step
-# and generation on CUDA, then where the time goes (scripts/gpu_profile.py). Each part has its
-# own time limit; logs go to $OUT when set.
-#   usage: bash scripts/gpu_check.sh DATA [SECTIONS]   (SECTIONS: any of tests,layer,lm,profile)
+# and generation on CUDA, then where the time goes (scripts/gpu_profile.py, also with the Triton
+# kernels off). Each part has its own time limit; logs go to $OUT when set.
+#   usage: bash scripts/gpu_check.sh DATA [SECTIONS]
+#   SECTIONS: any of tests,layer,lm,profile,notriton (default: all)
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 DATA=${1:?the tinyshakespeare text file}
-SECTIONS=${2:-tests,layer,lm,profile}
+SECTIONS=${2:-tests,layer,lm,profile,notriton}
 LOG=${OUT:-/tmp}
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
@@ -32,5 +33,9 @@ print(format_lm_table(lm))
 PY
 fi
 if want profile; then
-  timeout 150 python scripts/gpu_profile.py "$DATA" 2>&1 | tee "$LOG/profile.log"
+  timeout 200 python scripts/gpu_profile.py "$DATA" 2>&1 | tee "$LOG/profile.log"
+fi
+if want notriton; then  # the same eager paths on the torch twins: is Triton's launch cost it?
+  MOEKIT_TRITON=0 timeout 90 python scripts/gpu_profile.py "$DATA" --shapes B --skip-compile \
+    2>&1 | tee "$LOG/notriton.log"
 fi

@@ -346,3 +346,15 @@ def test_gathered_grouped_linear_equals_gather_then_grouped_linear(backend, capa
         results.append((out.detach(), x.grad, w.grad))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_moekit_triton_0_turns_the_triton_kernels_off(monkeypatch):
+    from moekit.ops._triton import triton_module
+
+    triton_module.cache_clear()
+    monkeypatch.setenv("MOEKIT_TRITON", "0")
+    try:
+        assert triton_module("triton_combine") is None
+        assert not triton_available(torch.device("cuda"))
+    finally:
+        triton_module.cache_clear()
