@@ -26,7 +26,7 @@ from torch import Tensor
 from ._triton import triton_module
 from .combine import combine_index_add, combine_reference, gather_rows, inverse_rows
 from .fused_cpu import fused_moe
-from .grouped import _gathered_grouped_linear, grouped_linear, grouped_mm_supported
+from .grouped import _GatheredGroupedLinear, grouped_linear, grouped_mm_supported
 from .segment_mlp import padded_capacity, segment_mlp
 
 __all__ = [
@@ -129,7 +129,7 @@ def gathered_grouped_linear(
     from the forward to the backward. `gather`'s backends for the gradient of x."""
     backend = _backend(backend, x.device, pair_index is not None)
     row_of = None if backend == "index_add" else inverse_rows(pair_index, x.shape[0] * top_k)
-    return _gathered_grouped_linear(x, weight, offsets, token_index, row_of, top_k, backend)
+    return _GatheredGroupedLinear.apply(x, weight, offsets, token_index, row_of, top_k, backend)
 
 
 def combine(

@@ -48,16 +48,32 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _torch_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    return F.grouped_mm(rows, weight, offs=offsets).contiguous()  # the fake kernel's layout
+
+
+def _torch_backward(grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor):
+    grad = grad.contiguous()
+    grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
+    grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)  # [E, d_in, d_out]
+    return grad_rows.contiguous(), grad_weight.contiguous()
+
+
+def _triton_kernels(rows: Tensor):
+    """`triton_grouped` for this CUDA tensor's dtype, or None (bf16 runs CUTLASS)."""
+    return None if rows.dtype == torch.bfloat16 else triton_module("triton_grouped")
+
+
 @torch.library.custom_op("moekit::grouped_mm", mutates_args=())
 def _grouped_mm(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    return F.grouped_mm(rows, weight, offs=offsets).contiguous()  # the fake kernel's layout
+    return _torch_forward(rows, weight, offsets)
 
 
 @_grouped_mm.register_kernel("cuda")
 def _(rows, weight, offsets):
-    kernels = triton_module("triton_grouped")
-    if kernels is None or rows.dtype == torch.bfloat16:
-        return F.grouped_mm(rows, weight, offs=offsets).contiguous()
+    kernels = _triton_kernels(rows)
+    if kernels is None:
+        return _torch_forward(rows, weight, offsets)
     return kernels.grouped_mm_rows(rows, weight, offsets)
 
 
@@ -70,20 +86,15 @@ def _(rows, weight, offsets):
 def _grouped_mm_backward(
     grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor
 ) -> tuple[Tensor, Tensor]:
-    grad = grad.contiguous()
-    grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
-    grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)  # [E, d_in, d_out]
-    return grad_rows.contiguous(), grad_weight.contiguous()
+    return _torch_backward(grad, rows, weight, offsets)
 
 
 @_grouped_mm_backward.register_kernel("cuda")
 def _(grad, rows, weight, offsets):
-    kernels = triton_module("triton_grouped")
-    if kernels is None or rows.dtype == torch.bfloat16:
-        grad = grad.contiguous()
-        grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)
-        grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)
-        return grad_rows.contiguous(), grad_weight.contiguous()
+    kernels = _triton_kernels(rows)
+    if kernels is None:
+        return _torch_backward(grad, rows, weight, offsets)
+    grad = grad.contiguous()
     grad_rows = kernels.grouped_mm_rows(grad, weight.transpose(-2, -1), offsets)  # [M, d_in]
     grad_weight = kernels.grouped_mm_weight_grad(rows, grad, offsets, weight.shape[0])
     return grad_rows, grad_weight
@@ -149,16 +160,3 @@ class _GatheredGroupedLinear(torch.autograd.Function):
                 grad_rows, token_index, row_of, ctx.top_k, x.shape[0], ctx.backend
             )
         return grad_x, grad_weight, None, None, None, None, None
-
-
-def _gathered_grouped_linear(
-    x: Tensor,
-    weight: Tensor,
-    offsets: Tensor,
-    token_index: Tensor,
-    row_of: Tensor | None,
-    top_k: int,
-    backend: str,
-) -> Tensor:
-    """See `moekit.ops.gathered_grouped_linear` (which resolves `backend` and `row_of`)."""
-    return _GatheredGroupedLinear.apply(x, weight, offsets, token_index, row_of, top_k, backend)
