@@ -54,11 +54,23 @@ class GateParams:
         return out + self.bias if self.bias is not None else out
 
 
-def choose(logits: Tensor, rule: str, top_k: int, expert_bias: Tensor | None = None):
+def choose(
+    logits: Tensor,
+    rule: str,
+    top_k: int,
+    expert_bias: Tensor | None = None,
+    *,
+    groups: tuple[int, int] | None = None,
+    normalize: bool = True,
+    scale: float = 1.0,
+):
     """One token's choice: a list of (expert, weight tensor) and its probability row [E].
 
     rules: "softmax" (weights = softmax over the chosen logits), "softmax_full" (weights = the
-    full softmax probability), "sigmoid" (choice by sigmoid + bias, weights = normalised scores).
+    full softmax probability), "sigmoid" (choice by sigmoid + bias, weights = the chosen scores,
+    divided by their sum when `normalize`). `groups` = (G, kept groups): the choice is made
+    among the experts of the kept groups, ranked by the sum of their two best keys (DeepSeek-V3).
+    Weights are multiplied by `scale`.
     """
     num_experts = logits.shape[0]
     if rule == "sigmoid":
@@ -68,15 +80,30 @@ def choose(logits: Tensor, rule: str, top_k: int, expert_bias: Tensor | None = N
     else:
         probs = torch.softmax(logits, dim=0)
         key = logits.tolist()
-    chosen = sorted(range(num_experts), key=lambda e: -key[e])[:top_k]
+    candidates = list(range(num_experts))
+    if groups is not None:
+        num_groups, kept = groups
+        size = num_experts // num_groups
+        members = [list(range(g * size, (g + 1) * size)) for g in range(num_groups)]
+        group_key = [sum(sorted((key[e] for e in m), reverse=True)[:2]) for m in members]
+        best = sorted(range(num_groups), key=lambda g: -group_key[g])[:kept]
+        candidates = [e for g in sorted(best) for e in members[g]]
+    chosen = sorted(candidates, key=lambda e: -key[e])[:top_k]
     if rule == "softmax":
         exps = [torch.exp(logits[e] - logits[chosen[0]]) for e in chosen]
         total = sum(exps)
-        return [(e, w / total) for e, w in zip(chosen, exps, strict=True)], probs
+        return [(e, scale * w / total) for e, w in zip(chosen, exps, strict=True)], probs
     if rule == "softmax_full":
-        return [(e, probs[e]) for e in chosen], probs
-    total = sum(scores[e] for e in chosen)
-    return [(e, scores[e] / total) for e in chosen], scores / scores.sum()
+        return [(e, scale * probs[e]) for e in chosen], probs
+    total = sum(scores[e] for e in chosen) if normalize else 1.0
+    return [(e, scale * scores[e] / total) for e in chosen], scores / scores.sum()
+
+
+def dense_mlp(x: Tensor, fc1: Tensor, fc2: Tensor, activation: str, gate: Tensor | None = None):
+    """A shared expert on one token x [d]: fc1 [width, d] and fc2 [d, h] in nn.Linear layout,
+    optionally scaled by sigmoid(gate @ x), gate [1, d]."""
+    out = ExpertParams(fc1.t()[None], fc2.t()[None], None, None, activation).apply(0, x)
+    return out if gate is None else torch.sigmoid(gate @ x) * out
 
 
 def token_choice_moe(
@@ -87,8 +114,9 @@ def token_choice_moe(
     top_k: int,
     capacity_factor: float | None = None,
     expert_bias: Tensor | None = None,
+    **choice,
 ):
-    """Reference token-choice MoE on x [N, d].
+    """Reference token-choice MoE on x [N, d]; `choice`: `choose`'s keyword options.
 
     Returns (out [N, d], probs [N, E], pairs): pairs is the list of kept (token, slot, expert).
     Capacity: each expert keeps its ceil(cf * N * k / E) heaviest pairs, ties to lower position.
@@ -97,7 +125,7 @@ def token_choice_moe(
     num_experts = gate.weight.shape[0]
     choices, prob_rows = [], []
     for n in range(num_tokens):
-        picked, probs = choose(gate.logits(x[n]), rule, top_k, expert_bias)
+        picked, probs = choose(gate.logits(x[n]), rule, top_k, expert_bias, **choice)
         choices.append(picked)
         prob_rows.append(probs)
     kept = {(n, j) for n in range(num_tokens) for j in range(top_k)}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import bank_params, check_parity, gate_params
+from conftest import bank_params, check_parity, gate_params, leaf64
 from moekit import MoE
 
 GRID = [
@@ -30,11 +30,13 @@ def _params(layer: MoE) -> list[torch.Tensor]:
     ]
 
 
-def _oracle(layer: MoE, x64: torch.Tensor, rule: str, capacity_factor=None, expert_bias=None):
+def _oracle(
+    layer: MoE, x64: torch.Tensor, rule: str, capacity_factor=None, expert_bias=None, **choice
+):
     """(out, aux, [x, gate and expert params]) of the reference, float64 leaves."""
     gate, experts = gate_params(layer.router.gate), bank_params(layer.experts)
     out, probs, _, choices = ref.token_choice_moe(
-        x64, gate, experts, rule, layer.top_k, capacity_factor, expert_bias
+        x64, gate, experts, rule, layer.top_k, capacity_factor, expert_bias, **choice
     )
     logits = torch.stack([gate.logits(x64[n]) for n in range(x64.shape[0])])
     aux = LB * ref.load_balancing_loss(probs, choices, layer.num_experts)
@@ -173,3 +175,77 @@ def test_moe_small_batch_path_equals_the_dispatch_path(router):
     skipped = layer(x, aux_losses=False)
     assert skipped.aux_loss.item() == 0 and layer.aux_losses == {}
     torch.testing.assert_close(skipped.output, small.output)
+
+
+# --- what the Hugging Face families need (issue 11): groups, scaling, norm_topk_prob, shared ---
+
+GROUPED = [
+    (n, e, g, kept, k)
+    for n in (1, 7, 33)
+    for e, g in ((4, 2), (8, 4), (8, 8), (6, 3))
+    for kept in range(1, g + 1)
+    for k in sorted({1, 2, kept * (e // g)})
+    if k <= kept * (e // g)
+]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("n,e,g,kept,k", GROUPED)
+def test_moe_group_limited_sigmoid_matches_oracle(n, e, g, kept, k, normalize):
+    """DeepSeek-V3's routing: sigmoid scores + correction bias, top-k within the best groups,
+    weights optionally renormalised, times the routed scaling factor."""
+    layer = _layer(
+        5,
+        e,
+        k,
+        router="sigmoid",
+        activation="swiglu",
+        num_groups=g,
+        top_k_groups=kept,
+        normalize=normalize,
+        scaling_factor=2.5,
+    )
+    layer.router.expert_bias.copy_(torch.randn(e) * 0.3)
+    bias = layer.router.expert_bias.clone()
+    options = {"groups": (g, kept), "normalize": normalize, "scale": 2.5}
+    x = torch.randn(n, 5, dtype=torch.float64)
+    _check_parity(layer, x, lambda x64: _oracle(layer, x64, "sigmoid", None, bias, **options))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("router,rule", [("softmax", "softmax"), ("sigmoid", "sigmoid")])
+@pytest.mark.parametrize("n,d,e,k", [(1, 3, 1, 1), (7, 17, 3, 2), (33, 3, 8, 3)])
+def test_moe_shared_experts_match_oracle(n, d, e, k, router, rule, gated):
+    """Always-on experts (DeepSeek's n_shared_experts=2; Qwen2-MoE's sigmoid-gated one) add to
+    the routed output of every token; their weights get gradients like the routed ones."""
+    layer = _layer(
+        d, e, k, router=router, activation="swiglu", num_shared_experts=2, shared_gate=gated
+    )
+    shared = layer.shared_experts
+    extra = [shared.mlp.fc1.weight, shared.mlp.fc2.weight] + ([shared.gate.weight] if gated else [])
+
+    def oracle(x64):
+        out, aux, leaves = _oracle(layer, x64, rule)
+        fc1, fc2 = (leaf64(w) for w in (shared.mlp.fc1.weight, shared.mlp.fc2.weight))
+        gate = leaf64(shared.gate.weight) if gated else None
+        rows = [ref.dense_mlp(x64[t], fc1, fc2, "swiglu", gate) for t in range(n)]
+        return out + torch.stack(rows), aux, leaves + [fc1, fc2] + ([gate] if gated else [])
+
+    x = torch.randn(n, d, dtype=torch.float64)
+    check_parity(layer, x, _params(layer) + extra, oracle)
+    assert shared.mlp.fc1.weight.shape == (2 * 2 * 5, d)  # 2 experts of h=5, gate | up
+
+
+def test_moe_routing_options_are_checked():
+    with pytest.raises(ValueError, match="num_groups=3 must divide num_experts=8"):
+        MoE(4, 8, 2, router="sigmoid", num_groups=3)
+    with pytest.raises(ValueError, match="top_k_groups=5 must be <= num_groups=4"):
+        MoE(4, 8, 2, router="sigmoid", num_groups=4, top_k_groups=5)
+    with pytest.raises(ValueError, match="top_k=5 must be <= top_k_groups"):
+        MoE(4, 8, 5, router="sigmoid", num_groups=4, top_k_groups=2)
+    with pytest.raises(ValueError, match="num_groups is not an option of router='softmax'"):
+        MoE(4, 8, 2, router="softmax", num_groups=2)
+    with pytest.raises(ValueError, match="scaling_factor=-1"):
+        MoE(4, 8, 2, scaling_factor=-1.0)
+    with pytest.raises(ValueError, match="num_shared_experts=0"):
+        MoE(4, 8, 2, shared_gate=True)

@@ -205,3 +205,34 @@ def test_router_properties(kind, num_tokens, num_experts, data, training):
     if kind not in ("softmax_raw", "switch"):
         torch.testing.assert_close(routing.weights.sum(-1), torch.ones(num_tokens))
     torch.testing.assert_close(routing.probs.sum(-1), torch.ones(num_tokens))
+
+
+@given(st.integers(0, 30), st.sampled_from([(4, 2), (8, 4), (8, 8), (6, 3), (6, 1)]), st.data())
+def test_group_limited_choice_stays_in_the_best_groups(num_tokens, experts_groups, data):
+    """Each token's k experts lie in at most top_k_groups groups, and those groups are the ones
+    with the largest sums of their two best biased scores."""
+    num_experts, num_groups = experts_groups
+    size = num_experts // num_groups
+    kept = data.draw(st.integers(1, num_groups))
+    top_k = data.draw(st.integers(1, kept * size))
+    router = SigmoidRouter(6, num_experts, top_k, num_groups=num_groups, top_k_groups=kept)
+    router.expert_bias.copy_(torch.randn(num_experts))
+    routing = router(torch.randn(num_tokens, 6))
+    scores = torch.sigmoid(routing.logits) + router.expert_bias
+    group_keys = scores.view(num_tokens, num_groups, size).topk(min(2, size), -1).values.sum(-1)
+    best = group_keys.topk(kept, -1).indices
+    for n in range(num_tokens):
+        groups = {e // size for e in routing.indices[n].tolist()}
+        assert groups <= set(best[n].tolist())
+        assert len(set(routing.indices[n].tolist())) == top_k
+
+
+def test_scaling_factor_multiplies_the_weights():
+    x = torch.randn(9, 6)
+    plain = SigmoidRouter(6, 8, 2)
+    scaled = SigmoidRouter(6, 8, 2, scaling_factor=2.5)
+    scaled.load_state_dict(plain.state_dict())
+    a, b = plain(x), scaled(x)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(b.weights, 2.5 * a.weights)
+    torch.testing.assert_close(b.probs, a.probs)  # the balancing loss sees the same probs

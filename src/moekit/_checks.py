@@ -29,6 +29,19 @@ def check_top_k(top_k: object, num_experts: int, name: str = "top_k") -> int:
     return top_k
 
 
+def check_groups(num_groups: object, top_k_groups: object, num_experts: int) -> tuple[int, int]:
+    """Group-limited routing: G divides E, and 1 <= top_k_groups <= G (None = all G)."""
+    check_positive_int("num_groups", num_groups)
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide num_experts={num_experts}")
+    if top_k_groups is None:
+        return num_groups, num_groups
+    check_positive_int("top_k_groups", top_k_groups)
+    if top_k_groups > num_groups:
+        raise ValueError(f"top_k_groups={top_k_groups} must be <= num_groups={num_groups}")
+    return num_groups, top_k_groups
+
+
 def check_capacity_factor(capacity_factor: object, *, allow_none: bool = True) -> float | None:
     """`capacity_factor` must be None (dropless) or a finite number > 0."""
     if capacity_factor is None and allow_none:

@@ -304,6 +304,46 @@ class MLPExpert(nn.Module):
         return self.drop(self.fc2(_activate(self.fc1(x), self.activation)))
 
 
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeek's shared experts, Qwen2-MoE's gated shared expert): one
+    dense MLP every token goes through, optionally scaled by a learned sigmoid gate.
+
+    x [N, d] -> sigmoid(x @ gate) * mlp(x) (gate [d, 1], when `gate`) or mlp(x).
+
+    Args:
+        d_model: d.
+        d_hidden: The MLP's hidden width (shared experts x their width).
+        activation: "relu", "gelu" or "swiglu".
+        gate: Whether the output is gated.
+        bias, dropout, init: as for `ExpertBank`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        *,
+        gate: bool = False,
+        bias: bool = False,
+        dropout: float = 0.0,
+        init: str = "default",
+    ) -> None:
+        super().__init__()
+        self.mlp = MLPExpert(d_model, d_hidden, activation, bias=bias, dropout=dropout)
+        check_choice("init", init, INITS)
+        if init == "kaiming":
+            for linear in (self.mlp.fc1, self.mlp.fc2):
+                _init_weight(linear.weight, linear.in_features, init)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gate else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mlp(x)  # [N, d]
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out
+
+
 class ExpertList(nn.ModuleList):
     """Experts as arbitrary modules, each mapping rows [n, d] -> [n, d].
 

@@ -27,7 +27,7 @@ from ._checks import (
 )
 from ._counts import count_ids
 from .dispatch import DispatchPlan, expert_choice_plan, make_plan, permute, unpermute
-from .experts import ExpertBank, ExpertList
+from .experts import ExpertBank, ExpertList, SharedExperts
 from .losses import load_balancing_loss, router_z_loss
 from .routing import (
     ExpertChoice,
@@ -60,9 +60,23 @@ class Parallel(Protocol):
 
 
 def _build_router(
-    name: str, d_model: int, num_experts: int, top_k: int, capacity_factor: float | None
+    name: str,
+    d_model: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float | None,
+    options: dict,
 ) -> Router:
+    """A router by name; `options` are the MoE's routing arguments that were set (not None)."""
     check_choice("router", name, ROUTERS)
+    allowed = {
+        "softmax": ("normalize", "scaling_factor"),
+        "noisy": ("scaling_factor",),
+        "sigmoid": ("normalize", "scaling_factor", "num_groups", "top_k_groups"),
+    }.get(name, ())
+    for option in options:
+        if option not in allowed:
+            raise ValueError(f"{option} is not an option of router={name!r} (it takes {allowed})")
     if name == "switch":
         if top_k != 1:
             raise ValueError(f"top_k={top_k} must be 1 for router='switch'")
@@ -72,7 +86,7 @@ def _build_router(
             d_model, num_experts, top_k, capacity_factor=capacity_factor or 1.0
         )
     cls = {"softmax": SoftmaxRouter, "noisy": NoisyRouter, "sigmoid": SigmoidRouter}[name]
-    return cls(d_model, num_experts, top_k)
+    return cls(d_model, num_experts, top_k, **options)
 
 
 def _check_router(router: Router, d_model: int, num_experts: int, top_k: int) -> Router:
@@ -116,6 +130,15 @@ class MoE(nn.Module):
         init: Expert init, "default" or "kaiming".
         load_balance_coef: Coefficient (alpha) of the Switch load-balancing loss.
         z_loss_coef: Coefficient of the router z-loss.
+        normalize: Renormalise the chosen weights over k ("softmax", "sigmoid"; HF's
+            `norm_topk_prob`); None = the router's default (True).
+        scaling_factor: Multiplier on the routed weights (DeepSeek-V3's `routed_scaling_factor`).
+        num_groups, top_k_groups: Group-limited routing for router="sigmoid" (DeepSeek-V3's
+            `n_group`, `topk_group`): each token picks its k experts within its best groups.
+        num_shared_experts: Always-on experts added to every token's output (DeepSeek's
+            `n_shared_experts`): one dense MLP of hidden width num_shared_experts *
+            shared_d_hidden (default d_hidden), the experts' activation.
+        shared_gate: Scale the shared output by sigmoid(x @ w), w [d, 1] (Qwen2-MoE).
 
     Raises:
         ValueError, TypeError: An argument out of range, named in the message.
@@ -137,6 +160,13 @@ class MoE(nn.Module):
         init: str = "default",
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
+        normalize: bool | None = None,
+        scaling_factor: float | None = None,
+        num_groups: int | None = None,
+        top_k_groups: int | None = None,
+        num_shared_experts: int = 0,
+        shared_d_hidden: int | None = None,
+        shared_gate: bool = False,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
@@ -145,15 +175,33 @@ class MoE(nn.Module):
         self.capacity_factor = check_capacity_factor(capacity_factor)
         self.load_balance_coef = check_non_negative("load_balance_coef", load_balance_coef)
         self.z_loss_coef = check_non_negative("z_loss_coef", z_loss_coef)
+        options = {
+            "normalize": normalize,
+            "scaling_factor": scaling_factor,
+            "num_groups": num_groups,
+            "top_k_groups": top_k_groups,
+        }
+        options = {name: value for name, value in options.items() if value is not None}
         if isinstance(router, str):
-            router = _build_router(router, d_model, num_experts, top_k, capacity_factor)
+            router = _build_router(router, d_model, num_experts, top_k, capacity_factor, options)
+        elif options:
+            raise ValueError(
+                f"{sorted(options)} configure a router given by name; set them on the built router"
+            )
         self.router = _check_router(router, d_model, num_experts, top_k)
+        d_hidden = 4 * d_model if d_hidden is None else d_hidden
         if experts is None:
-            d_hidden = 4 * d_model if d_hidden is None else d_hidden
             experts = ExpertBank(
                 num_experts, d_model, d_hidden, activation, bias=bias, dropout=dropout, init=init
             )
         self.experts = _check_experts(experts, num_experts)
+        self.shared_experts: SharedExperts | None = None
+        if num_shared_experts or shared_gate:
+            check_positive_int("num_shared_experts", num_shared_experts)
+            width = num_shared_experts * (d_hidden if shared_d_hidden is None else shared_d_hidden)
+            self.shared_experts = SharedExperts(
+                d_model, width, activation, gate=shared_gate, bias=bias, dropout=dropout, init=init
+            )
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
         self._stats: MoEStats | None = None
@@ -236,6 +284,8 @@ class MoE(nn.Module):
                 rows = self.experts(permute(x_flat, plan), plan.group_sizes)  # [M, d]
                 output = unpermute(rows, plan, num_tokens)  # [N, d]
             group_sizes, num_dropped = plan.group_sizes, plan.num_dropped
+        if self.shared_experts is not None:  # always-on experts: every token, unweighted
+            output = output + self.shared_experts(x_flat).to(output.dtype)
         output = output.reshape(x.shape).to(x.dtype)  # [..., d]
 
         reduce = None if self.parallel is None else self.parallel.all_reduce

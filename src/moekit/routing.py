@@ -6,7 +6,8 @@ The expert-choice router returns an `ExpertChoice` (tokens per expert) instead.
 
 Papers: noisy top-k (Shazeer et al. 2017, arXiv:1701.06538); Switch (Fedus et al. 2021,
 arXiv:2101.03961); expert choice (Zhou et al. 2022, arXiv:2202.09368); sigmoid scores with
-aux-loss-free balancing bias (DeepSeek-V3, arXiv:2412.19437; Wang et al. 2024, arXiv:2408.15664).
+aux-loss-free balancing bias and group-limited routing (DeepSeek-V3, arXiv:2412.19437; Wang et
+al. 2024, arXiv:2408.15664).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from ._checks import (
     check_capacity_factor,
+    check_groups,
     check_input,
     check_non_negative,
     check_positive_int,
@@ -80,6 +82,36 @@ def softmax_top_k(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[T
     return F.softmax(logits, dim=-1).gather(-1, indices), indices
 
 
+def group_limited_top_k(
+    scores: Tensor, top_k: int, num_groups: int = 1, top_k_groups: int | None = None
+) -> Tensor:
+    """The top-k experts of each row, chosen among the best `top_k_groups` of `num_groups`
+    equal groups of experts (DeepSeek-V3's node-limited routing).
+
+    A group's score is the sum of its two best expert scores (its one score for groups of one
+    expert); the experts of the other groups are masked out before the top-k.
+
+    Args:
+        scores: Selection scores [N, E] (DeepSeek-V3: sigmoid + correction bias).
+        top_k: Experts per row, at most top_k_groups * E / num_groups.
+        num_groups: Groups G; E must be a multiple of G. 1 = plain top-k.
+        top_k_groups: Groups kept per row (default: all).
+
+    Returns:
+        indices [N, k] int64.
+    """
+    num_tokens, num_experts = scores.shape
+    if num_groups == 1 or top_k_groups in (None, num_groups):
+        return torch.topk(scores, top_k, dim=-1).indices  # [N, k]
+    grouped = scores.view(num_tokens, num_groups, num_experts // num_groups)  # [N, G, E/G]
+    best = min(2, grouped.shape[-1])
+    group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [N, G]
+    keep_groups = torch.topk(group_scores, top_k_groups, dim=-1).indices  # [N, topk_groups]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+    masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf"))  # [N, G, E/G]
+    return torch.topk(masked.view(num_tokens, num_experts), top_k, dim=-1).indices  # [N, k]
+
+
 def top_k_gating(
     token_embeddings: Tensor, gating_network: nn.Module, k: int = 2
 ) -> tuple[Tensor, Tensor]:
@@ -120,6 +152,8 @@ class Router(nn.Module):
         top_k: Experts per token k, 1 <= k <= E.
         bias: Whether the gate has a bias.
         jitter_eps: Multiplicative input jitter in training, x * U(1-eps, 1+eps) (Switch).
+        scaling_factor: Multiplier on the combine weights (DeepSeek-V3's
+            `routed_scaling_factor`; 1 = none).
     """
 
     def __init__(
@@ -130,12 +164,14 @@ class Router(nn.Module):
         *,
         bias: bool = False,
         jitter_eps: float = 0.0,
+        scaling_factor: float = 1.0,
     ) -> None:
         super().__init__()
         self.d_model = check_positive_int("d_model", d_model)
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.top_k = check_top_k(top_k, num_experts)
         self.jitter_eps = check_probability("jitter_eps", jitter_eps)
+        self.scaling_factor = check_non_negative("scaling_factor", scaling_factor)
         self.gate = nn.Linear(d_model, num_experts, bias=bias)
 
     def gate_logits(self, x: Tensor, training: bool) -> Tensor:
@@ -147,7 +183,10 @@ class Router(nn.Module):
 
     def route(self, x: Tensor) -> Routing | ExpertChoice:
         """Route tokens x [N, d]; noise and jitter only in training mode."""
-        return self._route(x, self.training)
+        routing = self._route(x, self.training)
+        if self.scaling_factor != 1.0:
+            routing = routing._replace(weights=routing.weights * self.scaling_factor)
+        return routing
 
     def _route(self, x: Tensor, training: bool) -> Routing | ExpertChoice:
         raise NotImplementedError
@@ -177,8 +216,16 @@ class SoftmaxRouter(Router):
         noise_std: float = 0.0,
         bias: bool = False,
         jitter_eps: float = 0.0,
+        scaling_factor: float = 1.0,
     ) -> None:
-        super().__init__(d_model, num_experts, top_k, bias=bias, jitter_eps=jitter_eps)
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            bias=bias,
+            jitter_eps=jitter_eps,
+            scaling_factor=scaling_factor,
+        )
         self.normalize = normalize
         self.noise_std = check_non_negative("noise_std", noise_std)
 
@@ -217,8 +264,16 @@ class NoisyRouter(Router):
         *,
         bias: bool = False,
         jitter_eps: float = 0.0,
+        scaling_factor: float = 1.0,
     ) -> None:
-        super().__init__(d_model, num_experts, top_k, bias=bias, jitter_eps=jitter_eps)
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            bias=bias,
+            jitter_eps=jitter_eps,
+            scaling_factor=scaling_factor,
+        )
         self.noise_gate = nn.Linear(d_model, num_experts, bias=bias)
 
     def _route(self, x: Tensor, training: bool) -> Routing:
@@ -232,11 +287,13 @@ class NoisyRouter(Router):
 
 
 class SigmoidRouter(Router):
-    """Sigmoid scores with an aux-loss-free balancing bias (DeepSeek-V3).
+    """Sigmoid scores with an aux-loss-free balancing bias and group-limited choice (DeepSeek-V3).
 
-    Each expert's score is sigmoid(logit). Selection is top-k of ``score + expert_bias``; the
-    weights are the *unbiased* scores of the chosen experts (renormalised over k when
-    `normalize`), so the bias steers which experts are chosen and never how much they count.
+    Each expert's score is sigmoid(logit). Selection is top-k of ``score + expert_bias``, within
+    the best `top_k_groups` of `num_groups` groups of experts when grouped
+    (`group_limited_top_k`); the weights are the *unbiased* scores of the chosen experts
+    (renormalised over k when `normalize`), times `scaling_factor`, so the bias steers which
+    experts are chosen and never how much they count.
 
     The bias learns from the load, not from gradients. In training mode the router counts the
     tokens each expert receives; after each optimizer step the training loop calls
@@ -246,11 +303,14 @@ class SigmoidRouter(Router):
 
     (overloaded experts become less attractive, idle ones more) and resets the counts. Under
     torch.distributed the counts are summed over the process group first so every rank applies
-    the same update. DeepSeek-V3 uses rate 1e-3.
+    the same update. DeepSeek-V3 uses rate 1e-3 (0 freezes the bias, e.g. a loaded checkpoint's
+    score-correction bias).
 
     Args:
-        normalize: Renormalise the k chosen scores to sum to 1.
+        normalize: Renormalise the k chosen scores to sum to 1 (`norm_topk_prob`).
         bias_update_rate: The step size of the sign update above.
+        num_groups: Groups of experts G (`n_group`); E must be a multiple of G.
+        top_k_groups: Groups a token may choose from (`topk_group`; default all).
         (others): see `Router`.
     """
 
@@ -262,12 +322,28 @@ class SigmoidRouter(Router):
         *,
         normalize: bool = True,
         bias_update_rate: float = 1e-3,
+        num_groups: int = 1,
+        top_k_groups: int | None = None,
         bias: bool = False,
         jitter_eps: float = 0.0,
+        scaling_factor: float = 1.0,
     ) -> None:
-        super().__init__(d_model, num_experts, top_k, bias=bias, jitter_eps=jitter_eps)
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            bias=bias,
+            jitter_eps=jitter_eps,
+            scaling_factor=scaling_factor,
+        )
         self.normalize = normalize
         self.bias_update_rate = check_non_negative("bias_update_rate", bias_update_rate)
+        self.num_groups, self.top_k_groups = check_groups(num_groups, top_k_groups, num_experts)
+        if top_k > self.top_k_groups * (num_experts // self.num_groups):
+            raise ValueError(
+                f"top_k={top_k} must be <= top_k_groups * num_experts / num_groups = "
+                f"{self.top_k_groups * (num_experts // self.num_groups)}"
+            )
         self.register_buffer("expert_bias", torch.zeros(num_experts))  # [E] saved with weights
         self.register_buffer("expert_load", torch.zeros(num_experts), persistent=False)  # [E]
 
@@ -276,7 +352,7 @@ class SigmoidRouter(Router):
         scores = torch.sigmoid(logits)  # [N, E]
         with torch.no_grad():
             biased = scores + self.expert_bias.to(scores.dtype)
-            indices = torch.topk(biased, self.top_k, dim=-1).indices  # [N, k]
+            indices = group_limited_top_k(biased, self.top_k, self.num_groups, self.top_k_groups)
             if training:
                 self.expert_load += count_ids(indices, self.num_experts).to(self.expert_load.dtype)
         weights = scores.gather(-1, indices)  # [N, k] unbiased scores
