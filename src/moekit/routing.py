@@ -112,6 +112,28 @@ def group_limited_top_k(
     return torch.topk(masked.view(num_tokens, num_experts), top_k, dim=-1).indices  # [N, k]
 
 
+def sigmoid_routing(
+    logits: Tensor,
+    expert_bias: Tensor | None,
+    top_k: int,
+    num_groups: int = 1,
+    top_k_groups: int | None = None,
+    normalize: bool = True,
+) -> Routing:
+    """`SigmoidRouter`'s decision on clean logits [N, E]: choice by sigmoid + `expert_bias` [E]
+    (group-limited), weights the unbiased scores of the chosen experts, renormalised over k
+    when `normalize`; probs the scores normalised over E (the balancing loss's P)."""
+    scores = torch.sigmoid(logits)  # [N, E]
+    with torch.no_grad():
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        indices = group_limited_top_k(biased, top_k, num_groups, top_k_groups)  # [N, k]
+    weights = scores.gather(-1, indices)  # [N, k] unbiased scores
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    probs = scores / scores.sum(-1, keepdim=True)  # [N, E]
+    return Routing(indices, weights, probs, logits)
+
+
 def top_k_gating(
     token_embeddings: Tensor, gating_network: nn.Module, k: int = 2
 ) -> tuple[Tensor, Tensor]:
@@ -349,17 +371,19 @@ class SigmoidRouter(Router):
 
     def _route(self, x: Tensor, training: bool) -> Routing:
         logits = self.gate_logits(x, training)  # [N, E]
-        scores = torch.sigmoid(logits)  # [N, E]
-        with torch.no_grad():
-            biased = scores + self.expert_bias.to(scores.dtype)
-            indices = group_limited_top_k(biased, self.top_k, self.num_groups, self.top_k_groups)
-            if training:
-                self.expert_load += count_ids(indices, self.num_experts).to(self.expert_load.dtype)
-        weights = scores.gather(-1, indices)  # [N, k] unbiased scores
-        if self.normalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        probs = scores / scores.sum(-1, keepdim=True)  # [N, E] for the balancing loss
-        return Routing(indices, weights, probs, logits)
+        routing = sigmoid_routing(
+            logits,
+            self.expert_bias,
+            self.top_k,
+            self.num_groups,
+            self.top_k_groups,
+            self.normalize,
+        )
+        if training:
+            self.expert_load += count_ids(routing.indices, self.num_experts).to(
+                self.expert_load.dtype
+            )
+        return routing
 
     @torch.no_grad()
     def update_bias(self, group: dist.ProcessGroup | None = None) -> None:

@@ -1,0 +1,245 @@
+"""transformers' MoE families on moekit's engine (`moekit.hf`), against the real package.
+
+Tiny random configs, no downloads. For each family: logits, loss (with the router auxiliary
+loss where the family has one) and every gradient equal before and after `patch_model` (fp32,
+<= 1e-5 relative); `state_dict` keys unchanged; `save_pretrained` -> `from_pretrained` of a
+patched model round-trips; `moe_from_hf` computes what the block computes and `moe_to_hf`
+copies back exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from moekit import MoE  # noqa: E402
+from moekit.hf import is_patched, moe_from_hf, moe_to_hf, patch_model, unpatch_model  # noqa: E402
+
+COMMON = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    output_router_logits=True,
+    router_aux_loss_coef=0.02,
+)
+
+
+def _mixtral():
+    config = transformers.MixtralConfig(
+        intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, **COMMON
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+def _qwen2_moe(norm_topk_prob=False):
+    config = transformers.Qwen2MoeConfig(
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=norm_topk_prob,
+        mlp_only_layers=[0],  # one dense layer: left alone
+        **{**COMMON, "num_hidden_layers": 3},
+    )
+    return transformers.Qwen2MoeForCausalLM(config)
+
+
+def _qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        num_experts=6,
+        num_experts_per_tok=3,
+        norm_topk_prob=True,
+        head_dim=8,
+        **COMMON,
+    )
+    return transformers.Qwen3MoeForCausalLM(config)
+
+
+def _olmoe():
+    config = transformers.OlmoeConfig(
+        intermediate_size=24, num_experts=4, num_experts_per_tok=2, eos_token_id=1, **COMMON
+    )
+    return transformers.OlmoeForCausalLM(config)
+
+
+def _deepseek_v3(norm_topk_prob=True):
+    config = transformers.DeepseekV3Config(
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=norm_topk_prob,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4},
+    )
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
+FAMILIES = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen2_moe_norm": lambda: _qwen2_moe(True),
+    "qwen3_moe": _qwen3_moe,
+    "olmoe": _olmoe,
+    "deepseek_v3": _deepseek_v3,
+    "deepseek_v3_unnormalised": lambda: _deepseek_v3(False),
+}
+
+
+def _model(family: str) -> nn.Module:
+    """A tiny random model whose routers make clear choices (router weights ~N(0, 1), a random
+    DeepSeek correction bias), so both sides pick the same experts without near-ties."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = FAMILIES[family]()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 1.0)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.3)
+    return model
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def _run(model: nn.Module, ids: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+BLOCKS = {"mixtral": 2, "qwen2_moe": 2, "qwen2_moe_norm": 2, "qwen3_moe": 2, "olmoe": 2}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_model_equals_transformers(family):
+    model = _model(family).train()
+    patched = copy.deepcopy(model)
+    assert patch_model(patched) == BLOCKS.get(family, 2)
+    assert patch_model(patched) == 0  # a second call is a no-op
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    want, want_grads = _run(model, ids)
+    got, got_grads = _run(patched, ids)
+    assert _rel(got.logits, want.logits) <= 1e-5
+    assert _rel(got.loss, want.loss) <= 1e-5
+    if want.aux_loss is not None:  # the router logits still reach transformers' aux loss
+        assert _rel(got.aux_loss, want.aux_loss) <= 1e-5
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert _rel(got_grads[name], grad) <= 1e-5, name
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    assert [n for n, _ in patched.named_modules()] == [n for n, _ in model.named_modules()]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_save_pretrained_round_trip_of_a_patched_model(family, tmp_path):
+    model = _model(family).eval()
+    patch_model(model)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids = torch.randint(0, 64, (2, 9))
+    want = model(ids).logits
+    assert patch_model(loaded) > 0
+    torch.testing.assert_close(loaded(ids).logits, want)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_moe_from_hf_computes_the_block(family):
+    model = _model(family)
+    block = next(m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate"))
+    layer = moe_from_hf(block)
+    assert isinstance(layer, MoE)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    want = block(x)
+    (gx_want,) = torch.autograd.grad(want.square().sum(), x)
+    got = layer(x).output
+    (gx_got,) = torch.autograd.grad(got.square().sum(), x)
+    assert _rel(got, want) <= 1e-5 and _rel(gx_got, gx_want) <= 1e-5
+
+    other = _model(family)  # different random weights of the same sizes
+    target = next(m for m in other.modules() if hasattr(m, "experts") and hasattr(m, "gate"))
+    moe_to_hf(layer, target)
+    mine = block.state_dict()
+    assert target.state_dict().keys() == mine.keys()
+    for name, theirs in target.state_dict().items():
+        assert torch.equal(theirs, mine[name]), name  # the round trip is exact
+
+
+def test_patched_blocks_follow_the_model():
+    """The engine reads the model's tensors at each call: loaded weights, dtype moves, modes."""
+    model = _model("mixtral").eval()
+    patch_model(model)
+    ids = torch.randint(0, 64, (2, 7))
+    fresh = _model("mixtral").eval()
+    with torch.no_grad():
+        for param in fresh.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(model(ids).logits, fresh(ids).logits)
+    model.to(torch.bfloat16)
+    assert model(ids).logits.dtype == torch.bfloat16
+    model.train()
+    block = model.model.layers[0].mlp
+    assert block.forward.experts.training
+
+
+def test_unpatch_and_deepcopy():
+    model = _model("qwen2_moe").eval()
+    patch_model(model)
+    ids = torch.randint(0, 64, (2, 6))
+    want = model(ids).logits
+    clone = copy.deepcopy(model)
+    assert is_patched(clone.model.layers[1].mlp)
+    assert clone.model.layers[1].mlp.forward.block is clone.model.layers[1].mlp
+    torch.testing.assert_close(clone(ids).logits, want)
+    assert unpatch_model(model) == 2
+    assert not any(is_patched(m) for m in model.modules())
+    torch.testing.assert_close(model(ids).logits, want)
+
+
+class FooSparseMoeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 2)
+        self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+
+def test_unsupported_blocks_are_left_alone_with_one_warning():
+    model = nn.Sequential(FooSparseMoeBlock(), FooSparseMoeBlock())
+    with pytest.warns(UserWarning, match="FooSparseMoeBlock") as record:
+        assert patch_model(model) == 0
+    assert len(record) == 1
+    with pytest.raises(TypeError, match="FooSparseMoeBlock"):
+        moe_from_hf(model[0])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        patch_model("not a model")
