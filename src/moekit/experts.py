@@ -12,7 +12,7 @@ so DDP needs no `find_unused_parameters`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,17 @@ class ExpertBank(nn.Module):
     def __len__(self) -> int:
         return self.num_experts
 
+    def __getitem__(self, index: int) -> BankExpert:
+        """Expert `index` as a module over this bank's storage (seed 003 iterates experts)."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"expert index must be an int, got {type(index).__name__}")
+        if not -self.num_experts <= index < self.num_experts:
+            raise IndexError(f"expert index {index} out of range for {self.num_experts} experts")
+        return BankExpert(self, index % self.num_experts)
+
+    def __iter__(self) -> Iterator[BankExpert]:
+        return (BankExpert(self, e) for e in range(self.num_experts))
+
     def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """Apply expert e to its segment of rows.
 
@@ -237,7 +248,8 @@ class ExpertBank(nn.Module):
         return out
 
     def to_modules(self) -> ExpertList:
-        """The same experts as a list of `MLPExpert` modules with copied weights."""
+        """The same experts as a list of `MLPExpert` modules with copied weights, in this
+        bank's train/eval mode."""
         experts = []
         for e in range(self.num_experts):
             expert = MLPExpert(
@@ -254,7 +266,7 @@ class ExpertBank(nn.Module):
                     expert.fc1.bias.copy_(self.b1[e])
                     expert.fc2.bias.copy_(self.b2[e])
             experts.append(expert)
-        return ExpertList(experts)
+        return ExpertList(experts).train(self.training)
 
     def extra_repr(self) -> str:
         return (
@@ -262,6 +274,52 @@ class ExpertBank(nn.Module):
             f"activation={self.activation!r}, bias={self.b1 is not None}, "
             f"dropout={self.dropout}, backend={self.backend!r}"
         )
+
+
+class BankExpert(nn.Module):
+    """Expert e of an `ExpertBank` as a module: callable on rows [n, d] -> [n, d] with the
+    bank's weights (gradients reach the bank), in the bank's train/eval mode.
+
+    `weight` is the first layer's weight in `nn.Linear` layout [h or 2h, d] (seed 000's checks
+    read `expert.weight`): a leaf sharing the bank's storage, whose `.grad` is expert e's slice
+    of the bank's gradient when the bank has one. The bank is not a submodule: the expert owns
+    no parameters of its own.
+    """
+
+    def __init__(self, bank: ExpertBank, index: int) -> None:
+        super().__init__()
+        self.__dict__["bank"] = bank
+        self.index = index
+
+    @property
+    def training(self) -> bool:  # the bank's mode
+        return self.bank.training
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        pass
+
+    @property
+    def weight(self) -> nn.Parameter:
+        bank, e = self.bank, self.index
+        weight = nn.Parameter(bank.w1.detach()[e].t(), requires_grad=bank.w1.requires_grad)
+        if bank.w1.grad is not None:
+            weight.grad = bank.w1.grad[e].t()
+        return weight
+
+    def forward(self, rows: Tensor) -> Tensor:
+        bank, e = self.bank, self.index
+        dtype = compute_dtype(rows, bank.w1)
+        hidden = rows.to(dtype) @ bank.w1[e].to(dtype)  # [n, h or 2h]
+        if bank.b1 is not None:
+            hidden = hidden + bank.b1[e].to(dtype)
+        out = _activate(hidden, bank.activation) @ bank.w2[e].to(dtype)  # [n, d]
+        if bank.b2 is not None:
+            out = out + bank.b2[e].to(dtype)
+        return dropout(out, bank.dropout, bank.training)
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, bank={self.bank.extra_repr()}"
 
 
 def compute_dtype(rows: Tensor, weight: Tensor) -> torch.dtype:

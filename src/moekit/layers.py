@@ -208,6 +208,14 @@ class MoE(nn.Module):
         self._stats_inputs: tuple | None = None  # routing_stats' arguments, until read
         self.parallel: Parallel | None = None  # set by moekit.parallel.expert_parallel
 
+    def __getstate__(self) -> dict:
+        """What deepcopy and pickle copy: the last forward's losses detached (their graph stays
+        with the original), so `copy.deepcopy` and `AveragedModel` work after a forward."""
+        state = dict(super().__getstate__())
+        state["aux_losses"] = {name: loss.detach() for name, loss in self.aux_losses.items()}
+        state["aux_loss"] = None if self.aux_loss is None else self.aux_loss.detach()
+        return state
+
     def plan(self, routing: Routing | ExpertChoice, num_tokens: int) -> DispatchPlan:
         """The dispatch plan of a routing decision."""
         if isinstance(routing, ExpertChoice):
