@@ -188,3 +188,28 @@ def test_generation_replays_cuda_graphs(caplog):
     assert all(v is not None for v in decoder._graphs.values())
     again = model.generate(start, 40, generator=torch.Generator("cuda").manual_seed(0))
     assert again.shape == out.shape == (1, 41)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_hf_patched_model_on_cuda(family, dtype):
+    """transformers' models patched onto the engine on CUDA (the grouped paths read the
+    transposed expert tensors in place) against the unpatched model on the same device."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from moekit.hf import patch_model
+    from test_hf import _model
+
+    model = _model(family).to("cuda", dtype).train()
+    patched = copy.deepcopy(model)
+    assert patch_model(patched) > 0
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    outs = []
+    for m in (model, patched):
+        out = m(ids, labels=ids)
+        out.loss.backward()
+        grad = next(p for n, p in m.named_parameters() if n.endswith("experts.gate_up_proj")).grad
+        outs.append((out.logits, grad))
+    for got, want in zip(outs[1], outs[0], strict=True):
+        _close(got, want, dtype)
