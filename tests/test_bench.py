@@ -10,7 +10,7 @@ import torch
 
 from moekit.bench import BenchOptions, LayerShape, run_bench
 from moekit.bench.hf_peer import available as hf_available
-from moekit.bench.layer import HF_CASE
+from moekit.bench.layer import HF_CASE, PATCHED_CASE
 from moekit.bench.seed_loop import SeedLoopMoE
 from moekit.bench.timing import peak_extra_bytes
 from moekit.cli import main
@@ -98,7 +98,7 @@ def test_run_bench_measures_every_case(capsys):
         "moekit forward",
         "limit forward",
         "seed loop",
-    } | ({HF_CASE} if hf_available() else set())  # SwiGLU: transformers' Mixtral block
+    } | ({HF_CASE, PATCHED_CASE} if hf_available() else set())  # SwiGLU: HF's Mixtral block
     assert cases["moekit"].ratio == pytest.approx(cases["moekit"].ms / cases["limit"].ms)
     assert cases["moekit"].peak_bytes > 0 and cases["limit"].peak_bytes > 0
     assert cases["moekit"].tflops > 0 and cases["router"].tflops is None

@@ -8,12 +8,14 @@ mode with dropout 0 and a random contiguous upstream gradient; "forward" cases a
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..hf import patch_model
 from ..layers import MoE
 from .hf_peer import available as hf_available
 from .hf_peer import mixtral_peer
@@ -61,6 +63,7 @@ def layer_flops(shape: LayerShape, activation: str, train: bool) -> float:
 
 
 HF_CASE = "HF Mixtral grouped_mm"
+PATCHED_CASE = "HF Mixtral patched"  # the same block after moekit.hf.patch_model
 
 
 @dataclass
@@ -170,7 +173,8 @@ def bench_layer(
     hf_peer: bool = True,
 ) -> list[Result]:
     """Time moekit's layer, the LIMIT, the router and the seed loop at one shape, interleaved;
-    with SwiGLU and transformers installed, also transformers' Mixtral block (`hf_peer`)."""
+    with SwiGLU and transformers installed, also transformers' Mixtral block (`hf_peer`), as
+    it ships and after `moekit.hf.patch_model`."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     n, d, k = shape.tokens, shape.d_model, shape.top_k
@@ -182,8 +186,13 @@ def bench_layer(
     if hf_peer and activation == "swiglu" and hf_available():
         try:
             mods[HF_CASE] = mixtral_peer(mods["moekit"]).train()
+            mods[PATCHED_CASE] = copy.deepcopy(mods[HF_CASE])
+            if patch_model(mods[PATCHED_CASE]) != 1:
+                raise RuntimeError("patch_model did not patch the Mixtral block")
         except Exception as err:  # another transformers version: the table goes on without it
             warnings.warn(f"{HF_CASE} peer skipped: {type(err).__name__}: {err}", stacklevel=2)
+            mods.pop(HF_CASE, None)
+            mods.pop(PATCHED_CASE, None)
     x, rows = tensor(n, d).requires_grad_(), tensor(n * k, d).requires_grad_()
     steps = {
         "moekit": _Step(mods["moekit"], x, tensor(n, d), True),
@@ -194,12 +203,13 @@ def bench_layer(
     }
     if seed_loop:
         steps["seed loop"] = _Step(mods["seed loop"], x, tensor(n, d), True)
-    if HF_CASE in mods:
-        steps[HF_CASE] = _Step(mods[HF_CASE], x, tensor(n, d), True)
+    for case in (HF_CASE, PATCHED_CASE):
+        if case in mods:
+            steps[case] = _Step(mods[case], x, tensor(n, d), True)
     times = interleaved_medians(steps, rounds=rounds, warmup=warmup, device=device)
     peaks = {}
     if memory:
-        for name in ("moekit", "limit", "seed loop", HF_CASE):
+        for name in ("moekit", "limit", "seed loop", HF_CASE, PATCHED_CASE):
             if name in steps:
                 peaks[name] = peak_extra_bytes(steps[name], steps[name].module, device)
     label = str(dtype).removeprefix("torch.")
