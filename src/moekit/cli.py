@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from ._extras import MissingExtraError, require
 
 
 def _flag_type(annotation: str):
@@ -85,9 +86,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tqdm_write(line: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(line)
+    require("tqdm.auto", "train", "The progress bar").tqdm.write(line)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -276,6 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except (ValueError, RuntimeError, FloatingPointError) as err:
+    except (ValueError, RuntimeError, FloatingPointError, MissingExtraError) as err:
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from ._extras import require
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (PNG files, no display)."""
+    require("matplotlib", "train", "Plotting the training curves").use("Agg")
+    return require("matplotlib.pyplot", "train", "Plotting the training curves")
 
 
 def plot_losses(evals: list[dict], path: Path) -> Path:
     """Train and val loss at each evaluation: evals = [{"step", "train_loss", "val_loss"}]."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [e["step"] for e in evals]
     ax.plot(steps, [e["train_loss"] for e in evals], label="train")
@@ -34,6 +38,7 @@ def plot_expert_load(steps: list[int], load: list[list[list[float]]], path: Path
         steps: The step closing each measurement window [S] (a window starts at the step before).
         load: [S][layers][experts] fractions (each layer's row sums to 1).
     """
+    plt = pyplot()
     num_layers, num_experts = len(load[0]), len(load[0][0])
     edges = [0, *steps]  # window s covers (steps[s-1], steps[s]]
     fig, axes = plt.subplots(num_layers, 1, figsize=(8, 1.0 + 1.1 * num_layers), squeeze=False)

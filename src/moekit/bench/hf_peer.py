@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._extras import require
 from ..experts import ExpertBank
 from ..layers import MoE
 from ..routing import SoftmaxRouter
@@ -38,6 +39,7 @@ class HFMixtralPeer(nn.Module):
 def mixtral_peer(moe: MoE, implementation: str = "grouped_mm") -> HFMixtralPeer:
     """transformers' Mixtral block holding `moe`'s weights (a SwiGLU `ExpertBank` without
     biases behind a normalised "softmax" router without bias)."""
+    require("transformers", "hf", "The benchmark's Hugging Face peer")
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 

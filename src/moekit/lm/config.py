@@ -7,12 +7,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .._checks import check_choice, check_non_negative, check_positive_int
+from .._extras import require
 from .model import LMConfig
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+
+def _tomllib():
+    """The standard library's TOML reader, or its backport tomli below Python 3.11."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    return require("tomli", "train", "Reading --config on Python < 3.11")  # pragma: no cover
 
 
 def _help(text: str) -> dict:
@@ -177,6 +182,7 @@ def build_config(preset: str = "makemoe", toml_path: str | None = None, **overri
         raise ValueError(f"preset={preset!r} must be one of {sorted(PRESETS)}")
     values: dict = {}
     if toml_path is not None:
+        tomllib = _tomllib()
         try:
             table = tomllib.loads(Path(toml_path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as err:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._extras import require
+
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 )
@@ -115,6 +117,11 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": self.chars}
 
 
+def _tokenizers():
+    """The `tokenizers` library (its submodules models, trainers, ... come with it)."""
+    return require("tokenizers", "train", "The BPE tokenizer (--tokenizer bpe)")
+
+
 class BPETokenizer:
     """Byte-level BPE trained on the corpus with the `tokenizers` library (offline)."""
 
@@ -125,14 +132,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int = 512) -> BPETokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
+        tk = _tokenizers()
+        tok = tk.Tokenizer(tk.models.BPE())
+        tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
             vocab_size=vocab_size,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         tok.train_from_iterator([text], trainer=trainer)
@@ -140,9 +146,7 @@ class BPETokenizer:
 
     @classmethod
     def from_json(cls, data: str) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_str(data))
+        return cls(_tokenizers().Tokenizer.from_str(data))
 
     @property
     def vocab_size(self) -> int:

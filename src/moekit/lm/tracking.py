@@ -12,6 +12,8 @@ import os
 import time
 from pathlib import Path
 
+from .._extras import require
+
 log = logging.getLogger(__name__)
 
 _BATCH = 1000  # metrics per MLflow log_batch call (its limit)
@@ -48,8 +50,7 @@ class MLflowTracker:
     def __init__(
         self, out: Path, experiment: str, tracking_uri: str | None, run_id: str | None
     ) -> None:
-        import mlflow
-
+        mlflow = require("mlflow", "train", "MLflow tracking (off with --no-track)")
         self._mlflow = mlflow
         out = out.resolve()
         uri = tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
@@ -69,7 +70,7 @@ class MLflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffered: sent in batches by `flush` (the trainer logs every step; one SQLite
         transaction a step would cost more than the step's bookkeeping)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # imported by __init__
 
         stamp = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), stamp, step) for k, v in metrics.items()]

@@ -26,12 +26,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .._device import fast_bfloat16
+from .._extras import require
 from ..parallel import expert_parallel, sharded_parameters
 from ..parallel import training as par
-from ..plots import plot_expert_load, plot_losses
+from ..plots import plot_expert_load, plot_losses, pyplot
 from ..routing import update_router_biases
 from .checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -94,6 +94,11 @@ def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return seed * 1_000_003 + 7919 * (rank + 1) + step
 
 
+def _tqdm():
+    """tqdm.auto's progress bar class (a widget in notebooks)."""
+    return require("tqdm.auto", "train", "The progress bar").tqdm
+
+
 def _make_run_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,9 @@ class Trainer:
         if cfg.data is not None:  # absolute, so `moekit eval` finds it from anywhere
             cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
         self.cfg = cfg
+        # optional packages imported now, so a missing extra stops the run before any work
+        _tqdm()
+        pyplot()  # used at the end of the run, for the plots
         device = _device(cfg.device)  # checked before any process group starts
         self.topo = par.init_distributed(cfg.expert_parallel, cfg.device, cfg.dist_timeout)
         self.is_main = self.topo is None or self.topo.is_main
@@ -294,7 +302,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         block_size = self.model_config.block_size
-        bar = tqdm(
+        bar = _tqdm()(
             total=2 * cfg.eval_iters,
             desc=f"eval at step {self.step}",
             unit="batch",
@@ -414,7 +422,7 @@ class Trainer:
             params = {k: v for k, v in cfg.to_dict().items() if k != "model"}
             self.tracker.log_params(params | self.model_config.to_dict())
         tokens_per_step = cfg.batch_size * self.model_config.block_size
-        bar = tqdm(
+        bar = _tqdm()(
             total=cfg.max_iters,
             initial=self.step,
             disable=not (cfg.progress and self.is_main),
