@@ -32,6 +32,7 @@ from .routing import (
 )
 from .soft import SoftMoE
 from .stats import MoEStats, routing_stats
+from .upcycle import UpcycledMoE, upcycle
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,8 @@ __all__ = [
     "MoEOutput",
     "total_aux_loss",
     "SoftMoE",
+    "upcycle",
+    "UpcycledMoE",
     # the seeds' names
     "SimpleMoELayer",
     "TopKRouter",

@@ -3,6 +3,8 @@
 moekit train     train (or --resume) the makeMoE language model
 moekit generate  sample text from a checkpoint
 moekit eval      validation loss and perplexity of a checkpoint
+moekit upcycle   a dense run's checkpoint -> an MoE run of E copies of each feed-forward
+moekit import-makemoe  makeMoE's saved weights -> a moekit checkpoint
 moekit bench     the MoE layer and language model against the dense limit and the seeds
 moekit info      the versions, threads and kernels this machine gives moekit
 """
@@ -118,6 +120,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from .lm.convert import upcycle_checkpoint
+
+    path = upcycle_checkpoint(
+        args.checkpoint, args.out, args.num_experts, args.top_k, seed=args.seed
+    )
+    print(
+        f"upcycled {args.checkpoint} to {args.num_experts} experts: checkpoint {path} "
+        "(optimizer state fresh)\n"
+        f"train on: moekit train --resume --out {args.out} <the dense run's flags> "
+        f"--num-experts {args.num_experts}" + (f" --top-k {args.top_k}" if args.top_k else "")
+    )
+    return 0
+
+
+def _import_makemoe(args: argparse.Namespace) -> int:
+    from .lm.convert import import_makemoe
+
+    path = import_makemoe(
+        args.file, args.out, data=args.data, top_k=args.top_k, dropout=args.dropout
+    )
+    print(f"imported {args.file}: checkpoint {path}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import (
         CPU_SHAPES,
@@ -228,6 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
     evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: run's)")
     evaluate.set_defaults(run=_eval)
+
+    upcycle = commands.add_parser(
+        "upcycle",
+        help="sparse upcycling: a dense run (--num-experts 1) -> an MoE run of E copies",
+        description="Copy each layer's one expert E times behind a new router (Komatsuzaki et "
+        "al. 2022). The new run keeps the dense step, data stream and history; the optimizer "
+        "state is fresh. Continue with moekit train --resume --out OUT and the dense run's "
+        "flags with --num-experts (and --top-k) changed.",
+    )
+    upcycle.add_argument(
+        "--checkpoint", required=True, help="a dense run directory (its newest checkpoint) or one"
+    )
+    upcycle.add_argument("--num-experts", type=int, required=True, help="experts E per layer")
+    upcycle.add_argument(
+        "--top-k", type=int, default=None, help="experts per token (default: min(2, E))"
+    )
+    upcycle.add_argument("--out", required=True, help="the new run directory")
+    upcycle.add_argument("--seed", type=int, default=0, help="seed of the new routers' weights")
+    upcycle.set_defaults(run=_upcycle)
+
+    makemoe = commands.add_parser(
+        "import-makemoe",
+        help="makeMoE's weights (torch.save(model.state_dict(), FILE)) -> a moekit checkpoint",
+    )
+    makemoe.add_argument("file", help="the .pt file of makeMoE's model.state_dict()")
+    makemoe.add_argument("--out", required=True, help="the new run directory")
+    makemoe.add_argument(
+        "--data",
+        default=None,
+        help="makeMoE's training text, whose characters are the vocabulary (default: "
+        "tinyshakespeare)",
+    )
+    makemoe.add_argument("--top-k", type=int, default=2, help="experts per token (default: 2)")
+    makemoe.add_argument(
+        "--dropout", type=float, default=0.1, help="dropout for further training (default: 0.1)"
+    )
+    makemoe.set_defaults(run=_import_makemoe)
 
     bench = commands.add_parser("bench", help="benchmark against the dense limit and the seeds")
     bench.add_argument("--quick", action="store_true", help="float32 ReLU, few rounds: < 1 min")

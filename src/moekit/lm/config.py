@@ -198,5 +198,10 @@ def build_config(preset: str = "makemoe", toml_path: str | None = None, **overri
     if unknown:
         raise ValueError(f"unknown configuration keys {sorted(unknown)}")
     base = PRESETS[preset]
-    model = replace(base.model, **{k: v for k, v in values.items() if k in MODEL_FIELDS})
+    model_values = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    num_experts = model_values.get("num_experts")
+    if "top_k" not in model_values and isinstance(num_experts, int) and num_experts >= 1:
+        # the preset's top_k, at most num_experts: --num-experts 1 alone is the dense model
+        model_values["top_k"] = min(base.model.top_k, num_experts)
+    model = replace(base.model, **model_values)
     return replace(base, model=model, **{k: v for k, v in values.items() if k in TRAIN_FIELDS})
