@@ -285,14 +285,17 @@ def test_cli_upcycle_equals_dense_then_resumes(dense_run, text_file, tmp_path, c
     state = ckpt.latest_checkpoint(out).state
     assert ckpt.latest_checkpoint(out).optimizer["state"] == {}  # fresh optimizer state
     assert state["model_config"]["num_experts"] == 4 and state["train_config"]["out"] == str(out)
-    # (b) training goes on from the dense step
-    assert main(_train_flags(text_file, out, 9, "--resume", "--num-experts", "4")) == 0
+    # (b) training goes on from the dense step; the model comes from the checkpoint
+    assert main(_train_flags(text_file, out, 9, "--resume")) == 0
     resumed = ckpt.latest_checkpoint(out)
     assert resumed.step == 9
     history = resumed.state["history"]
     assert len(history["train_losses"]) == 9  # the dense run's 6, then 3 upcycled
     assert [e["step"] for e in history["evals"]] == [0, 4, 5, 8]
     assert json.loads((out / "config.json").read_text())["model"]["num_experts"] == 4
+    # a model flag that contradicts the checkpoint is an error, not a silent change
+    assert main(_train_flags(text_file, out, 10, "--resume", "--num-experts", "2")) != 0
+    assert "differs from the requested" in capsys.readouterr().err
 
 
 def test_cli_upcycle_refusals(dense_run, tmp_path, capsys):

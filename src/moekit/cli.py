@@ -17,6 +17,7 @@ import os
 import platform
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,10 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items() if k in MODEL_FIELDS | TRAIN_FIELDS}
     cfg = build_config(args.preset, args.config, **overrides)
+    if args.resume:  # model flags left out come from the checkpoint (e.g. an upcycled run)
+        saved = _saved_model_config(cfg.out)
+        if saved is not None:
+            cfg = build_config(args.preset, args.config, model_base=saved, **overrides)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if main_rank:
         print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
@@ -85,6 +90,15 @@ def _train(args: argparse.Namespace) -> int:
             f"done: step {result.step}, checkpoint {result.checkpoint}, run directory {result.out}"
         )
     return 0
+
+
+def _saved_model_config(out: str):
+    """The model config of the newest valid checkpoint in `out`, or None."""
+    from .lm.checkpoint import latest_checkpoint
+    from .lm.model import LMConfig
+
+    checkpoint = latest_checkpoint(Path(out))
+    return None if checkpoint is None else LMConfig.from_dict(checkpoint.state["model_config"])
 
 
 def _tqdm_write(line: str) -> None:
@@ -129,8 +143,7 @@ def _upcycle(args: argparse.Namespace) -> int:
     print(
         f"upcycled {args.checkpoint} to {args.num_experts} experts: checkpoint {path} "
         "(optimizer state fresh)\n"
-        f"train on: moekit train --resume --out {args.out} <the dense run's flags> "
-        f"--num-experts {args.num_experts}" + (f" --top-k {args.top_k}" if args.top_k else "")
+        f"train on: moekit train --resume --out {args.out} <the dense run's training flags>"
     )
     return 0
 
@@ -261,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="sparse upcycling: a dense run (--num-experts 1) -> an MoE run of E copies",
         description="Copy each layer's one expert E times behind a new router (Komatsuzaki et "
         "al. 2022). The new run keeps the dense step, data stream and history; the optimizer "
-        "state is fresh. Continue with moekit train --resume --out OUT and the dense run's "
-        "flags with --num-experts (and --top-k) changed.",
+        "state is fresh. Continue with moekit train --resume --out OUT (the model comes from "
+        "the checkpoint) and the dense run's training flags.",
     )
     upcycle.add_argument(
         "--checkpoint", required=True, help="a dense run directory (its newest checkpoint) or one"

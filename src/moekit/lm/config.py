@@ -172,8 +172,17 @@ MODEL_FIELDS = {f.name for f in fields(LMConfig)} - {"vocab_size"}
 TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"model"}
 
 
-def build_config(preset: str = "makemoe", toml_path: str | None = None, **overrides) -> TrainConfig:
+def build_config(
+    preset: str = "makemoe",
+    toml_path: str | None = None,
+    *,
+    model_base: LMConfig | None = None,
+    **overrides,
+) -> TrainConfig:
     """preset, then the TOML file (flat keys or a [model] table), then `overrides` (flat keys).
+
+    `model_base` replaces the preset's model (a resumed run's saved config: model keys that the
+    file and the flags leave out come from it).
 
     Raises:
         ValueError: An unknown preset or key, or a value out of range.
@@ -198,6 +207,8 @@ def build_config(preset: str = "makemoe", toml_path: str | None = None, **overri
     if unknown:
         raise ValueError(f"unknown configuration keys {sorted(unknown)}")
     base = PRESETS[preset]
+    if model_base is not None:
+        base = replace(base, model=model_base)
     model_values = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     num_experts = model_values.get("num_experts")
     if "top_k" not in model_values and isinstance(num_experts, int) and num_experts >= 1:
