@@ -22,15 +22,8 @@ from torch import Tensor, nn
 from ._checks import check_non_negative, check_positive_int, check_top_k
 from ._dropout import Dropout
 from .experts import ExpertBank, ExpertList, MLPExpert
-from .layers import ROUTERS, MoE
-from .routing import (
-    ExpertChoiceRouter,
-    NoisyRouter,
-    Router,
-    SigmoidRouter,
-    SoftmaxRouter,
-    SwitchRouter,
-)
+from .layers import ROUTERS, MoE, _build_router
+from .routing import ExpertChoiceRouter, Router, SwitchRouter
 
 log = logging.getLogger(__name__)
 
@@ -154,19 +147,6 @@ def _grown_experts(experts: nn.Module, num_experts: int, name: str) -> nn.Module
     return bank
 
 
-def _router_named(name: str, d_model: int, num_experts: int, top_k: int) -> Router:
-    if name not in ROUTERS:
-        raise ValueError(f"router={name!r} must be one of {ROUTERS} or a moekit Router")
-    if name == "switch":
-        if top_k != 1:
-            raise ValueError(f"top_k={top_k} must be 1 for router='switch'")
-        return SwitchRouter(d_model, num_experts)
-    if name == "expert_choice":
-        return ExpertChoiceRouter(d_model, num_experts, top_k)
-    cls = {"softmax": SoftmaxRouter, "noisy": NoisyRouter, "sigmoid": SigmoidRouter}[name]
-    return cls(d_model, num_experts, top_k)
-
-
 def _resized_router(old: Router, num_experts: int, top_k: int) -> Router:
     """A router of the same class and options as `old` for E experts: its [E, d] gates and
     [E] buffers are new, the rest (bias flags, jitter, normalisation) is kept."""
@@ -203,7 +183,7 @@ def _new_router(
     if spec is None and old is not None:
         router = _resized_router(old, num_experts, top_k)
     elif spec is None or isinstance(spec, str):
-        router = _router_named(spec or "softmax", d_model, num_experts, top_k)
+        router = _build_router(spec or "softmax", d_model, num_experts, top_k, None, {})
     else:
         raise TypeError(
             f"router must be a name in {ROUTERS}, a moekit Router or None, got {spec!r}"
