@@ -276,6 +276,12 @@ class ExpertBank(nn.Module):
         )
 
 
+def mode_of(owner: str) -> property:
+    """A `training` property for a view module: the mode of the module in attribute `owner`
+    (setting it, as `nn.Module.__init__` and `.train()` do, changes nothing)."""
+    return property(lambda self: getattr(self, owner).training, lambda self, value: None)
+
+
 class BankExpert(nn.Module):
     """Expert e of an `ExpertBank` as a module: callable on rows [n, d] -> [n, d] with the
     bank's weights (gradients reach the bank), in the bank's train/eval mode.
@@ -291,13 +297,7 @@ class BankExpert(nn.Module):
         self.__dict__["bank"] = bank
         self.index = index
 
-    @property
-    def training(self) -> bool:  # the bank's mode
-        return self.bank.training
-
-    @training.setter
-    def training(self, value: bool) -> None:
-        pass
+    training = mode_of("bank")
 
     @property
     def weight(self) -> nn.Parameter:

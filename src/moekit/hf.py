@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dispatch import make_plan
-from .experts import ExpertBank
+from .experts import ExpertBank, mode_of
 from .layers import MoE
 from .routing import router_dtype, sigmoid_routing, softmax_top_k
 
@@ -103,13 +103,7 @@ class HFExperts(ExpertBank):
     def w2(self) -> Tensor:
         return self.source.down_proj.transpose(1, 2)  # [E, h, d]
 
-    @property
-    def training(self) -> bool:  # the source's mode
-        return self.source.training
-
-    @training.setter
-    def training(self, value: bool) -> None:
-        pass
+    training = mode_of("source")
 
 
 class _Router:
