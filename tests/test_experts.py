@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from moekit import ExpertBank, ExpertList, MLPExpert, MoE
+from moekit import ExpertBank, ExpertList, MLPExpert, MoE, SoftmaxRouter, make_plan
 from moekit.ops.grouped import _ContiguousGrad, grouped_mm_supported
 
 SIZES = [torch.tensor(s) for s in ([3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 0, 0, 0])]
@@ -237,3 +237,29 @@ def test_fused_moe_custom_op_registration(activation, bias, dropout, capacity):
     scale = 1 / 0.7 if dropout else 1.0
     args = (x, token_index, weight, sizes, w1, b1, w2, b2, keep, scale, activation, capacity)
     torch.library.opcheck(_fused_op, args)
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped", "loop", "padded"])
+def test_experts_stored_transposed_get_gradients_in_their_layout(backend):
+    """transformers keeps experts as gate_up_proj [E, 2h, d] and down_proj [E, d, h]; the
+    engine reads them as transposed views (moekit.hf.HFExperts) and must hand back gradients
+    that land in those tensors without a layout copy, equal to a bank's."""
+    from moekit.hf import HFExperts
+
+    torch.manual_seed(0)
+    bank = ExpertBank(6, 16, 12, "swiglu", backend=backend)
+    source = torch.nn.Module()
+    source.gate_up_proj = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous())
+    source.down_proj = torch.nn.Parameter(bank.w2.detach().transpose(1, 2).contiguous())
+    view = HFExperts(source)
+    view.backend = backend
+    x = torch.randn(40, 16)
+    routing = SoftmaxRouter(16, 6, 2)(x)
+    plan = make_plan(routing.indices, routing.weights.detach(), 6)
+    upstream = torch.randn(40, 16)
+    want = torch.autograd.grad((bank.dispatch(x, plan) * upstream).sum(), [bank.w1, bank.w2])
+    leaves = [source.gate_up_proj, source.down_proj]
+    got = torch.autograd.grad((view.dispatch(x, plan) * upstream).sum(), leaves)
+    for g, w in zip(got, want, strict=True):
+        assert g.is_contiguous()  # the transposed layout all the way: no copy to accumulate
+        torch.testing.assert_close(g.transpose(1, 2), w)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._layout import batched_weight_grad
 from .segment_mlp import (
     _activate,
     _activation_backward,
@@ -111,7 +112,7 @@ class _Padded:
         return torch.bmm(g, w.transpose(1, 2))
 
     def weight_grads(self, t: Tensor, g: Tensor, w: Tensor, has_bias: bool):
-        return torch.bmm(t.transpose(1, 2), g), (g.sum(1) if has_bias else None)
+        return batched_weight_grad(t, g, w), (g.sum(1) if has_bias else None)
 
     def row_dot(self, a: Tensor, b: Tensor) -> Tensor:
         flat = _row_dot(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._layout import transposed
 from ._triton import triton_module
 from .combine import sum_token_rows
 
@@ -55,8 +56,11 @@ def _torch_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
 def _torch_backward(grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor):
     grad = grad.contiguous()
     grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
-    grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets)  # [E, d_in, d_out]
-    return grad_rows.contiguous(), grad_weight.contiguous()
+    if transposed(weight):  # [E, d_out, d_in], seen as [E, d_in, d_out]
+        grad_weight = F.grouped_mm(grad.t(), rows, offs=offsets).transpose(-2, -1)
+    else:
+        grad_weight = F.grouped_mm(rows.t(), grad, offs=offsets).contiguous()  # [E, d_in, d_out]
+    return grad_rows.contiguous(), grad_weight
 
 
 def _triton_kernels(rows: Tensor):
@@ -96,13 +100,16 @@ def _(grad, rows, weight, offsets):
         return _torch_backward(grad, rows, weight, offsets)
     grad = grad.contiguous()
     grad_rows = kernels.grouped_mm_rows(grad, weight.transpose(-2, -1), offsets)  # [M, d_in]
+    if transposed(weight):  # grad^T rows per expert: [E, d_out, d_in], the weight's layout
+        grad_weight = kernels.grouped_mm_weight_grad(grad, rows, offsets, weight.shape[0])
+        return grad_rows, grad_weight.transpose(-2, -1)
     grad_weight = kernels.grouped_mm_weight_grad(rows, grad, offsets, weight.shape[0])
     return grad_rows, grad_weight
 
 
 @_grouped_mm_backward.register_fake
 def _(grad, rows, weight, offsets):
-    return rows.new_empty(rows.shape), weight.new_empty(weight.shape)
+    return rows.new_empty(rows.shape), torch.empty_like(weight)  # the weight's layout
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -119,7 +126,9 @@ def _backward(ctx, grad):
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _uses_custom_op(rows: Tensor) -> bool:
+def _uses_custom_op(rows: Tensor, weight: Tensor) -> bool:
+    if transposed(weight):  # its gradient in its own layout
+        return True
     return rows.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or rows.is_cuda)
 
 
@@ -129,7 +138,7 @@ def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     Args:
         offsets: [E] int32 cumulative group sizes (end of each segment).
     """
-    if _uses_custom_op(rows):
+    if _uses_custom_op(rows, weight):
         return _grouped_mm(rows, weight, offsets)  # traceable, and sync-free on CUDA
     return _ContiguousGrad.apply(F.grouped_mm(rows, weight, offs=offsets))
 
@@ -141,7 +150,7 @@ class _GatheredGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, token_index, row_of, top_k, backend):
         rows = x.index_select(0, token_index)  # [M, d_in]
-        if _uses_custom_op(rows):
+        if _uses_custom_op(rows, weight):
             out = _grouped_mm(rows, weight, offsets)
         else:
             out = F.grouped_mm(rows, weight, offs=offsets)

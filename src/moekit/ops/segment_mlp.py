@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._layout import batched_weight_grad
+
 
 def _segments(sizes: list[int], *tensors: Tensor):
     """(expert, segment of each tensor) for every non-empty segment; one split per tensor."""
@@ -136,10 +138,10 @@ def _padded_backward(grad_out, rows, w1, w2, pre, hidden, group_sizes, capacity,
     num_experts = w1.shape[0]
     index = _padded_index(group_sizes, capacity)
     grad_out = _pad(grad_out, index, num_experts, capacity)  # [E, C, d]
-    grad_w2 = torch.bmm(hidden.transpose(1, 2), grad_out)  # [E, h, d]
+    grad_w2 = batched_weight_grad(hidden, grad_out, w2)  # [E, h, d]
     grad_hidden = torch.bmm(grad_out, w2.transpose(1, 2))  # [E, C, h]
     grad_pre = _activation_backward(grad_hidden, pre, hidden, activation)  # [E, C, width]
-    grad_w1 = torch.bmm(_pad(rows, index, num_experts, capacity).transpose(1, 2), grad_pre)
+    grad_w1 = batched_weight_grad(_pad(rows, index, num_experts, capacity), grad_pre, w1)
     grad_rows = torch.bmm(grad_pre, w1.transpose(1, 2)).view(-1, w1.shape[1])[index]  # [M, d]
     return grad_rows, grad_w1, grad_pre.sum(1), grad_w2, grad_out.sum(1)
 
