@@ -5,11 +5,11 @@
 # and generation on CUDA, then where the time goes (scripts/gpu_profile.py, also with the Triton
 # kernels off). Each part has its own time limit; logs go to $OUT when set.
 #   usage: bash scripts/gpu_check.sh DATA [SECTIONS]
-#   SECTIONS: any of tests,layer,lm,profile,notriton (default: all)
+#   SECTIONS: any of tests,layer,lm,hf,profile,notriton (default: all)
 set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 DATA=${1:?the tinyshakespeare text file}
-SECTIONS=${2:-tests,layer,lm,profile,notriton}
+SECTIONS=${2:-tests,layer,lm,hf,profile,notriton}
 LOG=${OUT:-/tmp}
 want() { [[ ",$SECTIONS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
@@ -31,6 +31,10 @@ lm = bench_train_step(rounds=5, steps=5, dtypes=["float32", "bfloat16"], device=
 lm += bench_generation(tokens=200, rounds=3, device="cuda")
 print(format_lm_table(lm))
 PY
+fi
+if want hf; then  # transformers models' training step before and after moekit.hf.patch_model
+  timeout 120 python scripts/hf_model_step.py --device cuda --dtype bfloat16 --seq 1024 2>&1 \
+    | tee "$LOG/hf.log" | grep -v Warn
 fi
 if want profile; then
   timeout 200 python scripts/gpu_profile.py "$DATA" 2>&1 | tee "$LOG/profile.log"
