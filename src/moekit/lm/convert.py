@@ -287,7 +287,7 @@ def upcycle_checkpoint(
     Args:
         checkpoint: A dense run directory (its newest checkpoint) or checkpoint (num_experts=1).
         out: A new run directory; continue with `moekit train --resume --out OUT` and the
-            dense run's flags with --num-experts and --top-k changed.
+            dense run's training flags (the model's come from the checkpoint).
         num_experts: Experts E per layer.
         top_k: Experts per token k (default min(2, E), makeMoE's 2).
         seed: Seed of the new routers' weights.
