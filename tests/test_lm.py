@@ -330,3 +330,53 @@ def test_kv_cache_write_at_a_device_position_equals_extend():
     got = model._logits(idx[:, 5:], static, torch.tensor([5]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert static.length == 5  # the fixed-shape step leaves the host-side count alone
+
+
+def test_lm_routing_options_reach_every_layer_and_train():
+    """DeepSeek-style layers from the config: group-limited sigmoid routing, a scaling factor,
+    gated shared experts; old checkpoints' configs (without these fields) still load."""
+    config = LMConfig(
+        vocab_size=11,
+        block_size=8,
+        n_embed=16,
+        n_head=2,
+        n_layer=2,
+        num_experts=8,
+        router="sigmoid",
+        num_groups=4,
+        top_k_groups=2,
+        scaling_factor=2.5,
+        num_shared_experts=2,
+        shared_gate=True,
+    )
+    model = SparseMoELanguageModel.from_config(config)
+    for block in model.blocks:
+        router = block.moe.router
+        assert (router.num_groups, router.top_k_groups, router.scaling_factor) == (4, 2, 2.5)
+        shared = block.moe.shared_experts
+        assert shared.gate is not None and shared.mlp.fc2.in_features == 2 * 4 * 16
+    idx = torch.randint(0, 11, (3, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert model.blocks[0].moe.shared_experts.gate.weight.grad is not None
+    noisy = SparseMoELanguageModel.from_config(
+        LMConfig(**{**config.to_dict(), "router": "noisy", "num_groups": 1, "top_k_groups": None})
+    )
+    assert noisy.blocks[0].moe.router.scaling_factor == 2.5
+    old = {k: v for k, v in LMConfig().to_dict().items() if k not in ("num_groups", "shared_gate")}
+    assert LMConfig.from_dict(old) == LMConfig()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_groups=2), "num_groups and top_k_groups need router='sigmoid'"),
+        (dict(router="sigmoid", num_groups=3), "num_groups=3 must divide num_experts=8"),
+        (dict(router="switch", top_k=1, scaling_factor=2.0), "scaling_factor needs router"),
+        (dict(shared_gate=True), "num_shared_experts=0 must be >= 0, and >= 1 with shared_gate"),
+        (dict(num_shared_experts=-1), "num_shared_experts=-1"),
+    ],
+)
+def test_lm_routing_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseMoELanguageModel.from_config(LMConfig(**kwargs))

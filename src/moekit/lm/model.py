@@ -60,6 +60,21 @@ class LMConfig:
         default=0.01, metadata={"help": "coefficient of the Switch load-balancing loss"}
     )
     z_loss_coef: float = field(default=0.0, metadata={"help": "coefficient of the router z-loss"})
+    num_shared_experts: int = field(
+        default=0, metadata={"help": "always-on experts per layer (DeepSeek's shared experts)"}
+    )
+    shared_gate: bool = field(
+        default=False, metadata={"help": "scale the shared experts by a sigmoid gate (Qwen2-MoE)"}
+    )
+    num_groups: int = field(
+        default=1, metadata={"help": "expert groups for group-limited routing (router sigmoid)"}
+    )
+    top_k_groups: int | None = field(
+        default=None, metadata={"help": "groups a token picks its experts from (default: all)"}
+    )
+    scaling_factor: float = field(
+        default=1.0, metadata={"help": "multiplier on the routed weights (routed_scaling_factor)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_embed", "n_head", "n_layer", "num_experts"):
@@ -76,6 +91,24 @@ class LMConfig:
         check_choice("init", self.init, INITS)
         check_non_negative("load_balance_coef", self.load_balance_coef)
         check_non_negative("z_loss_coef", self.z_loss_coef)
+        if isinstance(self.num_shared_experts, bool) or not isinstance(
+            self.num_shared_experts, int
+        ):
+            raise TypeError(f"num_shared_experts must be an int, got {self.num_shared_experts!r}")
+        if self.num_shared_experts < 0 or (self.shared_gate and not self.num_shared_experts):
+            raise ValueError(
+                f"num_shared_experts={self.num_shared_experts} must be >= 0, and >= 1 with "
+                "shared_gate"
+            )
+        if self.router != "sigmoid" and (self.num_groups != 1 or self.top_k_groups is not None):
+            raise ValueError(
+                f"num_groups and top_k_groups need router='sigmoid', got {self.router!r}"
+            )
+        check_non_negative("scaling_factor", self.scaling_factor)
+        if self.router in ("switch", "expert_choice") and self.scaling_factor != 1.0:
+            raise ValueError(
+                f"scaling_factor needs router softmax, noisy or sigmoid, got {self.router!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -234,9 +267,14 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embed)
         self.attn = CausalSelfAttention(config.n_embed, config.n_head, config.dropout)
         self.ln2 = nn.LayerNorm(config.n_embed)
-        router = config.router
+        router, options = config.router, {}
         if router == "noisy":  # makeMoE's router: noisy top-k over biased linears
             router = NoisyTopkRouter(config.n_embed, config.num_experts, config.top_k)
+            router.scaling_factor = config.scaling_factor
+        elif router == "sigmoid":
+            options = dict(num_groups=config.num_groups, top_k_groups=config.top_k_groups)
+        if router in ("softmax", "sigmoid") and config.scaling_factor != 1.0:
+            options["scaling_factor"] = config.scaling_factor
         self.moe = MoE(
             config.n_embed,
             config.num_experts,
@@ -250,6 +288,9 @@ class Block(nn.Module):
             init=config.init,
             load_balance_coef=config.load_balance_coef,
             z_loss_coef=config.z_loss_coef,
+            num_shared_experts=config.num_shared_experts,
+            shared_gate=config.shared_gate,
+            **options,
         )
 
     def forward(
