@@ -12,7 +12,7 @@ so DDP needs no `find_unused_parameters`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,26 @@ class ExpertBank(nn.Module):
         if b2 is not None:
             out = out + b2.index_select(0, row_expert)
         return out
+
+    def rebuilt(self, fill: Callable[[Tensor], Tensor]) -> ExpertBank:
+        """A bank with this one's sizes and options whose parameters are `fill(parameter)`
+        (detached; the expert count is what `fill` gives along dim 0), in this bank's mode.
+        Built on the meta device: no init work, no RNG draws (sharding, growing)."""
+        tensors = {name: fill(p.detach()) for name, p in self.named_parameters(recurse=False)}
+        with torch.device("meta"):
+            bank = ExpertBank(
+                tensors["w1"].shape[0],
+                self.d_model,
+                self.d_hidden,
+                self.activation,
+                bias=self.b1 is not None,
+                dropout=self.dropout,
+                backend=self.backend,
+            )
+        for name, tensor in tensors.items():
+            requires_grad = getattr(self, name).requires_grad
+            setattr(bank, name, nn.Parameter(tensor, requires_grad=requires_grad))
+        return bank.train(self.training)
 
     def to_modules(self) -> ExpertList:
         """The same experts as a list of `MLPExpert` modules with copied weights, in this

@@ -131,20 +131,8 @@ def _grown_experts(experts: nn.Module, num_experts: int, name: str) -> nn.Module
             f"{name}: cannot copy experts of type {type(experts).__name__}; upcycle grows an "
             "ExpertBank or an ExpertList"
         )
-    bank = _bank_like(
-        experts.w1,
-        num_experts,
-        experts.d_model,
-        experts.d_hidden,
-        experts.activation,
-        bias=experts.b1 is not None,
-        dropout=experts.dropout,
-        backend=experts.backend,
-    )
-    with torch.no_grad():  # [1, ...] broadcast to [E, ...]
-        for new, old in zip(bank.parameters(), experts.parameters(), strict=True):
-            new.copy_(old)
-    return bank
+    # [1, ...] -> [E, ...]: E copies of the one expert
+    return experts.rebuilt(lambda param: param.expand(num_experts, *param.shape[1:]).clone())
 
 
 def _resized_router(old: Router, num_experts: int, top_k: int) -> Router:

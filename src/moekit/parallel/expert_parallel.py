@@ -112,20 +112,7 @@ class ExpertParallel:
 
 def _shard_bank(bank: ExpertBank, first: int, count: int) -> ExpertBank:
     """Experts first .. first+count-1 of `bank` as a bank of their own (copied, no RNG draws)."""
-    with torch.device("meta"):
-        local = ExpertBank(
-            count,
-            bank.d_model,
-            bank.d_hidden,
-            bank.activation,
-            bias=bank.b1 is not None,
-            dropout=bank.dropout,
-            backend=bank.backend,
-        )
-    for name, param in bank.named_parameters(recurse=False):
-        piece = param.detach()[first : first + count].clone()
-        setattr(local, name, nn.Parameter(piece, requires_grad=param.requires_grad))
-    return local.train(bank.training)
+    return bank.rebuilt(lambda param: param[first : first + count].clone())
 
 
 def expert_parallel(
