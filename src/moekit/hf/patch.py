@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import make_plan
-from .experts import ExpertBank, mode_of
-from .layers import MoE
-from .routing import router_dtype, sigmoid_routing, softmax_top_k
+from ..dispatch import make_plan
+from ..experts import ExpertBank, mode_of
+from ..layers import MoE
+from ..routing import router_dtype, sigmoid_routing, softmax_top_k
 
 __all__ = ["patch_model", "unpatch_model", "moe_from_hf", "moe_to_hf", "is_patched"]
 

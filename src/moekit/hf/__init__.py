@@ -1,0 +1,38 @@
+"""transformers' MoE models on moekit's engine.
+
+    experts_implementation="moekit"   the experts of any family on transformers'
+                                      `ExpertsInterface`, on moekit's plan and kernels
+                                      (`backend`; registered by `import moekit.hf`)
+    patch_model(model)                whole MoE blocks (router, plan, experts, shared experts)
+                                      on moekit, by the family rules of `families`
+    moe_from_hf / moe_to_hf           a block's weights into a standalone `moekit.MoE` and back
+    moe_families / tiny_model         the installed transformers' MoE families, tiny models
+
+`import moekit` never imports transformers; `import moekit.hf` does where it is installed (to
+register the backend).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .catalog import FamilyInfo, TinyModelError, moe_families, tiny_config, tiny_model
+from .patch import is_patched, moe_from_hf, moe_to_hf, patch_model, unpatch_model
+
+__all__ = [
+    "FamilyInfo",
+    "TinyModelError",
+    "is_patched",
+    "moe_families",
+    "moe_from_hf",
+    "moe_to_hf",
+    "patch_model",
+    "tiny_config",
+    "tiny_model",
+    "unpatch_model",
+]
+
+if importlib.util.find_spec("transformers") is not None:
+    from . import backend
+
+    backend.register()

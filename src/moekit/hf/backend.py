@@ -1,0 +1,120 @@
+"""moekit as a transformers experts backend: `experts_implementation="moekit"`.
+
+transformers calls a backend as it calls its own: `(experts_module, hidden_states [T, d],
+top_k_index [T, k], top_k_weights [T, k]) -> [T, d]`; the router and the rest of the block stay
+transformers'. Here:
+
+    plan    make_plan(top_k_index, top_k_weights): the T*k pairs sorted by expert
+    fast    the module's activation is one of moekit's kernels' (`fast_activation`): the
+            module's tensors as an `ExpertBank` (`HFExperts`) and its `dispatch` (on CPU
+            gather, experts and combine fused in one op; on accelerators grouped GEMMs,
+            Triton on CUDA)
+    general anything else (a class `_apply_gate` such as gpt-oss's clamped SwiGLU, interleaved
+            gate/up, other activations, a post-expert norm): moekit's gather and grouped GEMMs
+            around the module's own `_apply_gate` / `act_fn` / `post_expert_norm`, then
+            moekit's combine
+
+`register()` adds the backend to transformers' `ExpertsInterface` (its public `register`);
+`import moekit.hf` calls it when transformers is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..dispatch import DispatchPlan, make_plan
+from ..experts import loop_linear
+from ..ops import combine, gather, grouped_linear, grouped_mm_supported
+from .experts import HFExperts, Layout, fast_activation, layout_of, row_experts, unsupported_weights
+
+__all__ = ["NAME", "experts_forward", "register"]
+
+NAME = "moekit"
+
+
+def register() -> None:
+    """Make `experts_implementation="moekit"` valid everywhere transformers takes a backend
+    name (`from_pretrained`, `from_config`, `set_experts_implementation`)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, experts_forward)
+
+
+def experts_forward(
+    module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The experts of a transformers MoE block on moekit's plan and kernels.
+
+    Args:
+        module: A transformers experts module (stacked weights, the layout flags of
+            `@use_experts_implementation`).
+        hidden_states: Tokens [T, d].
+        top_k_index: [T, k] the experts of each token (transformers' expert-parallel
+            sentinels, ids >= E, add nothing).
+        top_k_weights: [T, k] their combine weights.
+
+    Returns:
+        [T, d] in the dtype of `hidden_states`.
+    """
+    return _run(module, hidden_states, top_k_index, top_k_weights)
+
+
+def _run(module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    layout = layout_of(module)
+    reason = unsupported_weights(module, layout)
+    if reason is not None:
+        raise TypeError(f"{type(module).__name__} cannot run on moekit's experts backend: {reason}")
+    if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expected hidden_states [T, d], top_k_index and top_k_weights [T, k]; got "
+            f"{tuple(x.shape)}, {tuple(indices.shape)}, {tuple(weights.shape)}"
+        )
+    num_experts = module.down_proj.shape[0]
+    if getattr(module, "_is_expert_parallel", False):  # sentinels: weight 0, any expert
+        weights = weights.masked_fill(indices >= num_experts, 0.0)
+        indices = indices.clamp(max=num_experts - 1)
+    plan = make_plan(indices, weights, num_experts)
+    activation = fast_activation(module, layout)
+    if activation is not None:
+        out = HFExperts(module, layout, activation).dispatch(x, plan)
+    else:
+        out = _general(module, layout, x, plan)
+    return out.to(x.dtype)
+
+
+def _linear(rows: Tensor, weight: Tensor, group_sizes: Tensor, offsets: Tensor) -> Tensor:
+    """rows [M, d_in] grouped by expert @ weight [E, d_in, d_out] per group."""
+    if grouped_mm_supported(rows, weight):
+        return grouped_linear(rows, weight, offsets)
+    return loop_linear(rows, weight, group_sizes.tolist())  # float64, odd widths: a host read
+
+
+def _general(module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan) -> Tensor:
+    """gather -> up (+ bias) -> the module's gate or activation -> down (+ bias) -> the
+    module's post-expert norm -> weighted combine; moekit's kernels, the module's functions."""
+    up = getattr(module, layout.up_name)
+    dtype = up.dtype
+    w1 = up if layout.is_transposed else up.transpose(1, 2)  # [E, d, width]
+    w2 = module.down_proj if layout.is_transposed else module.down_proj.transpose(1, 2)  # [E, h, d]
+    offsets = torch.cumsum(plan.group_sizes, 0).to(torch.int32)  # [E]
+    rows = gather(x.to(dtype), plan.token_index, plan.pair_index, plan.top_k)  # [M, d]
+    hidden = _linear(rows, w1, plan.group_sizes, offsets)  # [M, width]
+    expert = None
+    if layout.has_bias:
+        expert = row_experts(plan.group_sizes, rows.shape[0])  # [M]
+        hidden = hidden + getattr(module, f"{layout.up_name}_bias").index_select(0, expert)
+    hidden = module._apply_gate(hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
+    out = _linear(hidden, w2, plan.group_sizes, offsets)  # [M, d]
+    if layout.has_bias:
+        out = out + module.down_proj_bias.index_select(0, expert)
+    if layout.has_post_expert_norm:
+        out = module.post_expert_norm(out)
+    return combine(
+        out,
+        plan.slot_weight.to(out.dtype),
+        plan.token_index,
+        x.shape[0],
+        plan.pair_index,
+        plan.top_k,
+    )  # [T, d]
