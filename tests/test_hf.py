@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from moekit import MoE  # noqa: E402
 from moekit.hf import is_patched, moe_from_hf, moe_to_hf, patch_model, unpatch_model  # noqa: E402
+from moekit.hf.experts import HFExperts, layout_of  # noqa: E402
 
 COMMON = dict(
     vocab_size=64,
@@ -210,7 +211,8 @@ def test_patched_blocks_follow_the_model():
     assert model(ids).logits.dtype == torch.bfloat16
     model.train()
     block = model.model.layers[0].mlp
-    assert block.forward.experts.training
+    bank = HFExperts(block.experts, layout_of(block.experts), "swiglu")  # what the engine reads
+    assert bank.training and bank.w1.data_ptr() == block.experts.gate_up_proj.data_ptr()
 
 
 def test_unpatch_and_deepcopy():
@@ -243,3 +245,71 @@ def test_unsupported_blocks_are_left_alone_with_one_warning():
         moe_from_hf(model[0])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         patch_model("not a model")
+
+
+def _rules():
+    from moekit.hf import RULES
+
+    return sorted({rule.family for rule in RULES.values()})
+
+
+@pytest.mark.parametrize("family", _rules())
+def test_every_family_rule_equals_transformers(family):
+    """Each family of the rule table (`moekit.hf.RULES`), its tiny model built from the
+    installed transformers' config: train mode, logits, loss, aux loss, every gradient."""
+    from moekit.hf.catalog import dummy_inputs, tiny_model
+
+    model = tiny_model(family).train()
+    model.config.output_router_logits = True
+    with torch.no_grad():  # clear router choices, experts of unit scale
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)
+            if leaf[0].endswith(("mlp.gate", "mlp.router")) and leaf[1] == "weight":
+                param.normal_(0.0, 1.0)
+            elif param.dim() == 3:
+                param.normal_(0.0, 0.2)
+    patched = copy.deepcopy(model)
+    blocks = patch_model(patched, strict=True)
+    assert blocks >= 1
+    ids = dummy_inputs(model, 3, 12, seed=1)["input_ids"]
+    want, want_grads = _run(model, ids)
+    got, got_grads = _run(patched, ids)
+    assert _rel(got.logits, want.logits) <= 1e-5
+    assert _rel(got.loss, want.loss) <= 1e-5
+    if getattr(want, "aux_loss", None) is not None:
+        assert _rel(got.aux_loss, want.aux_loss) <= 1e-5
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert _rel(got_grads[name], grad) <= 1e-5, name
+
+
+def _all_families():
+    from moekit.hf.catalog import moe_families
+
+    return [f.name for f in moe_families()]
+
+
+@pytest.mark.parametrize("family", _all_families())
+def test_patch_model_is_never_a_silent_no_op(family):
+    """On every MoE family of the installed transformers: each block that holds experts is
+    patched or named in the warning (and `strict=True` raises)."""
+    from moekit.hf.catalog import TinyModelError, tiny_model
+    from moekit.hf.patch import holds_experts
+
+    try:
+        model = tiny_model(family)
+    except TinyModelError as error:
+        pytest.skip(f"no tiny model: {error}")
+    blocks = {type(m).__name__ for m in model.modules() if holds_experts(m)}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        patch_model(copy.deepcopy(model))
+    left = {type(m).__name__ for m in model.modules() if holds_experts(m)} - set(
+        __import__("moekit.hf", fromlist=["RULES"]).RULES
+    )
+    assert blocks, "a family model with no MoE block"
+    text = " ".join(str(w.message) for w in record)
+    assert all(name in text for name in left)
+    if left:
+        with pytest.raises(ValueError, match=sorted(left)[0]):
+            patch_model(copy.deepcopy(model), strict=True)

@@ -17,10 +17,14 @@ from __future__ import annotations
 import importlib.util
 
 from .catalog import FamilyInfo, TinyModelError, moe_families, tiny_config, tiny_model
-from .patch import is_patched, moe_from_hf, moe_to_hf, patch_model, unpatch_model
+from .convert import moe_from_hf, moe_to_hf
+from .families import RULES, FamilyRule
+from .patch import is_patched, patch_model, unpatch_model
 
 __all__ = [
+    "RULES",
     "FamilyInfo",
+    "FamilyRule",
     "TinyModelError",
     "is_patched",
     "moe_families",

@@ -28,7 +28,7 @@ from ..experts import loop_linear
 from ..ops import combine, gather, grouped_linear, grouped_mm_supported
 from .experts import HFExperts, Layout, fast_activation, layout_of, row_experts, unsupported_weights
 
-__all__ = ["NAME", "experts_forward", "register"]
+__all__ = ["NAME", "experts_forward", "register", "run_experts"]
 
 NAME = "moekit"
 
@@ -74,7 +74,13 @@ def _run(module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor) -> Tens
     if getattr(module, "_is_expert_parallel", False):  # sentinels: weight 0, any expert
         weights = weights.masked_fill(indices >= num_experts, 0.0)
         indices = indices.clamp(max=num_experts - 1)
-    plan = make_plan(indices, weights, num_experts)
+    return run_experts(module, layout, x, make_plan(indices, weights, num_experts))
+
+
+def run_experts(module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan) -> Tensor:
+    """Tokens x [N, d] through the experts of a transformers module by `plan` -> [N, d] in
+    x's dtype: moekit's fused kernels where they compute the module's activation, else the
+    general path (`_general`). The block patch calls it too."""
     activation = fast_activation(module, layout)
     if activation is not None:
         out = HFExperts(module, layout, activation).dispatch(x, plan)

@@ -1,136 +1,98 @@
-"""transformers' MoE models on moekit's engine: patch blocks in place, copy weights in and out.
+"""Patch transformers' MoE blocks in place to run on moekit: routing, plan, experts.
 
-Families (transformers >= 5, experts stored as `gate_up_proj` [E, 2h, d] and `down_proj`
-[E, d, h], SiLU-gated): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3.
-
-    patch_model(model) -> int     every supported block runs on moekit's routing, plan and
-                                  experts, reading the model's own tensors in place
-    unpatch_model(model) -> int   back to transformers' forwards
-    moe_from_hf(block) -> MoE     a standalone moekit layer with copied weights
-    moe_to_hf(layer, block)       and back (the round trip is exact)
-
-What each family needs is core moekit: softmax top-k with or without renormalisation
-(`norm_topk_prob`), sigmoid scores with a correction bias and group-limited choice scaled by
-`routed_scaling_factor` (DeepSeek-V3), shared experts, gated (Qwen2-MoE) or not (DeepSeek-V3).
+    patch_model(model, strict=False) -> int   every block of a family in `families.RULES`
+    unpatch_model(model) -> int               back to transformers' forwards
+    is_patched(block)
 
 A patched block keeps its class, parameters and submodules: `state_dict`, `save_pretrained`,
 optimizers and PEFT see nothing new. Its `forward` (and its router's) become instance
 attributes, plain picklable objects; the router is still called as a module, so transformers'
-output recorder still collects `router_logits` for the auxiliary loss.
+output recorder still collects `router_logits` for the auxiliary loss. The experts run by
+`backend.run_experts` (moekit's fused kernels, or its grouped GEMMs around the module's own
+gate function), reading the module's tensors at each call.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import make_plan
-from ..experts import ExpertBank, mode_of
 from ..layers import MoE
 from ..routing import router_dtype, sigmoid_routing, softmax_top_k
+from .backend import run_experts
+from .experts import layout_of, unsupported_weights
+from .families import RULES, FamilyRule
 
-__all__ = ["patch_model", "unpatch_model", "moe_from_hf", "moe_to_hf", "is_patched"]
+__all__ = ["is_patched", "patch_model", "rule_for", "unpatch_model", "unsupported"]
 
-
-@dataclass(frozen=True)
-class _Family:
-    """How one transformers block class maps onto moekit."""
-
-    router: str  # "softmax" | "sigmoid"
-    shared: str | None  # attribute of the shared expert MLP, or None
-    shared_gate: str | None  # attribute of its sigmoid gate (Linear d -> 1), or None
+_MOE_NAME = re.compile(r"(MoE|SparseMoe|SparseMoeBlock|MoeBlock)$")
 
 
-FAMILIES = {
-    "MixtralSparseMoeBlock": _Family("softmax", None, None),
-    "Qwen2MoeSparseMoeBlock": _Family("softmax", "shared_expert", "shared_expert_gate"),
-    "Qwen3MoeSparseMoeBlock": _Family("softmax", None, None),
-    "OlmoeSparseMoeBlock": _Family("softmax", None, None),
-    "DeepseekV3MoE": _Family("sigmoid", "shared_experts", None),
-}
+def rule_for(block: nn.Module) -> FamilyRule | None:
+    """The family rule of a block's class, or None."""
+    return RULES.get(type(block).__name__)
 
 
-def _family(block: nn.Module) -> _Family | None:
-    return FAMILIES.get(type(block).__name__)
+def _normalize(router: nn.Module, rule: FamilyRule) -> bool:
+    if isinstance(rule.normalize, bool):
+        return rule.normalize
+    return bool(getattr(router, rule.normalize))
 
 
-def _unsupported(block: nn.Module) -> str | None:
-    """Why a block of a supported family cannot run on the engine, or None."""
-    experts = block.experts
-    config = getattr(experts, "config", None)
-    act = getattr(config, "hidden_act", None)
-    if act != "silu":
-        return f"hidden_act={act!r} (moekit's gated experts use SiLU)"
-    for flag, want in (("has_bias", False), ("is_transposed", False), ("is_concatenated", True)):
-        if getattr(experts, flag, want) != want:
-            return f"experts.{flag}={not want}"
-    if not (hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj")):
-        return "experts without gate_up_proj / down_proj tensors"
+def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
+    """Why a block of a family in the table cannot run on moekit, or None."""
+    experts, router = getattr(block, "experts", None), getattr(block, rule.router_attr, None)
+    if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
+        return f"no experts / {rule.router_attr} submodules"
+    reason = unsupported_weights(experts, layout_of(experts))
+    if reason is not None:
+        return reason
+    if rule.router_bias and getattr(router, "bias", None) is None:
+        return "its router has no bias"
     return None
 
 
-def _looks_like_moe(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name.endswith(("MoeBlock", "MoE", "SparseMoe")) or (
-        hasattr(module, "experts") and hasattr(module, "gate") and not isinstance(module, MoE)
+def holds_experts(module: nn.Module) -> bool:
+    """Whether a module is an MoE block: it has an `experts` submodule, or its class says MoE.
+    The experts modules themselves (and lists of experts) are not blocks."""
+    if isinstance(module, (nn.ModuleList, MoE)) or hasattr(module, "has_gate"):
+        return False
+    return isinstance(getattr(module, "experts", None), nn.Module) or bool(
+        _MOE_NAME.search(type(module).__name__)
     )
-
-
-class HFExperts(ExpertBank):
-    """An `ExpertBank` over a transformers experts module's tensors, read in place at each
-    call: w1 = gate_up_proj^T [E, d, 2h], w2 = down_proj^T [E, h, d] (views, no copies), so
-    gradients, device moves and loaded weights reach the model's own parameters."""
-
-    b1 = None
-    b2 = None
-
-    def __init__(self, experts: nn.Module) -> None:
-        nn.Module.__init__(self)
-        self.__dict__["source"] = experts  # not a submodule: the transformers model owns it
-        num_experts, width, d_model = experts.gate_up_proj.shape
-        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, width // 2
-        self.activation, self.dropout, self.backend = "swiglu", 0.0, "auto"
-
-    @property
-    def w1(self) -> Tensor:
-        return self.source.gate_up_proj.transpose(1, 2)  # [E, d, 2h]
-
-    @property
-    def w2(self) -> Tensor:
-        return self.source.down_proj.transpose(1, 2)  # [E, h, d]
-
-    training = mode_of("source")
 
 
 class _Router:
     """A transformers router's forward on moekit's routing: (router_logits, weights [N, k],
     indices [N, k]) as transformers returns them."""
 
-    def __init__(self, gate: nn.Module, family: _Family) -> None:
-        self.gate, self.family = gate, family
+    def __init__(self, gate: nn.Module, rule: FamilyRule) -> None:
+        self.gate, self.rule = gate, rule
 
     def __call__(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        gate = self.gate
+        gate, rule = self.gate, self.rule
         x = hidden_states.reshape(-1, gate.weight.shape[-1])  # [N, d]
         dtype = router_dtype(x.dtype)
+        bias = gate.bias.to(dtype) if rule.router_bias else None
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), gate.weight.to(dtype))  # [N, E]
-        if self.family.router == "sigmoid":  # DeepSeek-V3
+            logits = F.linear(x.to(dtype), gate.weight.to(dtype), bias)  # [N, E] fp32
+        normalize = _normalize(gate, rule)
+        if rule.router == "sigmoid":  # DeepSeek-V3
             routing = sigmoid_routing(
                 logits,
                 gate.e_score_correction_bias,
                 gate.top_k,
                 gate.num_group,
                 gate.topk_group,
-                gate.norm_topk_prob,
+                normalize,
             )
             weights = routing.weights * gate.routed_scaling_factor
             return logits, weights, routing.indices
-        normalize = getattr(gate, "norm_topk_prob", True)  # Mixtral always renormalises
         weights, indices = softmax_top_k(logits, gate.top_k, normalize)
         return logits.to(x.dtype), weights.to(x.dtype), indices
 
@@ -138,26 +100,28 @@ class _Router:
 class _Block:
     """A transformers MoE block's forward on moekit's plan and experts."""
 
-    def __init__(self, block: nn.Module, family: _Family) -> None:
-        self.block, self.family = block, family
-        self.experts = HFExperts(block.experts)
+    def __init__(self, block: nn.Module, rule: FamilyRule) -> None:
+        self.block, self.rule = block, rule
+        self.layout = layout_of(block.experts)
 
-    def __call__(self, hidden_states: Tensor) -> Tensor:
-        block = self.block
+    def __call__(self, hidden_states: Tensor):
+        block, rule = self.block, self.rule
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])  # [N, d]
-        jitter = getattr(block, "jitter_noise", 0.0)  # Mixtral's multiplicative input noise
-        if block.training and jitter > 0:
+        jitter = getattr(block, rule.jitter, 0.0) if rule.jitter else 0.0
+        if block.training and jitter > 0:  # Mixtral's multiplicative input noise
             x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
-        _, weights, indices = block.gate(x)  # a module call: transformers records the logits
-        plan = make_plan(indices, weights, self.experts.num_experts)
-        out = self.experts.dispatch(x, plan).to(x.dtype)  # [N, d]
-        if self.family.shared is not None:
-            shared = getattr(block, self.family.shared)(x)  # [N, d]
-            if self.family.shared_gate is not None:
-                shared = torch.sigmoid(getattr(block, self.family.shared_gate)(x)) * shared
+        router = getattr(block, rule.router_attr)
+        _, weights, indices = router(x)  # a module call: transformers records the logits
+        plan = make_plan(indices, weights, block.experts.down_proj.shape[0])
+        out = run_experts(block.experts, self.layout, x, plan)  # [N, d]
+        if rule.shared is not None:
+            shared = getattr(block, rule.shared)(x)  # [N, d]
+            if rule.shared_gate is not None:
+                shared = torch.sigmoid(getattr(block, rule.shared_gate)(x)) * shared
             out = out + shared
-        return out.reshape(shape)
+        out = out.reshape(shape)
+        return (out, weights) if rule.returns == "hidden, scores" else out
 
 
 def is_patched(block: nn.Module) -> bool:
@@ -165,45 +129,61 @@ def is_patched(block: nn.Module) -> bool:
     return isinstance(block.__dict__.get("forward"), _Block)
 
 
-def patch_model(model: nn.Module) -> int:
+def patch_model(model: nn.Module, strict: bool = False) -> int:
     """Run every MoE block of a transformers model on moekit's engine, in place.
 
-    Blocks of the families Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V3 get moekit's
-    routing (the same choice and weights), dispatch plan and fused experts; their parameters,
-    buffers and submodules stay as they are. Other MoE-looking blocks are left alone, with one
-    warning naming their class. Patching twice is a no-op.
+    Blocks whose class has a rule in `moekit.hf.families.RULES` get moekit's routing (the
+    same choice and weights), dispatch plan and experts; their parameters, buffers and
+    submodules stay as they are. Every other module that holds experts is left alone and
+    named, with its reason, in one warning. Patching twice is a no-op.
 
     Args:
         model: A `torch.nn.Module`, typically a transformers `PreTrainedModel`.
+        strict: Raise instead of warning when a block that holds experts is left alone.
 
     Returns:
         The number of blocks this call patched.
+
+    Raises:
+        TypeError: `model` is not a module.
+        ValueError: `strict` and some block could not be patched.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     patched, skipped = 0, {}
     for module in model.modules():
-        family = _family(module)
-        if family is None:
-            if _looks_like_moe(module) and not isinstance(module, nn.ModuleList):
-                skipped.setdefault(type(module).__name__, "not a supported family")
+        rule = rule_for(module)
+        if rule is None:
+            if holds_experts(module):
+                skipped.setdefault(type(module).__name__, _no_rule_reason(module))
             continue
         if is_patched(module):
             continue
-        reason = _unsupported(module)
+        reason = unsupported(module, rule)
         if reason is not None:
             skipped.setdefault(type(module).__name__, reason)
             continue
-        module.gate.forward = _Router(module.gate, family)
-        module.forward = _Block(module, family)
+        router = getattr(module, rule.router_attr)
+        router.forward = _Router(router, rule)
+        module.forward = _Block(module, rule)
         patched += 1
-    for name, reason in skipped.items():
-        warnings.warn(
-            f"moekit.hf.patch_model left {name} blocks as they are: {reason}; supported: "
-            f"{', '.join(FAMILIES)}",
-            stacklevel=2,
-        )
+    if skipped:
+        lines = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        message = f"moekit.hf.patch_model left these MoE blocks as they are: {lines}"
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
     return patched
+
+
+def _no_rule_reason(module: nn.Module) -> str:
+    experts = getattr(module, "experts", None)
+    if isinstance(experts, nn.Module) and hasattr(experts, "has_gate"):
+        return (
+            "no family rule for its router (its experts run on moekit with "
+            'experts_implementation="moekit")'
+        )
+    return "no family rule, and its experts are not on transformers' ExpertsInterface"
 
 
 def unpatch_model(model: nn.Module) -> int:
@@ -211,103 +191,8 @@ def unpatch_model(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if is_patched(module):
+            rule = module.forward.rule
             del module.forward
-            module.gate.__dict__.pop("forward", None)
+            getattr(module, rule.router_attr).__dict__.pop("forward", None)
             count += 1
     return count
-
-
-def _check_block(block: nn.Module) -> _Family:
-    family = _family(block)
-    if family is None:
-        raise TypeError(
-            f"block must be a transformers MoE block of {', '.join(FAMILIES)}, "
-            f"got {type(block).__name__}"
-        )
-    reason = _unsupported(block)
-    if reason is not None:
-        raise ValueError(f"{type(block).__name__} cannot run on moekit: {reason}")
-    return family
-
-
-def _shared_linears(block: nn.Module, family: _Family) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    mlp = getattr(block, family.shared)
-    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
-
-
-def moe_from_hf(block: nn.Module, **kwargs) -> MoE:
-    """A standalone moekit `MoE` with the weights of a transformers MoE block (copied).
-
-    The layer computes what the block computes (same routing, experts and shared experts).
-    `kwargs` go to `MoE` (e.g. `load_balance_coef`; default 0: transformers adds its
-    auxiliary loss at the model level).
-    """
-    family = _check_block(block)
-    gate, experts = block.gate, block.experts
-    num_experts, width, d_model = experts.gate_up_proj.shape
-    options: dict = {"load_balance_coef": 0.0}
-    if family.router == "sigmoid":
-        options.update(
-            router="sigmoid",
-            num_groups=gate.num_group,
-            top_k_groups=gate.topk_group,
-            normalize=gate.norm_topk_prob,
-            scaling_factor=float(gate.routed_scaling_factor),
-        )
-    else:
-        options.update(router="softmax", normalize=getattr(gate, "norm_topk_prob", True))
-    if family.shared is not None:
-        gate_proj = _shared_linears(block, family)[0]
-        options.update(
-            num_shared_experts=1,
-            shared_d_hidden=gate_proj.out_features,
-            shared_gate=family.shared_gate is not None,
-        )
-    options.update(kwargs)
-    layer = MoE(d_model, num_experts, gate.top_k, width // 2, "swiglu", **options)
-    layer.router.jitter_eps = float(getattr(block, "jitter_noise", 0.0))
-    layer.to(device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
-    _copy(layer, block, family, to_hf=False)
-    return layer
-
-
-def moe_to_hf(layer: MoE, block: nn.Module) -> None:
-    """Copy a moekit `MoE`'s weights into a transformers MoE block of the same sizes."""
-    family = _check_block(block)
-    if not isinstance(layer, MoE) or not isinstance(layer.experts, ExpertBank):
-        raise TypeError("layer must be a moekit MoE with an ExpertBank (moe_from_hf builds one)")
-    want = tuple(block.experts.gate_up_proj.shape)
-    got = (layer.num_experts, 2 * layer.experts.d_hidden, layer.d_model)
-    if got != want or layer.experts.activation != "swiglu":
-        raise ValueError(f"layer has SwiGLU experts {got}, the block's gate_up_proj is {want}")
-    if (family.shared is None) != (layer.shared_experts is None):
-        raise ValueError("layer and block must both have shared experts or both have none")
-    _copy(layer, block, family, to_hf=True)
-
-
-@torch.no_grad()
-def _copy(layer: MoE, block: nn.Module, family: _Family, to_hf: bool) -> None:
-    """The pairs (moekit tensor, transformers tensor), copied one way or the other."""
-    pairs = [
-        (layer.router.gate.weight, block.gate.weight),
-        (layer.experts.w1, block.experts.gate_up_proj.transpose(1, 2)),
-        (layer.experts.w2, block.experts.down_proj.transpose(1, 2)),
-    ]
-    if family.router == "sigmoid":
-        pairs.append((layer.router.expert_bias, block.gate.e_score_correction_bias))
-    if family.shared is not None:
-        gate_proj, up_proj, down_proj = _shared_linears(block, family)
-        mlp = layer.shared_experts.mlp
-        h = gate_proj.out_features
-        pairs += [
-            (mlp.fc1.weight[:h], gate_proj.weight),
-            (mlp.fc1.weight[h:], up_proj.weight),
-            (mlp.fc2.weight, down_proj.weight),
-        ]
-        if family.shared_gate is not None:
-            shared_gate = getattr(block, family.shared_gate)
-            pairs.append((layer.shared_experts.gate.weight, shared_gate.weight))
-    for ours, theirs in pairs:
-        if ours.shape != theirs.shape:
-            raise ValueError(f"shape mismatch: moekit {tuple(ours.shape)} vs {tuple(theirs.shape)}")
-        (theirs if to_hf else ours).copy_(ours if to_hf else theirs)
