@@ -242,16 +242,16 @@ def test_fused_moe_custom_op_registration(activation, bias, dropout, capacity):
 @pytest.mark.parametrize("backend", ["auto", "grouped", "loop", "padded"])
 def test_experts_stored_transposed_get_gradients_in_their_layout(backend):
     """transformers keeps experts as gate_up_proj [E, 2h, d] and down_proj [E, d, h]; the
-    engine reads them as transposed views (moekit.hf.HFExperts) and must hand back gradients
+    engine reads them as transposed views (moekit.hf.experts.HFExperts) and must hand back gradients
     that land in those tensors without a layout copy, equal to a bank's."""
-    from moekit.hf import HFExperts
+    from moekit.hf.experts import HFExperts, Layout
 
     torch.manual_seed(0)
     bank = ExpertBank(6, 16, 12, "swiglu", backend=backend)
     source = torch.nn.Module()
     source.gate_up_proj = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous())
     source.down_proj = torch.nn.Parameter(bank.w2.detach().transpose(1, 2).contiguous())
-    view = HFExperts(source)
+    view = HFExperts(source, Layout(), "swiglu")
     view.backend = backend
     x = torch.randn(40, 16)
     routing = SoftmaxRouter(16, 6, 2)(x)

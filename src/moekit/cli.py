@@ -191,6 +191,7 @@ def _bench(args: argparse.Namespace) -> int:
             ("rounds", args.rounds),
             ("lm", not args.no_lm),
             ("hf_peer", not args.no_hf_peer),
+            ("hf_backends", not args.no_hf_backends),
             ("device", args.device),
         )
         if value is not None
@@ -326,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-hf-peer",
         action="store_true",
         help="skip transformers' Mixtral block (timed at SwiGLU shapes when installed)",
+    )
+    bench.add_argument(
+        "--no-hf-backends",
+        action="store_true",
+        help="skip the transformers backends table (eager, grouped_mm, moekit, patched)",
     )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")

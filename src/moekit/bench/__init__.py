@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._device import cpu_capability, fast_bfloat16
+from .hf_peer import available as hf_available
 from .layer import CPU_SHAPES, CUDA_SHAPES, SHAPES, LayerShape, Result, bench_layer
 from .lm import LMResult, bench_generation, bench_train_step
 from .parallel import EPResult, bench_expert_parallel
@@ -54,6 +55,7 @@ class BenchOptions:
     seed_loop: bool = True
     memory: bool = True
     hf_peer: bool = True  # transformers' Mixtral block at SwiGLU shapes, when installed
+    hf_backends: bool = True  # the "transformers backends" table, when installed
     device: str = "cpu"
 
     @classmethod
@@ -165,6 +167,32 @@ def format_ep_table(results: list[EPResult]) -> str:
     return _table(header, rows)
 
 
+def format_hf_backends_table(results: list) -> str:
+    """ms of one fwd+bwd per case, and each case / grouped_mm (transformers' default)."""
+    header = (
+        "family",
+        *(f"{c} ms" for c in ("eager", "grouped_mm", "moekit", "patched")),
+        "eager/gmm",
+        "moekit/gmm",
+        "patched/gmm",
+    )
+    rows = []
+    for r in results:
+        base = r.ms["grouped_mm"]
+        times = [r.ms[c] for c in ("eager", "grouped_mm", "moekit", "patched")]
+        ratios = [
+            None if r.ms[c] is None else r.ms[c] / base for c in ("eager", "moekit", "patched")
+        ]
+        rows.append(
+            (
+                r.family,
+                *(("-" if t is None else f"{t:.1f}") for t in times),
+                *(("-" if x is None else f"{x:.2f}") for x in ratios),
+            )
+        )
+    return _table(header, rows)
+
+
 def _table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     lines = [
@@ -207,7 +235,17 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
             tokens=options.generate_tokens, rounds=options.lm_rounds, device=device.type
         )
         echo(format_lm_table(lm))
-    return {"layer": layer, "lm": lm}
+    hf: list = []
+    if options.hf_backends and device.type == "cpu" and hf_available():
+        from .hf_backends import bench_hf_backends
+
+        echo(
+            "transformers backends: one fwd+bwd, d=256, 16 experts h=256, top-4, 2 layers, "
+            "4 x 256 tokens, float32"
+        )
+        hf = bench_hf_backends(rounds=max(3, options.lm_rounds), warmup=1)
+        echo(format_hf_backends_table(hf))
+    return {"layer": layer, "lm": lm, "hf_backends": hf}
 
 
 def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:

@@ -1,0 +1,49 @@
+"""The coverage table of docs/hf.md, from the installed transformers: `python scripts/hf_coverage.py`.
+
+For each MoE family: whether its experts are on transformers' ExpertsInterface (then
+`experts_implementation="moekit"` runs them; tests/test_hf_backend.py checks each family that
+builds small), whether `patch_model` has a rule for its blocks, and why not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from moekit.hf import RULES, TinyModelError, moe_families, tiny_model
+from moekit.hf.patch import holds_experts, patch_model
+
+
+def row(family) -> tuple[str, str, str, str]:
+    try:
+        model = tiny_model(family)
+    except TinyModelError as error:
+        reason = str(error).split(": ", 1)[1][:160]
+        backend = "✓ (untested)" if family.on_interface else "✗"
+        return family.name, backend, "?", f"no tiny model: {reason}"
+    blocks = sorted({type(m).__name__ for m in model.modules() if holds_experts(m)})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        patch_model(model)
+    patched = [b for b in blocks if b in RULES]
+    backend = "✓" if family.on_interface else "✗ (not on the interface)"
+    reason = " ".join(str(w.message).split(": ", 1)[-1] for w in record)[:200]
+    patch = "✓ " + ", ".join(patched) if patched else "✗"
+    return family.name, backend, patch, reason
+
+
+def main() -> None:
+    rows = [row(f) for f in moe_families()]
+    print("| family | backend | patch | reason |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    on = sum(f.on_interface for f in moe_families())
+    built = [r for r in rows if not r[3].startswith("no tiny model")]
+    tested = sum(r[1] == "✓" for r in built)
+    patched = sum(r[2].startswith("✓") for r in built)
+    print(f"\n{len(rows)} families; {on} on the ExpertsInterface, {tested} of them built small "
+          f"and tested; {len(built)} build small, {patched} of those patched.")
+
+
+if __name__ == "__main__":
+    main()
