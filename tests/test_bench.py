@@ -87,7 +87,12 @@ def test_seed_loop_matches_the_moe_layer_with_copied_weights():
 
 def test_run_bench_measures_every_case(capsys):
     options = BenchOptions(
-        shapes=[TINY], dtypes=["float32"], activations=["swiglu"], rounds=1, lm=False
+        shapes=[TINY],
+        dtypes=["float32"],
+        activations=["swiglu"],
+        rounds=1,
+        lm=False,
+        hf_backends=False,
     )
     results = run_bench(options)["layer"]
     cases = {r.case: r for r in results}
@@ -113,6 +118,7 @@ def test_cli_bench_custom_shape_and_language_model(capsys, monkeypatch):
     code = main(
         ["bench", "--quick", "--shapes", "", "--d-model", "8", "--d-hidden", "16"]
         + ["--num-experts", "3", "--top-k", "2", "--tokens", "5", "--rounds", "1"]
+        + ["--no-hf-backends"]
     )
     assert code == 0
     out = capsys.readouterr().out
@@ -204,3 +210,17 @@ def test_named_gpu_shapes_and_tflops():
     assert result.tflops == pytest.approx(layer_flops(q, "swiglu", True) / 1e12)
     with pytest.raises(ValueError, match="unknown shape"):
         shapes_named("A,Z")
+
+
+@pytest.mark.skipif(not hf_available(), reason="needs transformers")
+def test_hf_backends_table_times_every_case():
+    from moekit.bench import format_hf_backends_table
+    from moekit.bench.hf_backends import bench_hf_backends
+
+    (result,) = bench_hf_backends(("gpt_oss",), rounds=1, warmup=0, batch=1, length=8)
+    assert set(result.ms) == {"eager", "grouped_mm", "moekit", "patched"}
+    assert all(ms > 0 for ms in result.ms.values())
+    table = format_hf_backends_table([result])
+    assert "gpt_oss" in table and "moekit/gmm" in table
+    (glm,) = bench_hf_backends(("glm4_moe",), rounds=1, warmup=0, batch=1, length=8)
+    assert glm.ms["patched"] is None  # no family rule: the case does not apply

@@ -69,6 +69,7 @@ class BenchOptions:
             lm_rounds=3,
             lm_steps=2,
             generate_tokens=40,
+            hf_backends=False,  # a minute more; `moekit bench` (not --quick) prints it
         )
         return cls(**(base | overrides))
 
