@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..hf import patch_model
 from ..layers import MoE
 from .hf_peer import available as hf_available
 from .hf_peer import mixtral_peer
@@ -187,6 +186,8 @@ def bench_layer(
         try:
             mods[HF_CASE] = mixtral_peer(mods["moekit"]).train()
             mods[PATCHED_CASE] = copy.deepcopy(mods[HF_CASE])
+            from ..hf import patch_model  # imports transformers: only when it is installed
+
             if patch_model(mods[PATCHED_CASE]) != 1:
                 raise RuntimeError("patch_model did not patch the Mixtral block")
         except Exception as err:  # another transformers version: the table goes on without it
