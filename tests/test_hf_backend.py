@@ -116,7 +116,8 @@ def test_backend_equals_eager(family, monkeypatch):
         assert _rel(got_grads[name], grad) <= tolerance, name
 
 
-def test_backend_refuses_quantised_weights():
+def _qwen3_experts() -> nn.Module:
+    """The experts module of a one-layer tiny Qwen3-MoE (4 experts, d=32)."""
     config = transformers.Qwen3MoeConfig(
         vocab_size=64,
         hidden_size=32,
@@ -129,7 +130,11 @@ def test_backend_refuses_quantised_weights():
         num_experts=4,
         num_experts_per_tok=2,
     )
-    experts = transformers.Qwen3MoeForCausalLM(config).model.layers[0].mlp.experts
+    return transformers.Qwen3MoeForCausalLM(config).model.layers[0].mlp.experts
+
+
+def test_backend_refuses_quantised_weights():
+    experts = _qwen3_experts()
     experts.down_proj = nn.Parameter(
         experts.down_proj.detach().to(torch.float8_e4m3fn), requires_grad=False
     )
@@ -139,19 +144,7 @@ def test_backend_refuses_quantised_weights():
 
 
 def test_backend_takes_expert_parallel_sentinels_and_empty_batches():
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-    )
-    experts = transformers.Qwen3MoeForCausalLM(config).model.layers[0].mlp.experts
+    experts = _qwen3_experts()
     x = torch.randn(3, 32)
     index, weights = torch.tensor([[0, 4], [2, 3], [4, 4]]), torch.rand(3, 2)
     experts._is_expert_parallel = True  # ids >= E belong to other ranks: they add nothing
