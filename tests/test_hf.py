@@ -222,7 +222,10 @@ def test_unpatch_and_deepcopy():
     want = model(ids).logits
     clone = copy.deepcopy(model)
     assert is_patched(clone.model.layers[1].mlp)
-    assert clone.model.layers[1].mlp.forward.block is clone.model.layers[1].mlp
+    block = clone.model.layers[1].mlp
+    assert (
+        block.gate.forward.router is block.gate and block.experts.forward.experts is block.experts
+    )
     torch.testing.assert_close(clone(ids).logits, want)
     assert unpatch_model(model) == 2
     assert not any(is_patched(m) for m in model.modules())
@@ -253,34 +256,73 @@ def _rules():
     return sorted({rule.family for rule in RULES.values()})
 
 
+# transformers 5.25 fails computing these families' auxiliary loss (no router logits recorded)
+_NO_ROUTER_LOGITS = {"deepseek_v4"}
+
+
+def _family_step(model: nn.Module, inputs: dict, router_logits: bool = True):
+    """Train mode, a fixed seed (dropout, jitter): the output under a fixed upstream gradient
+    plus the auxiliary loss, backward. Returns (output, aux loss or None, gradients)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(**inputs, output_router_logits=router_logits)
+    y = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    objective = (y * upstream).sum()
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        objective = objective + aux
+    objective.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return y.detach(), aux, grads
+
+
 @pytest.mark.parametrize("family", _rules())
 def test_every_family_rule_equals_transformers(family):
     """Each family of the rule table (`moekit.hf.RULES`), its tiny model built from the
-    installed transformers' config: train mode, logits, loss, aux loss, every gradient."""
-    from moekit.hf.catalog import dummy_inputs, tiny_model
+    installed transformers' config: train mode, output, aux loss and every gradient within
+    1e-5 relative, or twice transformers' own grouped_mm-vs-eager spread where float32
+    rounding alone exceeds it (ill-conditioned parameters of a few families)."""
+    from moekit.hf import RULES
+    from moekit.hf.catalog import TinyModelError, dummy_inputs, tiny_model
+    from moekit.hf.patch import holds_experts
+    from moekit.hf.routers import attribute
 
-    model = tiny_model(family).train()
-    model.config.output_router_logits = True
+    try:
+        model = tiny_model(family).train()
+    except TinyModelError as error:
+        pytest.skip(f"no tiny model: {error}")
     with torch.no_grad():  # clear router choices, experts of unit scale
-        for name, param in model.named_parameters():
-            leaf = name.rsplit(".", 1)
-            if leaf[0].endswith(("mlp.gate", "mlp.router")) and leaf[1] == "weight":
-                param.normal_(0.0, 1.0)
-            elif param.dim() == 3:
+        for param in model.parameters():
+            if param.dim() == 3:
                 param.normal_(0.0, 0.2)
+        for module in model.modules():
+            rule = RULES.get(type(module).__name__)
+            if rule is not None:
+                attribute(module, rule.weight).normal_(0.0, 1.0)
+    interface = any(hasattr(m, "has_gate") for m in model.modules())
+    if interface:
+        model.set_experts_implementation("eager")
     patched = copy.deepcopy(model)
     blocks = patch_model(patched, strict=True)
-    assert blocks >= 1
-    ids = dummy_inputs(model, 3, 12, seed=1)["input_ids"]
-    want, want_grads = _run(model, ids)
-    got, got_grads = _run(patched, ids)
-    assert _rel(got.logits, want.logits) <= 1e-5
-    assert _rel(got.loss, want.loss) <= 1e-5
-    if getattr(want, "aux_loss", None) is not None:
-        assert _rel(got.aux_loss, want.aux_loss) <= 1e-5
+    assert blocks == sum(holds_experts(m) for m in model.modules()) >= 1
+    inputs = dummy_inputs(model, 3, 12, seed=1)
+    logits = family not in _NO_ROUTER_LOGITS
+    want, want_aux, want_grads = _family_step(model, inputs, logits)
+    got, got_aux, got_grads = _family_step(patched, inputs, logits)
+    peer, peer_aux, peer_grads = want, want_aux, want_grads
+    if interface:
+        model.set_experts_implementation("grouped_mm")
+        peer, peer_aux, peer_grads = _family_step(model, inputs, logits)
+    assert _rel(got, want) <= max(1e-5, 2 * _rel(peer, want))
+    if want_aux is not None:
+        assert _rel(got_aux, want_aux) <= max(1e-5, 2 * _rel(peer_aux, want_aux))
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
-        assert _rel(got_grads[name], grad) <= 1e-5, name
+        tolerance = max(1e-5, 2 * _rel(peer_grads[name], grad))
+        assert _rel(got_grads[name], grad) <= tolerance, name
 
 
 def _all_families():
@@ -300,16 +342,39 @@ def test_patch_model_is_never_a_silent_no_op(family):
         model = tiny_model(family)
     except TinyModelError as error:
         pytest.skip(f"no tiny model: {error}")
-    blocks = {type(m).__name__ for m in model.modules() if holds_experts(m)}
+    clone = copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        patch_model(copy.deepcopy(model))
-    left = {type(m).__name__ for m in model.modules() if holds_experts(m)} - set(
-        __import__("moekit.hf", fromlist=["RULES"]).RULES
-    )
+        count = patch_model(clone)
+    blocks = [m for m in clone.modules() if holds_experts(m)]
+    left = {type(m).__name__ for m in blocks if not is_patched(m)}
     assert blocks, "a family model with no MoE block"
+    assert count == len(blocks) - sum(type(m).__name__ in left for m in blocks)
     text = " ".join(str(w.message) for w in record)
     assert all(name in text for name in left)
     if left:
         with pytest.raises(ValueError, match=sorted(left)[0]):
             patch_model(copy.deepcopy(model), strict=True)
+
+
+def test_half_precision_routers_are_named_in_a_warning():
+    """moekit routes in float32: on a bf16 model, where transformers' bf16 logits tie, its
+    choice can differ from transformers', and patch_model says so."""
+    model = _model("qwen3_moe").to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="moekit routes in float32.*bfloat16"):
+        assert patch_model(model) == 2
+    ids = torch.randint(0, 64, (2, 5))
+    assert torch.isfinite(model(ids).logits.float()).all()
+
+
+def test_experts_that_wrap_the_interface_are_left_with_the_reason():
+    """Ergo's experts class wraps the interface's call with a per-route norm: its block is named
+    in the warning, never run without that norm."""
+    from moekit.hf.catalog import TinyModelError, tiny_model
+
+    try:
+        model = tiny_model("ergo")
+    except TinyModelError as error:
+        pytest.skip(f"no tiny model: {error}")
+    with pytest.raises(ValueError, match="ErgoMoE: its experts class wraps"):
+        patch_model(model, strict=True)

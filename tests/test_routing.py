@@ -227,6 +227,21 @@ def test_group_limited_choice_stays_in_the_best_groups(num_tokens, experts_group
         assert len(set(routing.indices[n].tolist())) == top_k
 
 
+def test_group_limited_top_k_by_a_group_best_and_a_fill():
+    """DeepSeek-V2's groups are scored by their best expert; a fill of 0 (not -inf) lets the
+    experts of the other groups beat negative kept scores, as transformers' copies compute."""
+    from moekit.routing import group_limited_top_k
+
+    scores = torch.tensor(
+        [[0.9, 0.0, 0.5, 0.45]]
+    )  # groups {0, 1}: best 0.9 | 0.5; top-2 0.9 | 0.95
+    assert group_limited_top_k(scores, 1, 2, 1).tolist() == [[2]]  # two best: group 1
+    assert group_limited_top_k(scores, 1, 2, 1, best=1).tolist() == [[0]]  # its max: group 0
+    negative = torch.tensor([[-0.1, -0.2, -0.9, -0.8]])  # group 0 kept, both its scores < 0
+    assert set(group_limited_top_k(negative, 2, 2, 1).tolist()[0]) == {0, 1}
+    assert group_limited_top_k(negative, 2, 2, 1, fill=0.0).tolist()[0][0] in (2, 3)
+
+
 def test_scaling_factor_multiplies_the_weights():
     x = torch.randn(9, 6)
     plain = SigmoidRouter(6, 8, 2)

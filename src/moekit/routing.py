@@ -83,19 +83,28 @@ def softmax_top_k(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[T
 
 
 def group_limited_top_k(
-    scores: Tensor, top_k: int, num_groups: int = 1, top_k_groups: int | None = None
+    scores: Tensor,
+    top_k: int,
+    num_groups: int = 1,
+    top_k_groups: int | None = None,
+    *,
+    best: int = 2,
+    fill: float = float("-inf"),
 ) -> Tensor:
     """The top-k experts of each row, chosen among the best `top_k_groups` of `num_groups`
     equal groups of experts (DeepSeek-V3's node-limited routing).
 
-    A group's score is the sum of its two best expert scores (its one score for groups of one
-    expert); the experts of the other groups are masked out before the top-k.
+    A group's score is the sum of its `best` best expert scores (DeepSeek-V3: two; V2: one,
+    its max); the experts of the other groups are set to `fill` (-inf: masked out) before the
+    top-k.
 
     Args:
         scores: Selection scores [N, E] (DeepSeek-V3: sigmoid + correction bias).
         top_k: Experts per row, at most top_k_groups * E / num_groups.
         num_groups: Groups G; E must be a multiple of G. 1 = plain top-k.
         top_k_groups: Groups kept per row (default: all).
+        best: Experts summed into a group's score.
+        fill: The score given to the experts of the groups not kept.
 
     Returns:
         indices [N, k] int64.
@@ -104,11 +113,10 @@ def group_limited_top_k(
     if num_groups == 1 or top_k_groups in (None, num_groups):
         return torch.topk(scores, top_k, dim=-1).indices  # [N, k]
     grouped = scores.view(num_tokens, num_groups, num_experts // num_groups)  # [N, G, E/G]
-    best = min(2, grouped.shape[-1])
-    group_scores = grouped.topk(best, dim=-1).values.sum(-1)  # [N, G]
+    group_scores = grouped.topk(min(best, grouped.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
     keep_groups = torch.topk(group_scores, top_k_groups, dim=-1).indices  # [N, topk_groups]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
-    masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf"))  # [N, G, E/G]
+    masked = grouped.masked_fill(~keep.unsqueeze(-1), fill)  # [N, G, E/G]
     return torch.topk(masked.view(num_tokens, num_experts), top_k, dim=-1).indices  # [N, k]
 
 

@@ -3,8 +3,8 @@
     experts_implementation="moekit"   the experts of any family on transformers'
                                       `ExpertsInterface`, on moekit's plan and kernels
                                       (`backend`; registered by `import moekit.hf`)
-    patch_model(model)                whole MoE blocks (router, plan, experts, shared experts)
-                                      on moekit, by the family rules of `families`
+    patch_model(model)                MoE blocks' routers and experts on moekit's routing, plan
+                                      and kernels, by the family rules of `families`
     moe_from_hf / moe_to_hf           a block's weights into a standalone `moekit.MoE` and back
     moe_families / tiny_model         the installed transformers' MoE families, tiny models
 
@@ -18,11 +18,12 @@ import importlib.util
 
 from .catalog import FamilyInfo, TinyModelError, moe_families, tiny_config, tiny_model
 from .convert import moe_from_hf, moe_to_hf
-from .families import RULES, FamilyRule
+from .families import RULES, SKIPPED, FamilyRule
 from .patch import is_patched, patch_model, unpatch_model
 
 __all__ = [
     "RULES",
+    "SKIPPED",
     "FamilyInfo",
     "FamilyRule",
     "TinyModelError",

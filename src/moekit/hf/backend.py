@@ -77,15 +77,18 @@ def _run(module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor) -> Tens
     return run_experts(module, layout, x, make_plan(indices, weights, num_experts))
 
 
-def run_experts(module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan) -> Tensor:
+def run_experts(
+    module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan, scale_input: bool = False
+) -> Tensor:
     """Tokens x [N, d] through the experts of a transformers module by `plan` -> [N, d] in
     x's dtype: moekit's fused kernels where they compute the module's activation, else the
-    general path (`_general`). The block patch calls it too."""
-    activation = fast_activation(module, layout)
+    general path (`_general`). `scale_input`: the routing weight scales each expert's input,
+    not its output (Llama 4). The block patch calls it too."""
+    activation = None if scale_input else fast_activation(module, layout)
     if activation is not None:
         out = HFExperts(module, layout, activation).dispatch(x, plan)
     else:
-        out = _general(module, layout, x, plan)
+        out = _general(module, layout, x, plan, scale_input)
     return out.to(x.dtype)
 
 
@@ -96,31 +99,42 @@ def _linear(rows: Tensor, weight: Tensor, group_sizes: Tensor, offsets: Tensor) 
     return loop_linear(rows, weight, group_sizes.tolist())  # float64, odd widths: a host read
 
 
-def _general(module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan) -> Tensor:
-    """gather -> up (+ bias) -> the module's gate or activation -> down (+ bias) -> the
-    module's post-expert norm -> weighted combine; moekit's kernels, the module's functions."""
+def _gate(module: nn.Module, hidden: Tensor) -> Tensor:
+    """The module's gate on [M, width] rows: its class's `_apply_gate`, else transformers'
+    default ([gate | up] -> act_fn(gate) * up)."""
+    apply_gate = getattr(module, "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(hidden)
+    gate, up = hidden.chunk(2, dim=-1)
+    return module.act_fn(gate) * up
+
+
+def _general(
+    module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan, scale_input: bool = False
+) -> Tensor:
+    """gather (x the routing weight where it scales the input) -> up (+ bias) -> the module's
+    gate or activation -> down (+ bias) -> the module's post-expert norm -> weighted combine;
+    moekit's kernels, the module's functions."""
     up = getattr(module, layout.up_name)
     dtype = up.dtype
     w1 = up if layout.is_transposed else up.transpose(1, 2)  # [E, d, width]
     w2 = module.down_proj if layout.is_transposed else module.down_proj.transpose(1, 2)  # [E, h, d]
     offsets = torch.cumsum(plan.group_sizes, 0).to(torch.int32)  # [E]
     rows = gather(x.to(dtype), plan.token_index, plan.pair_index, plan.top_k)  # [M, d]
+    slot_weight = plan.slot_weight.to(dtype)  # [M]
+    if scale_input:
+        rows, slot_weight = rows * slot_weight[:, None], torch.ones_like(slot_weight)
     hidden = _linear(rows, w1, plan.group_sizes, offsets)  # [M, width]
     expert = None
     if layout.has_bias:
         expert = row_experts(plan.group_sizes, rows.shape[0])  # [M]
         hidden = hidden + getattr(module, f"{layout.up_name}_bias").index_select(0, expert)
-    hidden = module._apply_gate(hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
+    hidden = _gate(module, hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
     out = _linear(hidden, w2, plan.group_sizes, offsets)  # [M, d]
     if layout.has_bias:
         out = out + module.down_proj_bias.index_select(0, expert)
     if layout.has_post_expert_norm:
         out = module.post_expert_norm(out)
     return combine(
-        out,
-        plan.slot_weight.to(out.dtype),
-        plan.token_index,
-        x.shape[0],
-        plan.pair_index,
-        plan.top_k,
+        out, slot_weight.to(out.dtype), plan.token_index, x.shape[0], plan.pair_index, plan.top_k
     )  # [T, d]

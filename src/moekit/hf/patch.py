@@ -1,15 +1,15 @@
 """Patch transformers' MoE blocks in place to run on moekit: routing, plan, experts.
 
-    patch_model(model, strict=False) -> int   every block of a family in `families.RULES`
+    patch_model(model, strict=False) -> int   every block whose router is in `families.RULES`
     unpatch_model(model) -> int               back to transformers' forwards
     is_patched(block)
+    router_of(block) -> (name, rule)          a block's router and its family rule
 
 A patched block keeps its class, parameters and submodules: `state_dict`, `save_pretrained`,
-optimizers and PEFT see nothing new. Its `forward` (and its router's) become instance
-attributes, plain picklable objects; the router is still called as a module, so transformers'
-output recorder still collects `router_logits` for the auxiliary loss. The experts run by
-`backend.run_experts` (moekit's fused kernels, or its grouped GEMMs around the module's own
-gate function), reading the module's tensors at each call.
+optimizers and PEFT see nothing new. The forwards of its router (moekit's routing,
+`routers.Router`) and experts (moekit's plan and kernels, `blocks.Experts`) become instance
+attributes, plain picklable objects; the block's own forward still calls them as modules, so
+hooks and transformers' output recorder (the router logits of the auxiliary loss) see them.
 """
 
 from __future__ import annotations
@@ -18,43 +18,24 @@ import re
 import warnings
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ..dispatch import make_plan
 from ..layers import MoE
-from ..routing import router_dtype, sigmoid_routing, softmax_top_k
-from .backend import run_experts
+from .blocks import Experts, Llama4Block, ModuleExperts
 from .experts import layout_of, unsupported_weights
-from .families import RULES, FamilyRule
+from .families import RULES, SKIPPED, FamilyRule
+from .routers import Router
 
-__all__ = ["is_patched", "patch_model", "rule_for", "unpatch_model", "unsupported"]
+__all__ = [
+    "holds_experts",
+    "is_patched",
+    "patch_model",
+    "router_of",
+    "unpatch_model",
+    "unsupported",
+]
 
 _MOE_NAME = re.compile(r"(MoE|SparseMoe|SparseMoeBlock|MoeBlock)$")
-
-
-def rule_for(block: nn.Module) -> FamilyRule | None:
-    """The family rule of a block's class, or None."""
-    return RULES.get(type(block).__name__)
-
-
-def _normalize(router: nn.Module, rule: FamilyRule) -> bool:
-    if isinstance(rule.normalize, bool):
-        return rule.normalize
-    return bool(getattr(router, rule.normalize))
-
-
-def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
-    """Why a block of a family in the table cannot run on moekit, or None."""
-    experts, router = getattr(block, "experts", None), getattr(block, rule.router_attr, None)
-    if not isinstance(experts, nn.Module) or not isinstance(router, nn.Module):
-        return f"no experts / {rule.router_attr} submodules"
-    reason = unsupported_weights(experts, layout_of(experts))
-    if reason is not None:
-        return reason
-    if rule.router_bias and getattr(router, "bias", None) is None:
-        return "its router has no bias"
-    return None
 
 
 def holds_experts(module: nn.Module) -> bool:
@@ -67,75 +48,57 @@ def holds_experts(module: nn.Module) -> bool:
     )
 
 
-class _Router:
-    """A transformers router's forward on moekit's routing: (router_logits, weights [N, k],
-    indices [N, k]) as transformers returns them."""
-
-    def __init__(self, gate: nn.Module, rule: FamilyRule) -> None:
-        self.gate, self.rule = gate, rule
-
-    def __call__(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        gate, rule = self.gate, self.rule
-        x = hidden_states.reshape(-1, gate.weight.shape[-1])  # [N, d]
-        dtype = router_dtype(x.dtype)
-        bias = gate.bias.to(dtype) if rule.router_bias else None
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.to(dtype), gate.weight.to(dtype), bias)  # [N, E] fp32
-        normalize = _normalize(gate, rule)
-        if rule.router == "sigmoid":  # DeepSeek-V3
-            routing = sigmoid_routing(
-                logits,
-                gate.e_score_correction_bias,
-                gate.top_k,
-                gate.num_group,
-                gate.topk_group,
-                normalize,
-            )
-            weights = routing.weights * gate.routed_scaling_factor
-            return logits, weights, routing.indices
-        weights, indices = softmax_top_k(logits, gate.top_k, normalize)
-        return logits.to(x.dtype), weights.to(x.dtype), indices
+def router_of(block: nn.Module) -> tuple[str, FamilyRule] | tuple[None, None]:
+    """The block's router submodule whose class has a family rule, and the rule."""
+    for name, child in block.named_children():
+        rule = RULES.get(type(child).__name__)
+        if rule is not None:
+            return name, rule
+    return None, None
 
 
-class _Block:
-    """A transformers MoE block's forward on moekit's plan and experts."""
+def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
+    """Why a block whose router has a rule cannot run on moekit, or None."""
+    experts = getattr(block, "experts", None)
+    if not isinstance(experts, nn.Module):
+        return "no experts submodule"
+    if rule.block == "switch":
+        return None if isinstance(experts, (nn.ModuleDict, nn.ModuleList)) else "experts not a dict"
+    if rule.block == "experts" and not hasattr(experts, "has_gate"):
+        return "its experts are not on transformers' ExpertsInterface"
+    if rule.block == "experts" and not _interface_forward(experts):
+        return (
+            f"{type(experts).__name__}.forward wraps the interface's experts call with code of "
+            'its own (its experts run on moekit with experts_implementation="moekit")'
+        )
+    layout = layout_of(experts, is_transposed=rule.block == "llama4")
+    return unsupported_weights(experts, layout)
 
-    def __init__(self, block: nn.Module, rule: FamilyRule) -> None:
-        self.block, self.rule = block, rule
-        self.layout = layout_of(block.experts)
 
-    def __call__(self, hidden_states: Tensor):
-        block, rule = self.block, self.rule
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # [N, d]
-        jitter = getattr(block, rule.jitter, 0.0) if rule.jitter else 0.0
-        if block.training and jitter > 0:  # Mixtral's multiplicative input noise
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
-        router = getattr(block, rule.router_attr)
-        _, weights, indices = router(x)  # a module call: transformers records the logits
-        plan = make_plan(indices, weights, block.experts.down_proj.shape[0])
-        out = run_experts(block.experts, self.layout, x, plan)  # [N, d]
-        if rule.shared is not None:
-            shared = getattr(block, rule.shared)(x)  # [N, d]
-            if rule.shared_gate is not None:
-                shared = torch.sigmoid(getattr(block, rule.shared_gate)(x)) * shared
-            out = out + shared
-        out = out.reshape(shape)
-        return (out, weights) if rule.returns == "hidden, scores" else out
+def _interface_forward(experts: nn.Module) -> bool:
+    """Whether the experts class's forward is the one `@use_experts_implementation` made
+    (a subclass may wrap it with code of its own: Ergo's per-route norm)."""
+    forward = type(experts).forward
+    return hasattr(forward, "__wrapped__") and (
+        forward.__globals__.get("__name__") == "transformers.integrations.moe"
+    )
 
 
 def is_patched(block: nn.Module) -> bool:
     """Whether `block` runs on moekit (`patch_model`)."""
-    return isinstance(block.__dict__.get("forward"), _Block)
+    name, _ = router_of(block)
+    return name is not None and isinstance(getattr(block, name).__dict__.get("forward"), Router)
 
 
 def patch_model(model: nn.Module, strict: bool = False) -> int:
     """Run every MoE block of a transformers model on moekit's engine, in place.
 
-    Blocks whose class has a rule in `moekit.hf.families.RULES` get moekit's routing (the
-    same choice and weights), dispatch plan and experts; their parameters, buffers and
+    Blocks whose router class has a rule in `moekit.hf.families.RULES` get moekit's routing
+    (the same choice and weights), dispatch plan and experts; their parameters, buffers and
     submodules stay as they are. Every other module that holds experts is left alone and
-    named, with its reason, in one warning. Patching twice is a no-op.
+    named, with its reason, in one warning. Patching twice is a no-op. Routing runs in
+    float32 whatever the model's dtype: on a half-precision model, where transformers' router
+    logits tie in that precision, the choice can differ from transformers' (a warning says so).
 
     Args:
         model: A `torch.nn.Module`, typically a transformers `PreTrainedModel`.
@@ -150,12 +113,13 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    patched, skipped = 0, {}
+    patched, skipped, half = 0, {}, set()
     for module in model.modules():
-        rule = rule_for(module)
+        if not holds_experts(module):
+            continue
+        name, rule = router_of(module)
         if rule is None:
-            if holds_experts(module):
-                skipped.setdefault(type(module).__name__, _no_rule_reason(module))
+            skipped.setdefault(type(module).__name__, _no_rule_reason(module))
             continue
         if is_patched(module):
             continue
@@ -163,9 +127,14 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         if reason is not None:
             skipped.setdefault(type(module).__name__, reason)
             continue
-        router = getattr(module, rule.router_attr)
-        router.forward = _Router(router, rule)
-        module.forward = _Block(module, rule)
+        router = getattr(module, name)
+        router.forward = Router(router, rule)
+        experts = module.experts
+        experts.forward = ModuleExperts(experts) if rule.block == "switch" else Experts(experts)
+        if rule.block == "llama4":
+            module.forward = Llama4Block(module)
+        dtypes = {p.dtype for p in router.parameters()}
+        half |= dtypes & {torch.float16, torch.bfloat16}
         patched += 1
     if skipped:
         lines = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
@@ -173,10 +142,24 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         if strict:
             raise ValueError(message)
         warnings.warn(message, stacklevel=2)
+    if half:
+        warnings.warn(
+            f"moekit routes in float32; the model's routers are {', '.join(map(str, half))}, so "
+            "where transformers' half-precision router logits tie, the chosen experts can differ "
+            "from transformers' (moekit's are the float32 choice)",
+            stacklevel=2,
+        )
     return patched
 
 
+_OURS = (Router, Experts, ModuleExperts, Llama4Block)
+
+
 def _no_rule_reason(module: nn.Module) -> str:
+    for child in module.children():
+        reason = SKIPPED.get(type(child).__name__)
+        if reason is not None:
+            return reason
     experts = getattr(module, "experts", None)
     if isinstance(experts, nn.Module) and hasattr(experts, "has_gate"):
         return (
@@ -190,9 +173,10 @@ def unpatch_model(model: nn.Module) -> int:
     """Undo `patch_model`: the blocks run transformers' own forwards again. Returns how many."""
     count = 0
     for module in model.modules():
-        if is_patched(module):
-            rule = module.forward.rule
-            del module.forward
-            getattr(module, rule.router_attr).__dict__.pop("forward", None)
+        if holds_experts(module) and is_patched(module):
+            name, _ = router_of(module)
+            for part in (module, getattr(module, name), module.experts):
+                if isinstance(part.__dict__.get("forward"), _OURS):
+                    del part.forward
             count += 1
     return count

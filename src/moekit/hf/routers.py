@@ -1,0 +1,179 @@
+"""A transformers router's forward on moekit's routing, as its family rule describes it.
+
+    route(router, rule, x, *args, input_ids=None) -> (logits [N, E], weights [N, k], indices [N, k])
+    Router(router, rule)      the router's patched forward: `route`, returned in the shape the
+                              family's block expects
+
+Logits, scores and weights in float32 or wider (`moekit.routing.router_dtype`), outside
+autocast; the choice under no_grad (moekit's `group_limited_top_k`), the weights the gathered
+scores, so the router's gradient is transformers'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..routing import group_limited_top_k, router_dtype, softmax_top_k
+from .families import FamilyRule
+
+__all__ = ["Router", "attribute", "flag", "route"]
+
+
+def attribute(obj: object, path: str | None):
+    """`obj.<path>` for a dotted path ("moe_statics.e_score_correction_bias"); an integer
+    literal is itself; None -> None."""
+    if path is None:
+        return None
+    if path.isdigit():
+        return int(path)
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def flag(obj: object, spec: bool | str) -> bool:
+    """A rule's flag: a constant, an attribute ("norm_topk_prob"), an attribute's value
+    ("topk_method=group_limited_greedy"), or any of several joined by "|"."""
+    if isinstance(spec, bool):
+        return spec
+    for term in spec.split("|"):
+        name, _, value = term.partition("=")
+        got = attribute(obj, name)
+        if (str(got) == value) if value else bool(got):
+            return True
+    return False
+
+
+def _scores(router: nn.Module, rule: FamilyRule, logits: Tensor) -> Tensor:
+    """[N, E] routing scores from the logits."""
+    kind = rule.score
+    if kind.startswith("@"):  # the router's own: a score function, or a kind's name
+        kind = attribute(router, kind[1:])
+        if callable(kind):
+            return kind(logits)
+    if kind == "softmax":
+        return F.softmax(logits, dim=-1)
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"{type(router).__name__}: unknown routing score {kind!r}")
+
+
+def route(
+    router: nn.Module,
+    rule: FamilyRule,
+    hidden_states: Tensor,
+    *args: Tensor,
+    input_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The routing of `rule` for tokens [..., d]: (logits [N, E], weights [N, k], indices
+    [N, k]), logits and weights in the router dtype."""
+    weight = attribute(router, rule.weight)  # [E, d]
+    x = hidden_states.reshape(-1, weight.shape[-1])  # [N, d]
+    dtype = router_dtype(x.dtype)
+    bias = attribute(router, rule.bias)
+    top_k = attribute(router, rule.top_k)
+    with torch.autocast(x.device.type, enabled=False):
+        if rule.pre_norm is not None:
+            x = attribute(router, rule.pre_norm)(x)
+        for name in rule.input_scale:
+            x = x * attribute(router, name)
+        logits = F.linear(
+            x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        )  # [N, E]
+        if rule.logit_scale is not None:
+            logits = logits * attribute(router, rule.logit_scale)
+        cap = float(attribute(router, rule.softcap) or 0.0)
+        if cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        scores = _scores(router, rule, logits)  # [N, E]
+        indices = _choice(router, rule, logits, scores, top_k, args, input_ids)  # [N, k]
+        weights = scores.gather(-1, indices)  # [N, k]
+        if flag(router, rule.normalize):
+            total = weights.sum(-1, keepdim=True)
+            if rule.norm_min is not None:
+                total = total.clamp(min=float(attribute(router, rule.norm_min)))
+            weights = weights / (total + rule.eps)
+        if rule.scale == "1/top_k":
+            weights = weights / top_k
+        elif rule.scale is not None:
+            weights = weights * attribute(router, rule.scale)
+        if rule.expert_scale is not None:
+            weights = weights * attribute(router, rule.expert_scale)[indices]
+    return logits, weights, indices
+
+
+@torch.no_grad()
+def _choice(
+    router: nn.Module,
+    rule: FamilyRule,
+    logits: Tensor,
+    scores: Tensor,
+    top_k: int,
+    args: tuple[Tensor, ...],
+    input_ids: Tensor | None,
+) -> Tensor:
+    """[N, k] the chosen experts: a table lookup, or the top-k of scores (or logits) plus the
+    correction bias, group-limited."""
+    if rule.hash is not None:
+        if input_ids is None:
+            raise ValueError(f"{type(router).__name__} routes by token id: pass input_ids")
+        return attribute(router, rule.hash)[input_ids.reshape(-1)].long()
+    choice = logits if rule.choose_on == "logits" else scores
+    bias = args[0] if rule.choice_bias == "arg" else attribute(router, rule.choice_bias)
+    if bias is not None:
+        choice = choice + bias.to(choice.dtype)
+    if not flag(router, rule.groups):
+        return group_limited_top_k(choice, top_k)
+    return group_limited_top_k(
+        choice,
+        top_k,
+        router.num_group,
+        router.topk_group,
+        best=rule.group_best,
+        fill=rule.group_fill,
+    )
+
+
+class Router:
+    """A transformers router's patched forward: `route`, returned as the family's block
+    reads it. A plain picklable object; the router is still called as a module, so
+    transformers' output recorder still collects its logits for the auxiliary loss."""
+
+    def __init__(self, router: nn.Module, rule: FamilyRule) -> None:
+        self.router, self.rule = router, rule
+
+    def __call__(self, hidden_states: Tensor, *args: Tensor):
+        router, rule = self.router, self.rule
+        if rule.block == "switch":
+            return _switch(router, hidden_states)
+        input_ids = args[0] if rule.hash is not None and args else None
+        extra = args if rule.choice_bias == "arg" else ()
+        logits, weights, indices = route(router, rule, hidden_states, *extra, input_ids=input_ids)
+        if rule.block == "llama4":  # (scores [N, E]: the k weights, 0 elsewhere; logits)
+            return torch.zeros_like(logits).scatter(1, indices, weights), logits
+        return logits, weights, indices
+
+
+def _switch(router: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Switch Transformers' top-1 routing (moekit's `SwitchRouter`: the chosen expert's softmax
+    probability) with its capacity: in each sequence an expert takes its first
+    `expert_capacity` tokens by position, the rest are dropped (the residual carries them).
+    Returns transformers' (dispatch mask [..., E] one-hot, probs [..., 1], logits [..., E])."""
+    dtype = router_dtype(hidden_states.dtype)
+    x = hidden_states.to(dtype)
+    if router.training and router.jitter_noise > 0:  # transformers' multiplicative jitter, in
+        # place as transformers applies it: where x is the block's tensor the experts see it too
+        x *= torch.empty_like(x).uniform_(1.0 - router.jitter_noise, 1.0 + router.jitter_noise)
+    classifier = router.classifier
+    bias = None if classifier.bias is None else classifier.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = F.linear(x.to(dtype), classifier.weight.to(dtype), bias)  # [B, S, E]
+    flat = logits.reshape(-1, logits.shape[-1])  # [N, E]
+    weights, indices = softmax_top_k(flat, 1, normalize=False)  # [N, 1]
+    mask = F.one_hot(indices[:, 0], logits.shape[-1]).reshape(logits.shape)  # [B, S, E]
+    position = torch.cumsum(mask, dim=-2)  # [B, S, E] 1-based within each sequence
+    mask = mask * (position <= router.expert_capacity)
+    probs = weights.reshape(*logits.shape[:-1], 1).to(hidden_states.dtype)
+    return mask, probs, logits
