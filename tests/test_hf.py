@@ -378,3 +378,31 @@ def test_experts_that_wrap_the_interface_are_left_with_the_reason():
         pytest.skip(f"no tiny model: {error}")
     with pytest.raises(ValueError, match="ErgoMoE: its experts class wraps"):
         patch_model(model, strict=True)
+
+
+def test_info_hf_reports_each_block_of_a_saved_model(tmp_path, capsys):
+    """`moekit info --hf DIR`: each MoE block of a saved model, whether the backend and the
+    patch cover it; expert weights stored quantised are reported, never run."""
+    from safetensors.torch import load_file, save_file
+
+    from moekit.cli import main
+    from moekit.hf.report import saved_coverage
+
+    model = _model("qwen3_moe")
+    model.save_pretrained(tmp_path / "qwen3")
+    assert main(["info", "--hf", str(tmp_path / "qwen3")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp: Qwen3MoeSparseMoeBlock (router Qwen3MoeTopKRouter" in out
+    assert "2 MoE blocks: 2 on the experts backend" in out and "2 patched" in out
+
+    files = list((tmp_path / "qwen3").glob("*.safetensors"))
+    tensors = load_file(files[0])
+    key = next(k for k in sorted(tensors) if k.startswith("model.layers.0.mlp.experts."))
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, files[0], metadata={"format": "pt"})
+    _, rows = saved_coverage(tmp_path / "qwen3")
+    assert rows[0].patch == rows[0].backend and "F8_E4M3" in rows[0].patch
+    assert rows[1].patch is None
+
+    assert main(["info", "--hf", str(tmp_path / "missing")]) == 1
+    assert "not a saved transformers model" in capsys.readouterr().err

@@ -210,7 +210,14 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _info(_: argparse.Namespace) -> int:
+def _info(args: argparse.Namespace) -> int:
+    if args.hf is not None:
+        from .hf.report import format_coverage, saved_coverage
+
+        config, rows = saved_coverage(args.hf)
+        print(f"{args.hf}: {type(config).__name__} (model_type {config.model_type})")
+        print(format_coverage(rows))
+        return 0
     from ._device import cpu_capability, fast_bfloat16
 
     print(f"moekit {__version__}")
@@ -347,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="print versions, threads and available kernels")
+    info.add_argument(
+        "--hf",
+        metavar="MODEL_DIR",
+        help="instead: each MoE block of a saved transformers model and whether moekit's "
+        "experts backend and patch_model cover it (reads the config and the safetensors "
+        "headers, not the weights)",
+    )
     info.set_defaults(run=_info)
     return parser
 

@@ -28,6 +28,7 @@ from .routers import Router
 
 __all__ = [
     "holds_experts",
+    "patch_reason",
     "is_patched",
     "patch_model",
     "router_of",
@@ -75,6 +76,12 @@ def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
     return unsupported_weights(experts, layout)
 
 
+def patch_reason(block: nn.Module) -> str | None:
+    """Why `patch_model` would leave a block that holds experts alone, or None."""
+    _, rule = router_of(block)
+    return _no_rule_reason(block) if rule is None else unsupported(block, rule)
+
+
 def _interface_forward(experts: nn.Module) -> bool:
     """Whether the experts class's forward is the one `@use_experts_implementation` made
     (a subclass may wrap it with code of its own: Ergo's per-route norm)."""
@@ -115,18 +122,13 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     patched, skipped, half = 0, {}, set()
     for module in model.modules():
-        if not holds_experts(module):
+        if not holds_experts(module) or is_patched(module):
             continue
-        name, rule = router_of(module)
-        if rule is None:
-            skipped.setdefault(type(module).__name__, _no_rule_reason(module))
-            continue
-        if is_patched(module):
-            continue
-        reason = unsupported(module, rule)
+        reason = patch_reason(module)
         if reason is not None:
             skipped.setdefault(type(module).__name__, reason)
             continue
+        name, rule = router_of(module)
         router = getattr(module, name)
         router.forward = Router(router, rule)
         experts = module.experts
