@@ -406,3 +406,29 @@ def test_info_hf_reports_each_block_of_a_saved_model(tmp_path, capsys):
 
     assert main(["info", "--hf", str(tmp_path / "missing")]) == 1
     assert "not a saved transformers model" in capsys.readouterr().err
+
+
+def test_switch_transformers_capacity_drops_as_transformers_does():
+    """Switch Transformers' capacity: an expert keeps its first `expert_capacity` tokens of
+    each sequence by position; the patched model drops the same tokens (their MLP output is 0:
+    the residual carries them) and trains the same."""
+    from moekit.hf.catalog import TinyModelError, dummy_inputs, tiny_model
+
+    try:
+        model = tiny_model("switch_transformers").train()
+    except TinyModelError as error:
+        pytest.skip(f"no tiny model: {error}")
+    for module in model.modules():
+        if type(module).__name__ == "SwitchTransformersTop1Router":
+            module.expert_capacity = 2  # 12 tokens a sequence over 8 experts: some overflow
+    patched = copy.deepcopy(model)
+    assert patch_model(patched, strict=True) >= 2
+    inputs = dummy_inputs(model, 3, 12, seed=1)
+    want, _, want_grads = _family_step(model, inputs)
+    got, _, got_grads = _family_step(patched, inputs)
+    assert _rel(got, want) <= 1e-5
+    for name, grad in want_grads.items():
+        assert _rel(got_grads[name], grad) <= 1e-5, name
+    router = next(m for m in patched.modules() if type(m).__name__.endswith("Top1Router"))
+    mask, _, _ = router(torch.randn(3, 12, router.classifier.in_features))
+    assert mask.sum(1).max() <= 2 and mask.sum() < 36  # capacity held, tokens dropped

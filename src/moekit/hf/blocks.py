@@ -7,6 +7,8 @@
                              around each expert's own forward
     Llama4Block(block)       Llama 4's block, whose experts take every token with its routing
                              weight on the input: moekit's plan over the k chosen pairs only
+    DbrxBlock(block)         DBRX's block: softmax top-k renormalised by a p-norm, experts
+                             stored as gate / up / down [E*h, d] (not on the interface)
 
 Each is a plain picklable object set as the module's `forward`; it reads the module's tensors
 at each call.
@@ -19,10 +21,11 @@ from torch import Tensor, nn
 
 from ..dispatch import make_plan
 from ..ops import combine, gather
-from .backend import _run, run_experts
+from ..routing import softmax_top_k
+from .backend import _linear, _run, run_experts
 from .experts import layout_of
 
-__all__ = ["Experts", "Llama4Block", "ModuleExperts"]
+__all__ = ["DbrxBlock", "Experts", "Llama4Block", "ModuleExperts"]
 
 
 class Experts:
@@ -88,3 +91,43 @@ class Llama4Block:
         plan = make_plan(indices, scores.gather(-1, indices), scores.shape[-1])
         out = block.shared_expert(x) + run_experts(block.experts, self.layout, x, plan, True)
         return out, logits
+
+
+class DbrxBlock:
+    """DBRX's FFN: the router's logits, softmax top-k (moekit's `softmax_top_k`), the k
+    weights renormalised by their `moe_normalize_expert_weights`-norm; experts w1 (gate), v1
+    (up) and w2 (down, transposed) stored as [E*h, d]: moekit's gather, grouped GEMMs over
+    views of them, the module's activation, moekit's combine."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, hidden_states: Tensor) -> Tensor:
+        block, mlp = self.block, self.block.experts.mlp
+        shape = hidden_states.shape
+        logits = block.router(hidden_states)  # [N, E] fp32
+        weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]
+        p = block.moe_normalize_expert_weights
+        if p is not None:
+            weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)
+        num_experts, d_model = logits.shape[-1], shape[-1]
+        x = hidden_states.reshape(-1, d_model)  # [N, d]
+        plan = make_plan(indices, weights, num_experts)
+        gate = mlp.w1.view(num_experts, -1, d_model).transpose(1, 2)  # [E, d, h]
+        up = mlp.v1.view(num_experts, -1, d_model).transpose(1, 2)  # [E, d, h]
+        down = mlp.w2.view(num_experts, -1, d_model)  # [E, h, d]
+        offsets = torch.cumsum(plan.group_sizes, 0).to(torch.int32)  # [E]
+        rows = gather(x.to(gate.dtype), plan.token_index, plan.pair_index, plan.top_k)  # [M, d]
+        hidden = mlp.activation_fn(_linear(rows, gate, plan.group_sizes, offsets)) * _linear(
+            rows, up, plan.group_sizes, offsets
+        )  # [M, h]
+        out = _linear(hidden, down, plan.group_sizes, offsets)  # [M, d]
+        routed = combine(
+            out,
+            plan.slot_weight.to(out.dtype),
+            plan.token_index,
+            x.shape[0],
+            plan.pair_index,
+            plan.top_k,
+        )  # [N, d]
+        return routed.to(hidden_states.dtype).reshape(shape)

@@ -6,7 +6,8 @@ experts module's forward moekit's dispatch plan and kernels (`backend.run_expert
 experts in any layout transformers stores). The rest of the block (shared experts and their
 gates, output scales, norms, how the block combines them) stays transformers' own code, so it
 is exact by construction. Blocks that do not call their experts as `experts(x, top_k_index,
-top_k_weights)` get a moekit block forward too (`block`: Llama 4, Switch Transformers).
+top_k_weights)` get moekit forwards of their own (`block`: Llama 4, Switch Transformers,
+DBRX).
 
 A rule, read top to bottom as the router computes:
 
@@ -69,7 +70,7 @@ class FamilyRule:
     scale: str | None = None
     expert_scale: str | None = None
     top_k: str = "top_k"
-    block: str = "experts"  # "experts" | "llama4" | "switch"
+    block: str = "experts"  # "experts" | "llama4" | "switch" | "dbrx"
 
     def like(self, family: str, **changes) -> FamilyRule:
         """This rule for another family, with `changes`."""
@@ -115,12 +116,21 @@ RULES: dict[str, FamilyRule] = {
     "FlexOlmoTopKRouter": SOFTMAX.like("flex_olmo"),
     "MellumTopKRouter": SOFTMAX.like("mellum"),
     "LaraMiniTopKRouter": SOFTMAX.like("lara_mini"),
+    "Qwen4ExpTextTopKRouter": SOFTMAX.like("qwen4_exp"),
     "JambaTopKRouter": SOFTMAX.like("jamba", normalize=False),
     "HunYuanMoEV1Gate": SOFTMAX.like("hunyuan_v1_moe", weight="wg.weight", normalize=True),
+    "LongcatFlashTopkRouter": SOFTMAX.like(
+        "longcat_flash",
+        weight="classifier.weight",  # transformers' router leaves the classifier's bias out
+        choice_bias="e_score_correction_bias",
+        normalize=False,
+        scale="routed_scaling_factor",
+    ),
     "AriaTextTopKRouter": SOFTMAX_TOP.like("aria"),
     "GraniteMoeTopKRouter": SOFTMAX_TOP.like("granitemoe"),
     "GraniteMoeSWATopKRouter": SOFTMAX_TOP.like("granitemoe_swa"),
     "GraniteMoeSharedTopKRouter": SOFTMAX_TOP.like("granitemoeshared"),
+    "GraniteMoeHybridTopKRouter": SOFTMAX_TOP.like("granitemoehybrid"),
     "GptOssTopKRouter": SOFTMAX_TOP.like("gpt_oss", bias="bias"),
     "OpenAIPrivacyFilterTopKRouter": SOFTMAX_TOP.like(
         "openai_privacy_filter", bias="bias", scale="1/top_k"
@@ -132,6 +142,12 @@ RULES: dict[str, FamilyRule] = {
     ),
     "Ernie4_5_MoeTopKRouter": SOFTMAX.like(
         "ernie4_5_moe",
+        choice_bias="moe_statics.e_score_correction_bias",
+        normalize=True,
+        norm_min="norm_min",
+    ),
+    "Ernie4_5_VLMoeMoeTopKRouter": SOFTMAX.like(
+        "ernie4_5_vl_moe",
         choice_bias="moe_statics.e_score_correction_bias",
         normalize=True,
         norm_min="norm_min",
@@ -160,6 +176,10 @@ RULES: dict[str, FamilyRule] = {
     "MistralLarge4TextTopkRouter": DEEPSEEK_V3.like(
         "mistral_large4", score="softmax", choice_bias=None, group_fill=0.0, normalize=True
     ),
+    "DeepseekOcr2TextTopkRouter": DEEPSEEK_V2.like("deepseek_ocr2"),
+    "Mistral4TopkRouter": DEEPSEEK_V3.like(
+        "mistral4", score="softmax", choice_bias=None, group_fill=0.0
+    ),
     # sigmoid + correction bias, group-limited (DeepSeek-V3's router, copied by many)
     "DeepseekV3TopkRouter": DEEPSEEK_V3,
     "DeepseekV32TopkRouter": DEEPSEEK_V3.like("deepseek_v32"),
@@ -176,10 +196,23 @@ RULES: dict[str, FamilyRule] = {
     "KimiLinearTopkRouter": DEEPSEEK_V3.like("kimi_linear"),
     "MiniCPM5MoeTopkRouter": DEEPSEEK_V3.like("minicpm5_moe"),
     "NemotronHTopkRouter": DEEPSEEK_V3.like("nemotron_h"),
+    "Dots1TopkRouter": DEEPSEEK_V3.like("dots1"),
+    "Glm4vMoeTextTopkRouter": DEEPSEEK_V3.like("glm4v_moe"),
+    "Glm5NextTextTopkRouter": DEEPSEEK_V3.like("glm5_next"),
+    "HYV4VLTopkRouter": DEEPSEEK_V3.like("hy_v4_vl"),
+    "MiMoV2FlashTopkRouter": DEEPSEEK_V3.like("mimo_v2_flash"),
     "SolarOpenTopkRouter": DEEPSEEK_V3.like("solar_open"),
     # sigmoid + correction bias, no groups
     "MiniMaxM2TopKRouter": SIGMOID_BIAS.like("minimax_m2", choice_bias="arg"),
     "MiniMaxM3VLTopKRouter": SIGMOID_BIAS.like("minimax_m3_vl"),
+    "Step3p7TopKRouter": SIGMOID_BIAS.like("step3p7"),
+    "Lfm2MoeTopKRouter": SIGMOID_BIAS.like(
+        "lfm2_moe",
+        choice_bias="arg",  # None where the config turns the expert bias off
+        normalize="norm_topk_prob",
+        eps=1e-6,
+        scale="routed_scaling_factor",
+    ),
     "LagunaTopKRouter": SIGMOID_BIAS.like("laguna", softcap="router_logit_softcapping"),
     "AfmoeTokenChoiceRouter": SIGMOID_BIAS.like(
         "afmoe", weight="gate.weight", choice_bias="arg", eps=1e-20, scale="route_scale"
@@ -210,10 +243,15 @@ RULES: dict[str, FamilyRule] = {
     "Kolibri1TopKRouter": SIGMOID_BIAS.like(
         "kolibri1", choose_on="logits", normalize="norm_topk_prob"
     ),
+    "Kolibri1_1TopKRouter": SIGMOID_BIAS.like(
+        "kolibri1_1", choose_on="logits", normalize="norm_topk_prob"
+    ),
     # sigmoid, no bias
     "FlintTopKRouter": FamilyRule("flint", score="sigmoid"),
     # sigmoid top-1 whose weight scales the expert's input, a shared expert beside
     "Llama4Router": FamilyRule("llama4", score="sigmoid", normalize=False, block="llama4"),
+    # softmax top-k renormalised by a p-norm, in the block; experts of its own layout
+    "DbrxRouter": FamilyRule("dbrx", weight="layer.weight", block="dbrx"),
     # top-1 with an expert capacity per sequence (seed 002's SwitchTransformer)
     "SwitchTransformersTop1Router": FamilyRule(
         "switch_transformers",

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE
-from .blocks import Experts, Llama4Block, ModuleExperts
+from .blocks import DbrxBlock, Experts, Llama4Block, ModuleExperts
 from .experts import layout_of, unsupported_weights
 from .families import RULES, SKIPPED, FamilyRule
 from .routers import Router
@@ -41,11 +41,14 @@ _MOE_NAME = re.compile(r"(MoE|SparseMoe|SparseMoeBlock|MoeBlock)$")
 
 def holds_experts(module: nn.Module) -> bool:
     """Whether a module is an MoE block: it has an `experts` submodule, or its class says MoE.
-    The experts modules themselves (and lists of experts) are not blocks."""
+    The experts modules themselves (and lists of experts) are not blocks, nor are containers
+    of blocks (Ernie-4.5-VL's text and vision MoE blocks side by side)."""
     if isinstance(module, (nn.ModuleList, MoE)) or hasattr(module, "has_gate"):
         return False
-    return isinstance(getattr(module, "experts", None), nn.Module) or bool(
-        _MOE_NAME.search(type(module).__name__)
+    if isinstance(getattr(module, "experts", None), nn.Module):
+        return True
+    return bool(_MOE_NAME.search(type(module).__name__)) and not any(
+        isinstance(getattr(child, "experts", None), nn.Module) for child in module.children()
     )
 
 
@@ -65,6 +68,8 @@ def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
         return "no experts submodule"
     if rule.block == "switch":
         return None if isinstance(experts, (nn.ModuleDict, nn.ModuleList)) else "experts not a dict"
+    if rule.block == "dbrx":
+        return _dbrx_reason(experts)
     if rule.block == "experts" and not hasattr(experts, "has_gate"):
         return "its experts are not on transformers' ExpertsInterface"
     if rule.block == "experts" and not _interface_forward(experts):
@@ -74,6 +79,19 @@ def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
         )
     layout = layout_of(experts, is_transposed=rule.block == "llama4")
     return unsupported_weights(experts, layout)
+
+
+def _dbrx_reason(experts: nn.Module) -> str | None:
+    mlp = getattr(experts, "mlp", None)
+    for name in ("w1", "v1", "w2"):
+        tensor = getattr(mlp, name, None)
+        if not isinstance(tensor, torch.Tensor) or type(tensor) not in (torch.Tensor, nn.Parameter):
+            return f"no plain tensor experts.mlp.{name}: quantised expert weights are not supported"
+        if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+            return (
+                f"experts.mlp.{name} is {tensor.dtype}: quantised expert weights are not supported"
+            )
+    return None
 
 
 def patch_reason(block: nn.Module) -> str | None:
@@ -132,9 +150,14 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         router = getattr(module, name)
         router.forward = Router(router, rule)
         experts = module.experts
-        experts.forward = ModuleExperts(experts) if rule.block == "switch" else Experts(experts)
+        if rule.block == "experts":
+            experts.forward = Experts(experts)
+        elif rule.block == "switch":
+            experts.forward = ModuleExperts(experts)
         if rule.block == "llama4":
             module.forward = Llama4Block(module)
+        elif rule.block == "dbrx":
+            module.forward = DbrxBlock(module)
         dtypes = {p.dtype for p in router.parameters()}
         half |= dtypes & {torch.float16, torch.bfloat16}
         patched += 1
@@ -154,7 +177,7 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
     return patched
 
 
-_OURS = (Router, Experts, ModuleExperts, Llama4Block)
+_OURS = (Router, Experts, ModuleExperts, Llama4Block, DbrxBlock)
 
 
 def _no_rule_reason(module: nn.Module) -> str:

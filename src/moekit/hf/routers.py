@@ -147,7 +147,9 @@ class Router:
     def __call__(self, hidden_states: Tensor, *args: Tensor):
         router, rule = self.router, self.rule
         if rule.block == "switch":
-            return _switch(router, hidden_states)
+            return _switch(router, rule, hidden_states)
+        if rule.block == "dbrx":  # the logits alone: the block routes (`blocks.DbrxBlock`)
+            return _jittered_logits(router, rule, hidden_states, "moe_jitter_eps")
         input_ids = args[0] if rule.hash is not None and args else None
         extra = args if rule.choice_bias == "arg" else ()
         logits, weights, indices = route(router, rule, hidden_states, *extra, input_ids=input_ids)
@@ -156,21 +158,32 @@ class Router:
         return logits, weights, indices
 
 
-def _switch(router: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _jittered_logits(router: nn.Module, rule: FamilyRule, hidden_states: Tensor, eps: str):
+    """[N, E] router logits in the router dtype after transformers' multiplicative jitter, in
+    place as transformers applies it (where x is the block's tensor the experts see it too)."""
+    weight, bias = attribute(router, rule.weight), attribute(router, rule.bias)
+    dtype = router_dtype(hidden_states.dtype)
+    x = hidden_states.to(dtype)
+    jitter = getattr(router, eps, None)
+    if router.training and jitter:
+        x *= torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(
+            x.reshape(-1, weight.shape[-1]),
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+        )  # [N, E]
+
+
+def _switch(
+    router: nn.Module, rule: FamilyRule, hidden_states: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Switch Transformers' top-1 routing (moekit's `SwitchRouter`: the chosen expert's softmax
     probability) with its capacity: in each sequence an expert takes its first
     `expert_capacity` tokens by position, the rest are dropped (the residual carries them).
     Returns transformers' (dispatch mask [..., E] one-hot, probs [..., 1], logits [..., E])."""
-    dtype = router_dtype(hidden_states.dtype)
-    x = hidden_states.to(dtype)
-    if router.training and router.jitter_noise > 0:  # transformers' multiplicative jitter, in
-        # place as transformers applies it: where x is the block's tensor the experts see it too
-        x *= torch.empty_like(x).uniform_(1.0 - router.jitter_noise, 1.0 + router.jitter_noise)
-    classifier = router.classifier
-    bias = None if classifier.bias is None else classifier.bias.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        logits = F.linear(x.to(dtype), classifier.weight.to(dtype), bias)  # [B, S, E]
-    flat = logits.reshape(-1, logits.shape[-1])  # [N, E]
+    flat = _jittered_logits(router, rule, hidden_states, "jitter_noise")  # [N, E]
+    logits = flat.reshape(*hidden_states.shape[:-1], -1)  # [B, S, E]
     weights, indices = softmax_top_k(flat, 1, normalize=False)  # [N, 1]
     mask = F.one_hot(indices[:, 0], logits.shape[-1]).reshape(logits.shape)  # [B, S, E]
     position = torch.cumsum(mask, dim=-2)  # [B, S, E] 1-based within each sequence
