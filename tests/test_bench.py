@@ -222,3 +222,20 @@ def test_hf_backends_table_times_every_case():
     assert all(ms > 0 for ms in result.ms.values())
     table = format_hf_backends_table([result])
     assert "gpt_oss" in table and "moekit/gmm" in table
+
+
+def test_cli_bench_quick_leaves_the_transformers_table_out(monkeypatch):
+    """`--quick` keeps its preset's parts (no transformers backends table); `--no-*` flags turn
+    parts off in either mode."""
+    import moekit.bench as bench
+    from moekit.cli import main
+
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda options: seen.append(options))
+    assert main(["bench", "--quick"]) == 0
+    assert main(["bench", "--no-hf-backends", "--no-lm"]) == 0
+    assert main(["bench"]) == 0
+    quick, off, full = seen
+    assert not quick.hf_backends and quick.lm
+    assert not off.hf_backends and not off.lm and off.hf_peer
+    assert full.hf_backends and full.lm

@@ -189,13 +189,17 @@ def _bench(args: argparse.Namespace) -> int:
             ("dtypes", args.dtypes and args.dtypes.split(",")),
             ("activations", args.activations and args.activations.split(",")),
             ("rounds", args.rounds),
-            ("lm", not args.no_lm),
-            ("hf_peer", not args.no_hf_peer),
-            ("hf_backends", not args.no_hf_backends),
             ("device", args.device),
         )
         if value is not None
     }
+    for flag, part in (
+        ("no_lm", "lm"),
+        ("no_hf_peer", "hf_peer"),
+        ("no_hf_backends", "hf_backends"),
+    ):
+        if getattr(args, flag):  # the --no-* flags turn a part off; else the preset decides
+            overrides[part] = False
     options = BenchOptions.quick(**overrides) if args.quick else BenchOptions(**overrides)
     for dtype in options.dtypes or ():
         if dtype not in ("float32", "bfloat16"):
