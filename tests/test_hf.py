@@ -432,3 +432,17 @@ def test_switch_transformers_capacity_drops_as_transformers_does():
     router = next(m for m in patched.modules() if type(m).__name__.endswith("Top1Router"))
     mask, _, _ = router(torch.randn(3, 12, router.classifier.in_features))
     assert mask.sum(1).max() <= 2 and mask.sum() < 36  # capacity held, tokens dropped
+
+
+def test_quantised_experts_are_left_with_the_reason():
+    """Expert weights in an 8-bit dtype: named in the warning (strict raises), never run as if
+    they were floats; the backend refuses them too."""
+    model = _model("qwen3_moe")
+    experts = model.model.layers[0].mlp.experts
+    experts.down_proj = nn.Parameter(
+        experts.down_proj.detach().to(torch.float8_e4m3fn), requires_grad=False
+    )
+    with pytest.raises(ValueError, match="down_proj is torch.float8_e4m3fn: quantised"):
+        patch_model(copy.deepcopy(model), strict=True)
+    with pytest.warns(UserWarning, match="quantised"):
+        assert patch_model(model) == 1  # the other layer
