@@ -101,6 +101,16 @@ DEEPSEEK_V2 = FamilyRule(
     normalize=False,
     scale="routed_scaling_factor",
 )
+# a norm and scales before the router's projection, softmax, renormalised, per-expert scales
+GEMMA4 = SOFTMAX.like(
+    "gemma4",
+    weight="proj.weight",
+    pre_norm="norm",
+    input_scale=("scale", "scalar_root_size"),
+    normalize=True,
+    expert_scale="per_expert_scale",
+    top_k="config.top_k_experts",
+)
 
 RULES: dict[str, FamilyRule] = {
     # softmax top-k
@@ -152,24 +162,8 @@ RULES: dict[str, FamilyRule] = {
         normalize=True,
         norm_min="norm_min",
     ),
-    "Gemma4TextRouter": SOFTMAX.like(
-        "gemma4",
-        weight="proj.weight",
-        pre_norm="norm",
-        input_scale=("scale", "scalar_root_size"),
-        normalize=True,
-        expert_scale="per_expert_scale",
-        top_k="config.top_k_experts",
-    ),
-    "DiffusionGemmaTextRouter": SOFTMAX.like(
-        "diffusion_gemma",
-        weight="proj.weight",
-        pre_norm="norm",
-        input_scale=("scale", "scalar_root_size"),
-        normalize=True,
-        expert_scale="per_expert_scale",
-        top_k="config.top_k_experts",
-    ),
+    "Gemma4TextRouter": GEMMA4,
+    "DiffusionGemmaTextRouter": GEMMA4.like("diffusion_gemma"),
     # softmax, group-limited
     "DeepseekV2TopkRouter": DEEPSEEK_V2,
     "UnlimitedOcrTextTopkRouter": DEEPSEEK_V2.like("unlimited_ocr"),
