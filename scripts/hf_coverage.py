@@ -29,7 +29,7 @@ def row(family) -> tuple[str, str, str, str]:
     reason = " ".join(
         str(w.message).split(": ", 1)[-1] for w in record if "left these" in str(w.message)
     )[:200]
-    routers = sorted({type(getattr(b, router_of(b)[0])).__name__ for b in blocks if is_patched(b)})
+    routers = sorted({type(router_of(b)[0]).__name__ for b in blocks if is_patched(b)})
     patch = "✓" if count == len(blocks) else ("partly" if count else "✗")
     if routers:
         patch += " " + ", ".join(routers)

@@ -446,3 +446,46 @@ def test_quantised_experts_are_left_with_the_reason():
         patch_model(copy.deepcopy(model), strict=True)
     with pytest.warns(UserWarning, match="quantised"):
         assert patch_model(model) == 1  # the other layer
+
+
+@pytest.mark.parametrize("order", ["patch, then peft", "peft, then patch"])
+def test_peft_lora_on_experts_and_router_in_either_order(order):
+    """PEFT LoRA on the fused experts and the router (`target_parameters`) with the model
+    patched before or after the adapters: the logits and every LoRA gradient are PEFT's own on
+    the unpatched model (PEFT's wrapper adds W + BA while its forward runs; the patch runs the
+    module under it)."""
+    peft = pytest.importorskip("peft")
+    from moekit.hf.catalog import dummy_inputs, tiny_model
+
+    base = tiny_model("qwen3_moe").train()
+    base.set_experts_implementation("eager")
+    targets = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]
+
+    def adapted(model):
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=4, target_parameters=targets, init_lora_weights=False)
+        return peft.get_peft_model(model, config)
+
+    ids = dummy_inputs(base, 2, 8, seed=1)["input_ids"]
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if "lora" in n}
+        return out.logits.detach(), grads
+
+    want, want_grads = step(adapted(copy.deepcopy(base)))
+    if order == "patch, then peft":
+        model = copy.deepcopy(base)
+        assert patch_model(model, strict=True) == 2
+        model = adapted(model)
+    else:
+        model = adapted(copy.deepcopy(base))
+        assert patch_model(model, strict=True) == 2
+    got, got_grads = step(model)
+    assert _rel(got, want) <= 1e-5
+    assert len(want_grads) == 12 and got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert _rel(got_grads[name], grad) <= 1e-5, name

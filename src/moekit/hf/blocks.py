@@ -74,6 +74,18 @@ class ModuleExperts:
         return torch.zeros_like(hidden_states).index_copy(0, kept, routed)
 
 
+def _own_experts(block: nn.Module) -> nn.Module:
+    """The block's experts module itself: a PEFT wrapper adds its delta only inside its own
+    forward, which these blocks do not call, so they refuse it rather than train nothing."""
+    experts = block.experts
+    if isinstance(getattr(experts, "base_layer", None), nn.Module):
+        raise TypeError(
+            f"{type(block).__name__}: PEFT adapters on its experts ({type(experts).__name__}) "
+            "do not reach moekit's block; moekit.hf.unpatch_model(model) to train them"
+        )
+    return experts
+
+
 class Llama4Block:
     """Llama 4's MoE block: sigmoid top-k weights scaling the chosen experts' inputs, plus the
     shared expert. transformers runs every expert on every token (weights 0 but for the
@@ -89,7 +101,8 @@ class Llama4Block:
         scores, logits = block.router(x)  # [N, E] the k weights, 0 elsewhere
         indices = torch.topk(logits, block.router.top_k, dim=-1).indices  # the router's choice
         plan = make_plan(indices, scores.gather(-1, indices), scores.shape[-1])
-        out = block.shared_expert(x) + run_experts(block.experts, self.layout, x, plan, True)
+        experts = _own_experts(block)
+        out = block.shared_expert(x) + run_experts(experts, self.layout, x, plan, True)
         return out, logits
 
 
@@ -103,7 +116,8 @@ class DbrxBlock:
         self.block = block
 
     def __call__(self, hidden_states: Tensor) -> Tensor:
-        block, mlp = self.block, self.block.experts.mlp
+        block = self.block
+        mlp = _own_experts(block).mlp
         shape = hidden_states.shape
         logits = block.router(hidden_states)  # [N, E] fp32
         weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]

@@ -3,7 +3,7 @@
     patch_model(model, strict=False) -> int   every block whose router is in `families.RULES`
     unpatch_model(model) -> int               back to transformers' forwards
     is_patched(block)
-    router_of(block) -> (name, rule)          a block's router and its family rule
+    router_of(block) -> (router, rule)        a block's router and its family rule
 
 A patched block keeps its class, parameters and submodules: `state_dict`, `save_pretrained`,
 optimizers and PEFT see nothing new. The forwards of its router (moekit's routing,
@@ -31,6 +31,8 @@ __all__ = [
     "patch_reason",
     "is_patched",
     "patch_model",
+    "experts_of",
+    "inner",
     "router_of",
     "unpatch_model",
     "unsupported",
@@ -52,22 +54,41 @@ def holds_experts(module: nn.Module) -> bool:
     )
 
 
-def router_of(block: nn.Module) -> tuple[str, FamilyRule] | tuple[None, None]:
-    """The block's router submodule whose class has a family rule, and the rule."""
-    for name, child in block.named_children():
-        rule = RULES.get(type(child).__name__)
+def inner(module: nn.Module) -> nn.Module:
+    """The module under PEFT's wrappers (their `base_layer`): an adapter added before the patch
+    wraps a router or experts module; the patch runs the module itself, the wrapper around it
+    (PEFT's `ParamWrapper` adds W + BA to the weights while its forward runs)."""
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
+def router_of(block: nn.Module) -> tuple[nn.Module, FamilyRule] | tuple[None, None]:
+    """The block's router submodule (under any PEFT wrapper) whose class has a family rule,
+    and the rule."""
+    for child in block.children():
+        router = inner(child)
+        rule = RULES.get(type(router).__name__)
         if rule is not None:
-            return name, rule
+            return router, rule
     return None, None
+
+
+def experts_of(block: nn.Module) -> nn.Module | None:
+    """The block's experts module, under any PEFT wrapper."""
+    experts = getattr(block, "experts", None)
+    return inner(experts) if isinstance(experts, nn.Module) else None
 
 
 def unsupported(block: nn.Module, rule: FamilyRule) -> str | None:
     """Why a block whose router has a rule cannot run on moekit, or None."""
-    experts = getattr(block, "experts", None)
-    if not isinstance(experts, nn.Module):
+    experts = experts_of(block)
+    if experts is None:
         return "no experts submodule"
     if rule.block == "switch":
         return None if isinstance(experts, (nn.ModuleDict, nn.ModuleList)) else "experts not a dict"
+    if rule.block in ("llama4", "dbrx") and experts is not block.experts:
+        return "PEFT adapters wrap its experts, which moekit's block would bypass"
     if rule.block == "dbrx":
         return _dbrx_reason(experts)
     if rule.block == "experts" and not hasattr(experts, "has_gate"):
@@ -111,8 +132,8 @@ def _interface_forward(experts: nn.Module) -> bool:
 
 def is_patched(block: nn.Module) -> bool:
     """Whether `block` runs on moekit (`patch_model`)."""
-    name, _ = router_of(block)
-    return name is not None and isinstance(getattr(block, name).__dict__.get("forward"), Router)
+    router, _ = router_of(block)
+    return router is not None and isinstance(router.__dict__.get("forward"), Router)
 
 
 def patch_model(model: nn.Module, strict: bool = False) -> int:
@@ -146,10 +167,9 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         if reason is not None:
             skipped.setdefault(type(module).__name__, reason)
             continue
-        name, rule = router_of(module)
-        router = getattr(module, name)
+        router, rule = router_of(module)
         router.forward = Router(router, rule)
-        experts = module.experts
+        experts = experts_of(module)
         if rule.block == "experts":
             experts.forward = Experts(experts)
         elif rule.block == "switch":
@@ -182,11 +202,11 @@ _OURS = (Router, Experts, ModuleExperts, Llama4Block, DbrxBlock)
 
 def _no_rule_reason(module: nn.Module) -> str:
     for child in module.children():
-        reason = SKIPPED.get(type(child).__name__)
+        reason = SKIPPED.get(type(inner(child)).__name__)
         if reason is not None:
             return reason
-    experts = getattr(module, "experts", None)
-    if isinstance(experts, nn.Module) and hasattr(experts, "has_gate"):
+    experts = experts_of(module)
+    if experts is not None and hasattr(experts, "has_gate"):
         return (
             "no family rule for its router (its experts run on moekit with "
             'experts_implementation="moekit")'
@@ -199,8 +219,7 @@ def unpatch_model(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if holds_experts(module) and is_patched(module):
-            name, _ = router_of(module)
-            for part in (module, getattr(module, name), module.experts):
+            for part in (module, router_of(module)[0], experts_of(module)):
                 if isinstance(part.__dict__.get("forward"), _OURS):
                     del part.forward
             count += 1

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .experts import layout_of, unsupported_weights
-from .patch import holds_experts, patch_reason, router_of
+from .patch import experts_of, holds_experts, patch_reason, router_of
 
 __all__ = ["BlockCoverage", "coverage", "format_coverage", "saved_coverage"]
 
@@ -37,8 +37,8 @@ class BlockCoverage:
 
 
 def _backend_reason(block: nn.Module) -> str | None:
-    experts = getattr(block, "experts", None)
-    if not isinstance(experts, nn.Module) or not hasattr(experts, "has_gate"):
+    experts = experts_of(block)
+    if experts is None or not hasattr(experts, "has_gate"):
         return "its experts are not on transformers' ExpertsInterface"
     return unsupported_weights(experts, layout_of(experts))
 
@@ -55,9 +55,10 @@ def coverage(model: nn.Module, stored: dict[str, str] | None = None) -> list[Blo
     for name, block in model.named_modules():
         if not holds_experts(block):
             continue
-        router_name, _ = router_of(block)
-        router = getattr(block, router_name or "router", None) or getattr(block, "gate", None)
-        experts = getattr(block, "experts", None)
+        router, _ = router_of(block)
+        if router is None:
+            router = getattr(block, "router", None) or getattr(block, "gate", None)
+        experts = experts_of(block)
         backend, patch = _backend_reason(block), patch_reason(block)
         quantised = _quantised(name, stored or {})
         if quantised is not None:
