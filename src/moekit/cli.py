@@ -214,6 +214,35 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .hf.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        aux_loss_coef=args.aux_loss_coef,
+        dtype=args.dtype,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
+        merge=args.merge,
+        track=not args.no_track,
+        tracking_uri=args.tracking_uri,
+        progress=not args.no_progress,
+    )
+    result = finetune(cfg, resume=args.resume)
+    print(f"fine-tuned {result.step} steps; {result.final}")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     if args.hf is not None:
         from .hf.report import format_coverage, saved_coverage
@@ -356,6 +385,38 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--d-model", "--d-hidden", "--num-experts", "--top-k", "--tokens"):
         bench.add_argument(flag, type=int, help="a custom shape (all five flags)")
     bench.set_defaults(run=_bench)
+
+    tune = commands.add_parser(
+        "finetune",
+        help="fine-tune a saved transformers MoE model on moekit's engine (LoRA or full)",
+    )
+    tune.add_argument("--model", required=True, help="a saved transformers model directory")
+    tune.add_argument("--data", required=True, help='a UTF-8 text file or a JSONL of {"text": ...}')
+    tune.add_argument("--out", required=True, help="the run directory")
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--seq-len", type=int, default=128, help="tokens a window")
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--lr", type=float, default=1e-4)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument(
+        "--lora-rank", type=int, help="train a LoRA adapter of this rank (else: full)"
+    )
+    tune.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    tune.add_argument(
+        "--lora-targets", default="experts", help="comma-separated: experts, attention, router"
+    )
+    tune.add_argument(
+        "--aux-loss-coef", type=float, help="the family's auxiliary loss coefficient (0: off)"
+    )
+    tune.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    tune.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
+    tune.add_argument("--eval-batches", type=int, default=4, help="held-out batches an evaluation")
+    tune.add_argument("--merge", action="store_true", help="also write <out>/merged")
+    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    tune.add_argument("--no-track", action="store_true", help="no MLflow tracking")
+    tune.add_argument("--tracking-uri", help="an MLflow server (default: sqlite in --out)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.set_defaults(run=_finetune)
 
     info = commands.add_parser("info", help="print versions, threads and available kernels")
     info.add_argument(

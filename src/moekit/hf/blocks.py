@@ -121,6 +121,9 @@ class DbrxBlock:
         shape = hidden_states.shape
         logits = block.router(hidden_states)  # [N, E] fp32
         weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]
+        stats = block.router.__dict__.get("forward")
+        if getattr(stats, "counts", None) is not None:
+            stats._count_ids(indices, logits)
         p = block.moe_normalize_expert_weights
         if p is not None:
             weights = weights / torch.norm(weights, p=p, dim=-1, keepdim=True)

@@ -143,19 +143,35 @@ class Router:
 
     def __init__(self, router: nn.Module, rule: FamilyRule) -> None:
         self.router, self.rule = router, rule
+        self.counts: Tensor | None = None  # [E] tokens routed to each expert, once set
 
     def __call__(self, hidden_states: Tensor, *args: Tensor):
         router, rule = self.router, self.rule
         if rule.block == "switch":
-            return _switch(router, rule, hidden_states)
-        if rule.block == "dbrx":  # the logits alone: the block routes (`blocks.DbrxBlock`)
+            mask, probs, logits = _switch(router, rule, hidden_states)
+            self._count(mask.reshape(-1, mask.shape[-1]).sum(0))
+            return mask, probs, logits
+        if rule.block == "dbrx":  # the logits alone: the block routes and counts (`DbrxBlock`)
             return _jittered_logits(router, rule, hidden_states, "moe_jitter_eps")
         input_ids = args[0] if rule.hash is not None and args else None
         extra = args if rule.choice_bias == "arg" else ()
         logits, weights, indices = route(router, rule, hidden_states, *extra, input_ids=input_ids)
+        if self.counts is not None:
+            self._count_ids(indices, logits)
         if rule.block == "llama4":  # (scores [N, E]: the k weights, 0 elsewhere; logits)
             return torch.zeros_like(logits).scatter(1, indices, weights), logits
         return logits, weights, indices
+
+    def _count_ids(self, indices: Tensor, logits: Tensor) -> None:
+        ids = indices.reshape(-1)  # ids >= E: transformers' zero experts, not counted
+        self._count(torch.bincount(ids[ids < logits.shape[-1]], minlength=logits.shape[-1]))
+
+    def _count(self, per_expert: Tensor) -> None:
+        """Routing statistics: while `counts` is a tensor (a trainer sets `torch.zeros(0)`)
+        it accumulates each expert's tokens [E]: expert load, entropy, collapse."""
+        if self.counts is not None:
+            counts = per_expert.detach().to(self.counts.device, self.counts.dtype)
+            self.counts = self.counts + counts if self.counts.numel() else counts
 
 
 def _jittered_logits(router: nn.Module, rule: FamilyRule, hidden_states: Tensor, eps: str):

@@ -1,0 +1,183 @@
+"""`moekit finetune` end to end on tiny saved transformers models (no downloads): LoRA and full
+fine-tunes, the adapter loaded by PEFT in a process that never imports moekit, bitwise resume,
+routing statistics, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from moekit.cli import main  # noqa: E402
+from moekit.hf.catalog import tiny_model  # noqa: E402
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny Qwen3-MoE and gpt-oss models (vocabulary 256: byte tokens) and a text file."""
+    root = tmp_path_factory.mktemp("finetune")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for family in ("qwen3_moe", "gpt_oss"):
+            tiny_model(family, vocab_size=256).save_pretrained(root / family)
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:20_000]
+    (root / "data.txt").write_text(text, encoding="utf-8")
+    return root
+
+
+def _run(*args: str) -> int:
+    return main(["finetune", "--no-progress", "--no-track", *args])
+
+
+def _common(saved: Path, family: str, out: Path, steps: int = 4) -> list[str]:
+    return [
+        "--model",
+        str(saved / family),
+        "--data",
+        str(saved / "data.txt"),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--eval-interval",
+        "2",
+        "--eval-batches",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
+
+
+_CLEAN_PROCESS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+from safetensors.torch import save_file
+base = AutoModelForCausalLM.from_pretrained(sys.argv[1], experts_implementation="eager")
+model = PeftModel.from_pretrained(base, sys.argv[2]).eval()
+ids = torch.arange(24).reshape(2, 12) * 7 % 200
+with torch.no_grad():
+    save_file({"logits": model(input_ids=ids).logits.contiguous()}, sys.argv[3])
+assert not any(name.startswith("moekit") for name in sys.modules), "moekit was imported"
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_lora_finetune_trains_every_expert_and_loads_without_moekit(saved, tmp_path, family):
+    out = tmp_path / "run"
+    assert _run(*_common(saved, family, out), "--lora-rank", "4", "--merge") == 0
+    final = out / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["target_parameters"]
+    tensors = load_file(final / "adapter_model.safetensors")
+    experts_b = [k for k in tensors if ".experts." in k and "lora_B" in k]
+    assert len(experts_b) == 4  # 2 layers x (gate_up, down): every MoE layer's experts
+    for name in experts_b:  # B starts at zero: every expert's LoRA moved
+        per_expert = tensors[name].reshape(tensors[name].shape[0], -1)
+        assert (per_expert.abs().sum(-1) > 0).all(), name
+    assert (out / "merged" / "config.json").is_file()
+    assert (out / "expert_load.png").is_file() and (out / "loss.png").is_file()
+
+    # the adapter in a process that never imports moekit gives the logits moekit computes
+    logits_file = tmp_path / "logits.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", _CLEAN_PROCESS, str(saved / family), str(final), str(logits_file)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    from moekit.hf.finetune import load_model
+
+    model = peft.PeftModel.from_pretrained(load_model(saved / family, torch.float32), final).eval()
+    ids = torch.arange(24).reshape(2, 12) * 7 % 200
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    theirs = load_file(logits_file)["logits"]
+    assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
+
+
+def test_full_finetune_writes_a_transformers_model(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert _run(*_common(saved, "qwen3_moe", out, steps=2)) == 0
+    tuned = AutoModelForCausalLM.from_pretrained(out / "final")
+    base = AutoModelForCausalLM.from_pretrained(saved / "qwen3_moe")
+    moved = [
+        name
+        for (name, a), (_, b) in zip(
+            tuned.state_dict().items(), base.state_dict().items(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert any(".experts." in n for n in moved) and any("self_attn" in n for n in moved)
+
+
+def test_resume_continues_bitwise(saved, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    lora = ["--lora-rank", "2", "--lora-targets", "experts,router,attention"]
+    assert _run(*_common(saved, "qwen3_moe", straight, steps=4), *lora) == 0
+    assert _run(*_common(saved, "qwen3_moe", resumed, steps=2), *lora) == 0
+    assert _run(*_common(saved, "qwen3_moe", resumed, steps=4), *lora, "--resume") == 0
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(resumed / "final" / "adapter_model.safetensors")
+    assert (
+        a.keys() == b.keys() and any("self_attn" in k for k in a) and any(".gate." in k for k in a)
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_router_health_is_counted_per_layer(saved, tmp_path):
+    from moekit.hf.finetune import FinetuneConfig, Finetuner
+
+    cfg = FinetuneConfig(
+        model=str(saved / "qwen3_moe"),
+        data=str(saved / "data.txt"),
+        out=str(tmp_path / "run"),
+        steps=1,
+        seq_len=16,
+        batch_size=2,
+        track=False,
+        progress=False,
+    )
+    tuner = Finetuner(cfg)
+    tuner.train_step()
+    record = tuner.evaluate()  # the training step's and the evaluation's tokens
+    for layer in (0, 1):
+        assert 1.0 <= record[f"layer{layer}_load_max_over_mean"] <= 8.0
+        assert 0.0 < record[f"layer{layer}_load_entropy"] <= 1.0
+    (load,) = [entry["load"] for entry in tuner.load_history]
+    assert len(load) == 2 and all(abs(sum(row) - 1.0) < 1e-9 for row in load)
+
+
+def test_bad_input_gets_one_clear_line(saved, tmp_path, capsys):
+    args = _common(saved, "qwen3_moe", tmp_path / "run", steps=1)
+    not_a_model = [*args, "--model", str(tmp_path)]
+    assert _run(*not_a_model) == 1
+    assert "is not a saved transformers model" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("too short")
+    assert _run(*args, "--data", str(tmp_path / "short.txt")) == 1
+    assert "--data is too short" in capsys.readouterr().err
+    assert _run(*args, "--lora-rank", "2", "--lora-targets", "mlp") == 1
+    assert "--lora-targets must name some of experts, attention, router" in capsys.readouterr().err
+    assert _run(*args, "--dtype", "float8") == 1
+    assert "--dtype must be one of float32, bfloat16" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
+    assert _run(*args, "--data", str(tmp_path / "bad.jsonl")) == 1
+    assert "line 2 is not JSON" in capsys.readouterr().err
