@@ -452,8 +452,8 @@ def test_quantised_experts_are_left_with_the_reason():
 def test_peft_lora_on_experts_and_router_in_either_order(order):
     """PEFT LoRA on the fused experts and the router (`target_parameters`) with the model
     patched before or after the adapters: the logits and every LoRA gradient are PEFT's own on
-    the unpatched model (PEFT's wrapper adds W + BA while its forward runs; the patch runs the
-    module under it)."""
+    the unpatched model. The patch runs the experts' LoRA inside moekit's grouped pass
+    (`LoraExperts`: x @ A_e @ B_e per expert, no W + BA); the router's through PEFT's wrapper."""
     peft = pytest.importorskip("peft")
     from moekit.hf.catalog import dummy_inputs, tiny_model
 
@@ -480,12 +480,56 @@ def test_peft_lora_on_experts_and_router_in_either_order(order):
         model = copy.deepcopy(base)
         assert patch_model(model, strict=True) == 2
         model = adapted(model)
+        got, got_grads = step(model)  # PEFT's forward around moekit's experts (W + BA)
+        assert _rel(got, want) <= 1e-5
+        assert patch_model(model) == 0  # patched already; the adapters' LoRA now in moekit's pass
     else:
         model = adapted(copy.deepcopy(base))
         assert patch_model(model, strict=True) == 2
+    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    assert all(type(b.experts.__dict__.get("forward")).__name__ == "LoraExperts" for b in blocks)
     got, got_grads = step(model)
     assert _rel(got, want) <= 1e-5
     assert len(want_grads) == 12 and got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
         assert _rel(got_grads[name], grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "family", ["qwen3_moe", "gpt_oss", "deepseek_v3", "granitemoe", "nemotron_h", "llama4"]
+)
+def test_expert_lora_in_the_engine_equals_peft(family):
+    """LoRA on every stacked expert weight (any layout: transposed gpt-oss with biases,
+    ungated Nemotron-H) and the router, computed per expert in moekit's grouped pass: output
+    and every LoRA gradient equal PEFT's own forward on the unpatched model (float32, 1e-5).
+    Llama 4's block reads its experts itself: PEFT-wrapped, it is left alone with the reason."""
+    peft = pytest.importorskip("peft")
+    from moekit.hf.catalog import TinyModelError, dummy_inputs, tiny_model
+    from moekit.hf.finetune import lora_targets
+
+    try:
+        base = tiny_model(family).train()
+    except TinyModelError as error:
+        pytest.skip(f"no tiny model: {error}")
+    if any(hasattr(m, "has_gate") for m in base.modules()):
+        base.set_experts_implementation("eager")
+    parameters, _ = lora_targets(base, ("experts", "router"))
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, target_parameters=parameters, init_lora_weights=False)
+    want_model = peft.get_peft_model(copy.deepcopy(base), config)
+    got_model = copy.deepcopy(want_model)
+    inputs = dummy_inputs(base, 2, 8, seed=1)
+    if family == "llama4":
+        with pytest.raises(ValueError, match="PEFT adapters wrap its experts"):
+            patch_model(got_model, strict=True)
+        return
+    assert patch_model(got_model, strict=True) >= 1
+    want, _, want_grads = _family_step(want_model, inputs)
+    got, _, got_grads = _family_step(got_model, inputs)
+    assert _rel(got, want) <= 1e-5
+    lora = [n for n in want_grads if "lora" in n]
+    assert lora and got_grads.keys() == want_grads.keys()
+    for name in lora:
+        assert want_grads[name].abs().sum() > 0, name
+        assert _rel(got_grads[name], want_grads[name]) <= 1e-5, name

@@ -60,7 +60,9 @@ def experts_forward(
     return _run(module, hidden_states, top_k_index, top_k_weights)
 
 
-def _run(module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+def _run(
+    module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, lora: dict | None = None
+) -> Tensor:
     layout = layout_of(module)
     reason = unsupported_weights(module, layout)
     if reason is not None:
@@ -74,21 +76,28 @@ def _run(module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor) -> Tens
     if getattr(module, "_is_expert_parallel", False):  # sentinels: weight 0, any expert
         weights = weights.masked_fill(indices >= num_experts, 0.0)
         indices = indices.clamp(max=num_experts - 1)
-    return run_experts(module, layout, x, make_plan(indices, weights, num_experts))
+    return run_experts(module, layout, x, make_plan(indices, weights, num_experts), lora=lora)
 
 
 def run_experts(
-    module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan, scale_input: bool = False
+    module: nn.Module,
+    layout: Layout,
+    x: Tensor,
+    plan: DispatchPlan,
+    scale_input: bool = False,
+    lora: dict | None = None,
 ) -> Tensor:
     """Tokens x [N, d] through the experts of a transformers module by `plan` -> [N, d] in
     x's dtype: moekit's fused kernels where they compute the module's activation, else the
     general path (`_general`). `scale_input`: the routing weight scales each expert's input,
-    not its output (Llama 4). The block patch calls it too."""
-    activation = None if scale_input else fast_activation(module, layout)
+    not its output (Llama 4). `lora`: {parameter name: (lhs, rhs, scaling)}, low-rank deltas
+    of the stacked weights in their own layout (W + scaling * lhs @ rhs, PEFT's factors),
+    computed per expert on its rows. The block patch calls it too."""
+    activation = None if scale_input or lora else fast_activation(module, layout)
     if activation is not None:
         out = HFExperts(module, layout, activation).dispatch(x, plan)
     else:
-        out = _general(module, layout, x, plan, scale_input)
+        out = _general(module, layout, x, plan, scale_input, lora or {})
     return out.to(x.dtype)
 
 
@@ -109,12 +118,33 @@ def _gate(module: nn.Module, hidden: Tensor) -> Tensor:
     return module.act_fn(gate) * up
 
 
-def _general(
-    module: nn.Module, layout: Layout, x: Tensor, plan: DispatchPlan, scale_input: bool = False
+def _low_rank(
+    rows: Tensor, factors: tuple, transposed: bool, group_sizes: Tensor, offsets: Tensor
 ) -> Tensor:
-    """gather (x the routing weight where it scales the input) -> up (+ bias) -> the module's
-    gate or activation -> down (+ bias) -> the module's post-expert norm -> weighted combine;
-    moekit's kernels, the module's functions."""
+    """rows [M, d_in] grouped by expert @ the delta scaling * lhs @ rhs of a weight stored
+    [E, a, b] (a = d_in where `transposed`, else d_out): two rank-r grouped GEMMs, [M, r]
+    in between; the delta itself is never formed."""
+    lhs, rhs, scaling = factors  # [E, a, r], [E, r, b]
+    first, second = (lhs, rhs) if transposed else (rhs.transpose(1, 2), lhs.transpose(1, 2))
+    # the factors are views of PEFT's [r*E, in] and [out, r*E] weights: made contiguous (E*r*(a+b)
+    # elements) for the grouped GEMMs
+    first, second = first.to(rows.dtype).contiguous(), second.to(rows.dtype).contiguous()
+    low = _linear(rows, first, group_sizes, offsets)  # [M, r]
+    return scaling * _linear(low, second, group_sizes, offsets)  # [M, d_out]
+
+
+def _general(
+    module: nn.Module,
+    layout: Layout,
+    x: Tensor,
+    plan: DispatchPlan,
+    scale_input: bool = False,
+    lora: dict | None = None,
+) -> Tensor:
+    """gather (x the routing weight where it scales the input) -> up (+ bias, + LoRA) -> the
+    module's gate or activation -> down (+ bias, + LoRA) -> the module's post-expert norm ->
+    weighted combine; moekit's kernels, the module's functions."""
+    lora = lora or {}
     up = getattr(module, layout.up_name)
     dtype = up.dtype
     w1 = up if layout.is_transposed else up.transpose(1, 2)  # [E, d, width]
@@ -125,12 +155,20 @@ def _general(
     if scale_input:
         rows, slot_weight = rows * slot_weight[:, None], torch.ones_like(slot_weight)
     hidden = _linear(rows, w1, plan.group_sizes, offsets)  # [M, width]
+    if layout.up_name in lora:
+        hidden = hidden + _low_rank(
+            rows, lora[layout.up_name], layout.is_transposed, plan.group_sizes, offsets
+        )
     expert = None
     if layout.has_bias:
         expert = row_experts(plan.group_sizes, rows.shape[0])  # [M]
         hidden = hidden + getattr(module, f"{layout.up_name}_bias").index_select(0, expert)
     hidden = _gate(module, hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
     out = _linear(hidden, w2, plan.group_sizes, offsets)  # [M, d]
+    if "down_proj" in lora:
+        out = out + _low_rank(
+            hidden, lora["down_proj"], layout.is_transposed, plan.group_sizes, offsets
+        )
     if layout.has_bias:
         out = out + module.down_proj_bias.index_select(0, expert)
     if layout.has_post_expert_norm:

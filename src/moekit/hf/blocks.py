@@ -2,6 +2,8 @@
 
     Experts(experts)         stacked experts called as `experts(x [T, d], top_k_index [T, k],
                              top_k_weights [T, k])`: moekit's plan and kernels
+    LoraExperts(wrapper)     the same under PEFT LoRA adapters: the low-rank terms per expert in
+                             the grouped pass, no W + BA for the whole stack
     ModuleExperts(experts)   a dict or list of expert modules called with a one-hot dispatch
                              mask (Switch Transformers): moekit's plan, gather and combine
                              around each expert's own forward
@@ -25,7 +27,7 @@ from ..routing import softmax_top_k
 from .backend import _linear, _run, run_experts
 from .experts import layout_of
 
-__all__ = ["DbrxBlock", "Experts", "Llama4Block", "ModuleExperts"]
+__all__ = ["DbrxBlock", "Experts", "Llama4Block", "LoraExperts", "ModuleExperts"]
 
 
 class Experts:
@@ -36,6 +38,51 @@ class Experts:
 
     def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         return _run(self.experts, hidden_states, top_k_index, top_k_weights)
+
+
+class LoraExperts:
+    """PEFT LoRA adapters (`target_parameters`) on a stacked experts module, computed inside
+    moekit's grouped pass: per expert, on the rows routed to it, x @ W_e plus
+    scaling * (x @ A_e) @ B_e, two rank-r grouped GEMMs; never W + BA for the whole expert
+    stack, which PEFT's own forward builds (and its backward a gradient of that size).
+
+    Set as the forward of the outermost PEFT `ParamWrapper` around the experts (one wrapper
+    a targeted parameter, nested); where PEFT's state is one this path does not compute
+    (several active adapters, DoRA, a LoRA bias), PEFT's own forward runs."""
+
+    def __init__(self, wrapper: nn.Module) -> None:
+        self.wrapper = wrapper
+
+    def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        lora, module = {}, self.wrapper
+        while isinstance(getattr(module, "base_layer", None), nn.Module):
+            factors = _lora_factors(module)
+            if factors is False:
+                return type(self.wrapper).forward(
+                    self.wrapper, hidden_states, top_k_index, top_k_weights
+                )
+            if factors is not None:
+                lora[module.parameter_name] = factors
+            module = module.base_layer
+        return _run(module, hidden_states, top_k_index, top_k_weights, lora=lora)
+
+
+def _lora_factors(wrapper: nn.Module):
+    """PEFT's (lhs, rhs, scaling) of a ParamWrapper's one active adapter; None where no LoRA
+    applies (disabled, merged, none active), False where this path cannot compute it."""
+    if getattr(wrapper, "disable_adapters", False) or getattr(wrapper, "merged", False):
+        return None
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if not active:
+        return None
+    if (
+        len(active) > 1
+        or wrapper.num_experts == 1
+        or wrapper.use_dora.get(active[0], False)
+        or wrapper.lora_bias.get(active[0], False)
+    ):
+        return False
+    return wrapper.get_delta_factors(active[0])
 
 
 class ModuleExperts:

@@ -6,8 +6,10 @@ The model is loaded with transformers (`experts_implementation="moekit"` where i
 on the ExpertsInterface) and patched (`patch_model`: moekit's routing and experts); the log
 says which blocks run on which. With `lora_rank` a PEFT LoRA adapter is trained on the parts
 named by `lora_targets` (the experts' fused weights and the routers through PEFT's
-`target_parameters`, the attention projections through `target_modules`); else every
-parameter (a full fine-tune).
+`target_parameters`, the attention projections through `target_modules`); the experts' LoRA
+runs inside moekit's grouped pass (`blocks.LoraExperts`: per expert x @ A_e @ B_e on its rows,
+never W + BA for the whole stack). Without `lora_rank` every parameter trains (a full
+fine-tune).
 
 Data: a UTF-8 text file, or a JSONL of {"text": ...}, tokenised with the model directory's own
 tokenizer (bytes as ids where it has none: a vocabulary of at least 256), split 90/10 and
@@ -275,7 +277,9 @@ class Finetuner:
         log.warning("LoRA rank %d on %s", rank, ", ".join(parameters + modules))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return peft.get_peft_model(model, config)
+            model = peft.get_peft_model(model, config)
+            patch_model(model)  # the experts' LoRA inside moekit's grouped pass (`LoraExperts`)
+        return model
 
     # --- checkpoints --------------------------------------------------------------------
     def _restore(self, checkpoint) -> str | None:

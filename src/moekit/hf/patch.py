@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..layers import MoE
-from .blocks import DbrxBlock, Experts, Llama4Block, ModuleExperts
+from .blocks import DbrxBlock, Experts, Llama4Block, LoraExperts, ModuleExperts
 from .experts import layout_of, unsupported_weights
 from .families import RULES, SKIPPED, FamilyRule
 from .routers import Router
@@ -160,8 +160,11 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     patched, skipped, half = 0, {}, set()
-    for module in model.modules():
-        if not holds_experts(module) or is_patched(module):
+    for module in list(model.modules()):
+        if not holds_experts(module):
+            continue
+        if is_patched(module):
+            _lora_forward(module)  # adapters added since the patch
             continue
         reason = patch_reason(module)
         if reason is not None:
@@ -172,6 +175,7 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         experts = experts_of(module)
         if rule.block == "experts":
             experts.forward = Experts(experts)
+            _lora_forward(module)
         elif rule.block == "switch":
             experts.forward = ModuleExperts(experts)
         if rule.block == "llama4":
@@ -197,7 +201,18 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
     return patched
 
 
-_OURS = (Router, Experts, ModuleExperts, Llama4Block, DbrxBlock)
+_OURS = (Router, Experts, LoraExperts, ModuleExperts, Llama4Block, DbrxBlock)
+
+
+def _lora_forward(block: nn.Module) -> None:
+    """PEFT wrappers around a patched block's stacked experts: their LoRA in moekit's pass."""
+    wrapper, experts = getattr(block, "experts", None), experts_of(block)
+    if (
+        wrapper is not experts
+        and isinstance(experts.__dict__.get("forward"), Experts)
+        and not isinstance(wrapper.__dict__.get("forward"), LoraExperts)
+    ):
+        wrapper.forward = LoraExperts(wrapper)
 
 
 def _no_rule_reason(module: nn.Module) -> str:
@@ -219,7 +234,7 @@ def unpatch_model(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         if holds_experts(module) and is_patched(module):
-            for part in (module, router_of(module)[0], experts_of(module)):
+            for part in (module, module.experts, router_of(module)[0], experts_of(module)):
                 if isinstance(part.__dict__.get("forward"), _OURS):
                     del part.forward
             count += 1
