@@ -236,6 +236,21 @@ def test_cli_bench_quick_leaves_the_transformers_table_out(monkeypatch):
     assert main(["bench", "--no-hf-backends", "--no-lm"]) == 0
     assert main(["bench"]) == 0
     quick, off, full = seen
-    assert not quick.hf_backends and quick.lm
+    assert not quick.hf_backends and not quick.finetune and quick.lm
     assert not off.hf_backends and not off.lm and off.hf_peer
     assert full.hf_backends and full.lm
+
+
+@pytest.mark.skipif(not hf_available(), reason="needs transformers")
+def test_finetune_table_times_and_weighs_both_sides():
+    pytest.importorskip("peft")
+    from moekit.bench import format_finetune_table
+    from moekit.bench.finetune import bench_expert_lora
+
+    result = bench_expert_lora(
+        rounds=1, warmup=0, d_model=32, d_hidden=16, num_experts=4, top_k=2, tokens=16, rank=2
+    )
+    assert set(result.ms) == set(result.peak_bytes) == {"transformers", "moekit"}
+    assert all(v > 0 for v in (*result.ms.values(), *result.peak_bytes.values()))
+    table = format_finetune_table([result])
+    assert "expert LoRA layer" in table and "memory moekit/tf" in table

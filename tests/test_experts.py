@@ -263,3 +263,37 @@ def test_experts_stored_transposed_get_gradients_in_their_layout(backend):
     for g, w in zip(got, want, strict=True):
         assert g.is_contiguous()  # the transposed layout all the way: no copy to accumulate
         torch.testing.assert_close(g.transpose(1, 2), w)
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped", "loop", "padded"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_frozen_experts_get_no_weight_gradients_and_the_same_input_gradients(backend, transposed):
+    """Frozen expert weights (LoRA fine-tuning trains other tensors): the backward skips their
+    weight-gradient GEMMs (fused CPU op and grouped GEMMs) and gives the same gradients to the
+    tokens and the routing weights as with trainable experts."""
+    from moekit.hf.experts import HFExperts, Layout
+
+    torch.manual_seed(0)
+    bank = ExpertBank(6, 16, 12, "swiglu", backend=backend)
+    x = torch.randn(40, 16)
+    routing = SoftmaxRouter(16, 6, 2)(x)
+    upstream = torch.randn(40, 16)
+    source = torch.nn.Module()
+    source.gate_up_proj = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous())
+    source.down_proj = torch.nn.Parameter(bank.w2.detach().transpose(1, 2).contiguous())
+    experts = HFExperts(source, Layout(), "swiglu") if transposed else bank
+    experts.backend = backend
+    grads = []
+    for frozen in (False, True):
+        for p in (*bank.parameters(), *source.parameters()):
+            p.requires_grad_(not frozen)
+            p.grad = None
+        xi = x.clone().requires_grad_(True)
+        weights = routing.weights.detach().clone().requires_grad_(True)
+        plan = make_plan(routing.indices, weights, 6)
+        (experts.dispatch(xi, plan) * upstream).sum().backward()
+        grads.append((xi.grad, weights.grad))
+        if frozen:
+            assert all(p.grad is None for p in (*bank.parameters(), *source.parameters()))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want)

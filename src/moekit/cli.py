@@ -197,6 +197,7 @@ def _bench(args: argparse.Namespace) -> int:
         ("no_lm", "lm"),
         ("no_hf_peer", "hf_peer"),
         ("no_hf_backends", "hf_backends"),
+        ("no_finetune", "finetune"),
     ):
         if getattr(args, flag):  # the --no-* flags turn a part off; else the preset decides
             overrides[part] = False
@@ -372,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-hf-backends",
         action="store_true",
         help="skip the transformers backends table (eager, grouped_mm, moekit, patched)",
+    )
+    bench.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="skip the fine-tuning table (expert LoRA and fine-tune steps vs transformers + PEFT)",
     )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")

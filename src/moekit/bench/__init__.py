@@ -56,6 +56,7 @@ class BenchOptions:
     memory: bool = True
     hf_peer: bool = True  # transformers' Mixtral block at SwiGLU shapes, when installed
     hf_backends: bool = True  # the "transformers backends" table, when installed
+    finetune: bool = True  # the "fine-tuning" table (expert LoRA, fine-tune steps) vs PEFT
     device: str = "cpu"
 
     @classmethod
@@ -70,6 +71,7 @@ class BenchOptions:
             lm_steps=2,
             generate_tokens=40,
             hf_backends=False,  # a minute more; `moekit bench` (not --quick) prints it
+            finetune=False,  # half a minute more
         )
         return cls(**(base | overrides))
 
@@ -194,6 +196,34 @@ def format_hf_backends_table(results: list) -> str:
     return _table(header, rows)
 
 
+def format_finetune_table(results: list) -> str:
+    """moekit vs transformers + PEFT: fwd+bwd (layer) or step ms, tokens/s, peak memory."""
+    header = (
+        "case",
+        "transformers ms",
+        "moekit ms",
+        "moekit/tf",
+        "moekit tokens/s",
+        "peak MB tf",
+        "peak MB moekit",
+        "memory moekit/tf",
+    )
+    rows = [
+        (
+            r.case,
+            f"{r.ms['transformers']:.1f}",
+            f"{r.ms['moekit']:.1f}",
+            f"{r.ratio():.2f}",
+            f"{r.tokens / r.ms['moekit'] * 1e3:,.0f}",
+            _mb(r.peak_bytes["transformers"]),
+            _mb(r.peak_bytes["moekit"]),
+            f"{r.memory_ratio():.2f}",
+        )
+        for r in results
+    ]
+    return _table(header, rows)
+
+
 def _table(header: tuple, rows: list[tuple]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     lines = [
@@ -246,7 +276,20 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         )
         hf = bench_hf_backends(rounds=max(3, options.lm_rounds), warmup=1)
         echo(format_hf_backends_table(hf))
-    return {"layer": layer, "lm": lm, "hf_backends": hf}
+    tune: list = []
+    if options.finetune and device.type == "cpu" and hf_available():
+        from .finetune import LORA_LAYER, bench_expert_lora, bench_finetune_step
+
+        shape = ", ".join(f"{k}={v}" for k, v in LORA_LAYER.items())
+        echo(
+            f"fine-tuning vs transformers (grouped_mm) + PEFT, float32: expert LoRA on one "
+            f"Qwen3-MoE block ({shape}; fwd+bwd); one AdamW step of a tiny Qwen3-MoE (d=256, "
+            "16 experts h=256, top-4, 2 layers, 4 x 256 tokens), LoRA r=16 on the experts and full"
+        )
+        rounds = max(3, options.lm_rounds)
+        tune = [bench_expert_lora(rounds=rounds), *bench_finetune_step(rounds=rounds)]
+        echo(format_finetune_table(tune))
+    return {"layer": layer, "lm": lm, "hf_backends": hf, "finetune": tune}
 
 
 def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:

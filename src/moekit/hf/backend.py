@@ -127,10 +127,13 @@ def _low_rank(
     lhs, rhs, scaling = factors  # [E, a, r], [E, r, b]
     first, second = (lhs, rhs) if transposed else (rhs.transpose(1, 2), lhs.transpose(1, 2))
     # the factors are views of PEFT's [r*E, in] and [out, r*E] weights: made contiguous (E*r*(a+b)
-    # elements) for the grouped GEMMs
-    first, second = first.to(rows.dtype).contiguous(), second.to(rows.dtype).contiguous()
+    # elements; the scaling folded into the second) for the grouped GEMMs
+    first, second = (
+        first.to(rows.dtype).contiguous(),
+        (scaling * second).to(rows.dtype).contiguous(),
+    )
     low = _linear(rows, first, group_sizes, offsets)  # [M, r]
-    return scaling * _linear(low, second, group_sizes, offsets)  # [M, d_out]
+    return _linear(low, second, group_sizes, offsets)  # [M, d_out]
 
 
 def _general(

@@ -163,8 +163,10 @@ def _fused_backward(
     has_bias,
     input_grad,
     capacity,
+    expert_grads=True,
 ):
-    """(grad_x, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2); empty where not wanted."""
+    """(grad_x, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2); empty where not wanted
+    (`expert_grads` False: frozen experts, as in LoRA fine-tuning: no weight-gradient GEMMs)."""
     layout = _layout(group_sizes, capacity)
     pre = hidden if activation == "relu" else pre
     g = grad_out.contiguous().index_select(0, token_index)  # [M, d] dL/d(weighted y)
@@ -177,18 +179,25 @@ def _fused_backward(
         grad_weight += layout.bias_dot(g, b2)  # + <b2_e, g_m>
     factor = layout.per_row(weight.to(g.dtype))
     g.mul_(factor)  # dL/dy
-    grad_w2, grad_b2 = layout.weight_grads(hidden, g, w2, has_bias)
+    empty = x.new_empty(0)
+    grad_w2, grad_b2 = (
+        layout.weight_grads(hidden, g, w2, has_bias) if expert_grads else (empty,) * 2
+    )
     grad_pre = _activation_backward(grad_hidden.mul_(factor), pre, hidden, activation)
     del grad_hidden
     rows = layout.gather(x, token_index, out=g)  # re-gathered into g's buffer, not kept
     del g
-    grad_w1, grad_b1 = layout.weight_grads(rows, grad_pre, w1, has_bias)
+    grad_w1, grad_b1 = (
+        layout.weight_grads(rows, grad_pre, w1, has_bias) if expert_grads else (empty,) * 2
+    )
     grad_x = x.new_empty(0)
     if input_grad:
         grad_rows = layout.to_rows(layout.input_grad(grad_pre, w1, out=rows))  # [M, d]
         grad_x = x.new_zeros(x.shape).index_add_(0, token_index, grad_rows)
-    if not has_bias:  # the op's outputs may not alias each other: two empties
+    if not has_bias or not expert_grads:  # the op's outputs may not alias each other
         grad_b1, grad_b2 = x.new_empty(0), x.new_empty(0)
+    if not expert_grads:
+        grad_w1, grad_w2 = x.new_empty(0), x.new_empty(0)
     return grad_x, grad_weight.to(weight.dtype), grad_w1, grad_b1, grad_w2, grad_b2
 
 
@@ -236,6 +245,7 @@ def _fused_grads(
     has_bias: bool,
     input_grad: bool,
     capacity: int,
+    expert_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _fused_backward(
         grad_out,
@@ -254,6 +264,7 @@ def _fused_grads(
         has_bias,
         input_grad,
         capacity,
+        expert_grads,
     )
 
 
@@ -290,16 +301,20 @@ def _(
     has_bias,
     input_grad,
     capacity,
+    expert_grads=True,
 ):
     num_experts = w1.shape[0]
-    return (
-        torch.empty_like(x) if input_grad else x.new_empty(0),
-        torch.empty_like(weight),
-        torch.empty_like(w1),
-        w1.new_empty(num_experts, w1.shape[2]) if has_bias else w1.new_empty(0),
-        torch.empty_like(w2),
-        w2.new_empty(num_experts, w2.shape[2]) if has_bias else w2.new_empty(0),
-    )
+    if not expert_grads:
+        empty = x.new_empty(0)
+        grads = (empty, empty, empty, empty)
+    else:
+        grads = (
+            torch.empty_like(w1),
+            w1.new_empty(num_experts, w1.shape[2]) if has_bias else w1.new_empty(0),
+            torch.empty_like(w2),
+            w2.new_empty(num_experts, w2.shape[2]) if has_bias else w2.new_empty(0),
+        )
+    return (torch.empty_like(x) if input_grad else x.new_empty(0), torch.empty_like(weight), *grads)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -330,9 +345,12 @@ def _backward(ctx, grad_out, *_unused, grads_fn=_fused_grads_op):
         ctx.has_bias,
         ctx.needs_input_grad[0],
         ctx.capacity,
+        expert_grads := any(ctx.needs_input_grad[i] for i in (4, 5, 6, 7)),
     )
-    if not ctx.has_bias:
+    if not ctx.has_bias or not expert_grads:
         grad_b1 = grad_b2 = None
+    if not expert_grads:
+        grad_w1 = grad_w2 = None
     grad_x = grad_x if ctx.needs_input_grad[0] else None
     grads = (grad_x, None, grad_weight, None, grad_w1, grad_b1, grad_w2, grad_b2)
     return grads + (None,) * 4

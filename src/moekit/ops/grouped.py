@@ -53,9 +53,13 @@ def _torch_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return F.grouped_mm(rows, weight, offs=offsets).contiguous()  # the fake kernel's layout
 
 
-def _torch_backward(grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor):
+def _torch_backward(
+    grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor, weight_grad: bool = True
+):
     grad = grad.contiguous()
     grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
+    if not weight_grad:  # a frozen weight (LoRA fine-tuning): no [E, d_in, d_out] GEMMs
+        return grad_rows.contiguous(), weight.new_empty(0)
     if transposed(weight):  # [E, d_out, d_in], seen as [E, d_in, d_out]
         grad_weight = F.grouped_mm(grad.t(), rows, offs=offsets).transpose(-2, -1)
     else:
@@ -88,18 +92,21 @@ def _(rows, weight, offsets):
 
 @torch.library.custom_op("moekit::grouped_mm_backward", mutates_args=())
 def _grouped_mm_backward(
-    grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor
+    grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor, weight_grad: bool = True
 ) -> tuple[Tensor, Tensor]:
-    return _torch_backward(grad, rows, weight, offsets)
+    """(grad rows [M, d_in], grad weight in the weight's layout, or empty where not wanted)."""
+    return _torch_backward(grad, rows, weight, offsets, weight_grad)
 
 
 @_grouped_mm_backward.register_kernel("cuda")
-def _(grad, rows, weight, offsets):
+def _(grad, rows, weight, offsets, weight_grad=True):
     kernels = _triton_kernels(rows)
     if kernels is None:
-        return _torch_backward(grad, rows, weight, offsets)
+        return _torch_backward(grad, rows, weight, offsets, weight_grad)
     grad = grad.contiguous()
     grad_rows = kernels.grouped_mm_rows(grad, weight.transpose(-2, -1), offsets)  # [M, d_in]
+    if not weight_grad:
+        return grad_rows, weight.new_empty(0)
     if transposed(weight):  # grad^T rows per expert: [E, d_out, d_in], the weight's layout
         grad_weight = kernels.grouped_mm_weight_grad(grad, rows, offsets, weight.shape[0])
         return grad_rows, grad_weight.transpose(-2, -1)
@@ -108,8 +115,9 @@ def _(grad, rows, weight, offsets):
 
 
 @_grouped_mm_backward.register_fake
-def _(grad, rows, weight, offsets):
-    return rows.new_empty(rows.shape), torch.empty_like(weight)  # the weight's layout
+def _(grad, rows, weight, offsets, weight_grad=True):
+    grad_weight = torch.empty_like(weight) if weight_grad else weight.new_empty(0)
+    return rows.new_empty(rows.shape), grad_weight  # the weight's layout
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -119,8 +127,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     rows, weight, offsets = ctx.saved_tensors
-    grad_rows, grad_weight = _grouped_mm_backward(grad, rows, weight, offsets)
-    return grad_rows, grad_weight, None
+    weight_grad = ctx.needs_input_grad[1]
+    grad_rows, grad_weight = _grouped_mm_backward(grad, rows, weight, offsets, weight_grad)
+    return grad_rows, grad_weight if weight_grad else None, None
 
 
 _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
@@ -162,7 +171,12 @@ class _GatheredGroupedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, offsets, token_index, row_of = ctx.saved_tensors
         rows = x.index_select(0, token_index)  # [M, d_in] again
-        grad_rows, grad_weight = _grouped_mm_backward(grad.contiguous(), rows, weight, offsets)
+        weight_grad = ctx.needs_input_grad[1]
+        grad_rows, grad_weight = _grouped_mm_backward(
+            grad.contiguous(), rows, weight, offsets, weight_grad
+        )
+        if not weight_grad:
+            grad_weight = None
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = sum_token_rows(
