@@ -181,3 +181,34 @@ def test_bad_input_gets_one_clear_line(saved, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
     assert _run(*args, "--data", str(tmp_path / "bad.jsonl")) == 1
     assert "line 2 is not JSON" in capsys.readouterr().err
+
+
+def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
+    """--router-bias-update: DeepSeek-V3's correction biases move by the sign rule after every
+    step, are checkpointed (bitwise resume) and written beside a LoRA adapter; a model whose
+    routers have no correction bias is refused in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model("deepseek_v3", vocab_size=256).save_pretrained(tmp_path / "dsv3")
+    common = [
+        *_common(saved, "qwen3_moe", tmp_path / "a", steps=4),
+        "--model",
+        str(tmp_path / "dsv3"),
+    ]
+    lora = ["--lora-rank", "2", "--router-bias-update", "0.01"]
+    assert _run(*common, *lora) == 0
+    biases = load_file(tmp_path / "a" / "final" / "router_biases.safetensors")
+    assert biases and all(b.abs().max() > 0 for b in biases.values())  # moved from zero
+    assert all(b.abs().max() <= 0.04 + 1e-6 for b in biases.values())  # 4 steps of 0.01
+    resumed = [
+        *_common(saved, "qwen3_moe", tmp_path / "b", steps=2),
+        "--model",
+        str(tmp_path / "dsv3"),
+    ]
+    assert _run(*resumed, *lora) == 0
+    resumed[resumed.index("--steps") + 1] = "4"
+    assert _run(*resumed, *lora, "--resume") == 0
+    again = load_file(tmp_path / "b" / "final" / "router_biases.safetensors")
+    assert all(torch.equal(again[k], biases[k]) for k in biases)
+    assert _run(*_common(saved, "qwen3_moe", tmp_path / "c", steps=1), "--router-bias-update") == 1
+    assert "no router of this model chooses with a correction bias" in capsys.readouterr().err

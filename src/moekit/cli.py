@@ -231,6 +231,7 @@ def _finetune(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
         aux_loss_coef=args.aux_loss_coef,
+        router_bias_update=args.router_bias_update,
         dtype=args.dtype,
         eval_interval=args.eval_interval,
         eval_batches=args.eval_batches,
@@ -413,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument(
         "--aux-loss-coef", type=float, help="the family's auxiliary loss coefficient (0: off)"
+    )
+    tune.add_argument(
+        "--router-bias-update",
+        type=float,
+        nargs="?",
+        const=1e-3,
+        metavar="RATE",
+        help="aux-loss-free balancing: move each router's correction bias by RATE (1e-3) "
+        "toward equal load after every step (routers with a correction bias)",
     )
     tune.add_argument("--dtype", default="float32", help="float32 or bfloat16")
     tune.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")

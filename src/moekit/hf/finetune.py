@@ -23,7 +23,9 @@ trained tensors, optimizer and random streams (`lm.checkpoint`): `resume` contin
 Output in `<out>/final`: the PEFT adapter directory (`adapter_config.json`,
 `adapter_model.safetensors`; `PeftModel.from_pretrained` loads it without moekit), or with a
 full fine-tune a transformers model directory; `merge` also writes `<out>/merged`, the base
-model with the adapter merged in. `<out>/expert_load.png` and `<out>/loss.png` plot the run.
+model with the adapter merged in. `router_bias_update` moves each correction bias toward equal
+load after every step (DeepSeek-V3's aux-loss-free balancing); with LoRA the biases are written
+beside the adapter (`router_biases.safetensors`; the merged model holds them). `<out>/expert_load.png` and `<out>/loss.png` plot the run.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ..lm.checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_
 from ..lm.data import TokenData
 from ..lm.tracking import make_tracker
 from .patch import experts_of, holds_experts, patch_model, router_of
-from .routers import Router
+from .routers import Router, attribute
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
 
@@ -69,6 +71,7 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = ("experts",)
     aux_loss_coef: float | None = None  # None: the model config's
+    router_bias_update: float | None = None  # aux-loss-free balancing: the bias step size
     dtype: str = "float32"
     eval_interval: int = 50
     eval_batches: int = 4
@@ -98,6 +101,8 @@ class FinetuneConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.router_bias_update is not None and not self.router_bias_update > 0:
+            raise ValueError(f"--router-bias-update must be > 0, got {self.router_bias_update}")
 
 
 @dataclass
@@ -256,6 +261,7 @@ class Finetuner:
         ]
         for router in self.routers:
             router.counts = torch.zeros(0)
+        self.biases = self._correction_biases() if cfg.router_bias_update else {}
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.evals, self.load_history, self._collapsed = 0, [], [], {}
         self._losses: list[float] = []  # the step losses since the last evaluation
@@ -263,6 +269,45 @@ class Finetuner:
         self.tracker = make_tracker(
             cfg.track, self.out, "moekit-finetune", cfg.tracking_uri, run_id
         )
+
+    def _correction_biases(self) -> dict[str, tuple[Router, torch.Tensor]]:
+        """{buffer name: (patched router, its correction bias [E])} for the aux-loss-free
+        update: the rule's `choice_bias` on the router, or on the block where the block passes
+        it in (`"arg"`)."""
+        names = {id(t): n for n, t in self.model.named_buffers()}
+        names |= {id(t): n for n, t in self.model.named_parameters()}
+        found = {}
+        for block in (m for m in self.model.modules() if holds_experts(m)):
+            router, rule = router_of(block)
+            if router is None or not isinstance(router.__dict__.get("forward"), Router):
+                continue
+            if rule.choice_bias == "arg":
+                candidates = [
+                    getattr(block, n, None) for n in ("e_score_correction_bias", "expert_bias")
+                ]
+            else:
+                candidates = [attribute(router, rule.choice_bias)]
+            bias = next((c for c in candidates if isinstance(c, torch.Tensor)), None)
+            if bias is not None and id(bias) in names:
+                found[names[id(bias)]] = (router.__dict__["forward"], bias)
+        if not found:
+            raise ValueError(
+                "--router-bias-update: no router of this model chooses with a correction bias "
+                "(DeepSeek-V3-style sigmoid routers do)"
+            )
+        return found
+
+    @torch.no_grad()
+    def _update_biases(self, before: dict[str, torch.Tensor]) -> None:
+        """DeepSeek-V3's aux-loss-free balancing: bias_e += rate * sign(mean load - load_e)
+        with the step's token counts of each router."""
+        for name, (router, bias) in self.biases.items():
+            load = router.counts.to(bias.device, torch.float32) - before[name]
+            if load.numel() == bias.numel():
+                bias.add_(
+                    torch.sign(load.mean() - load).to(bias.dtype).view_as(bias),
+                    alpha=self.cfg.router_bias_update,
+                )
 
     def _adapted(self, model: nn.Module) -> nn.Module:
         peft = require("peft", "hf", "moekit finetune --lora-rank")
@@ -283,15 +328,16 @@ class Finetuner:
 
     # --- checkpoints --------------------------------------------------------------------
     def _restore(self, checkpoint) -> str | None:
-        missing = set(self.params) - set(checkpoint.model)
-        if missing or set(checkpoint.model) - set(self.params):
+        tensors = self.params | {n: bias for n, (_, bias) in self.biases.items()}
+        differ = set(tensors) ^ set(checkpoint.model)
+        if differ:
             raise ValueError(
                 f"--resume: the checkpoint in {self.out} trains other tensors than this run "
-                f"(e.g. {sorted(missing or set(checkpoint.model) - set(self.params))[:3]})"
+                f"(e.g. {sorted(differ)[:3]})"
             )
         with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(checkpoint.model[name])
+            for name, tensor in tensors.items():
+                tensor.copy_(checkpoint.model[name])
         self.optimizer.load_state_dict(checkpoint.optimizer)
         state = checkpoint.state
         self.step, self.evals = checkpoint.step, state["evals"]
@@ -314,6 +360,7 @@ class Finetuner:
             "mlflow_run_id": self.tracker.run_id,
         }
         tensors = {n: p.detach() for n, p in self.params.items()}
+        tensors |= {n: bias for n, (_, bias) in self.biases.items()}
         return save_checkpoint(self.out, self.step, tensors, self.optimizer.state_dict(), state)
 
     # --- steps --------------------------------------------------------------------------
@@ -321,7 +368,14 @@ class Finetuner:
         x, y = self.data.batch(split, self.cfg.batch_size, self.cfg.seq_len, generator)
         return torch.cat([x, y[:, -1:]], dim=1)  # [B, T + 1]: the model shifts its labels
 
+    def _counts(self) -> dict[str, torch.Tensor]:
+        return {
+            name: (c.float().clone() if (c := router.counts).numel() else torch.zeros(bias.numel()))
+            for name, (router, bias) in self.biases.items()
+        }
+
     def train_step(self) -> dict[str, float]:
+        before = self._counts()
         ids = self._batch("train", self.data_gen)
         out = self.model(input_ids=ids, labels=ids)
         self.optimizer.zero_grad(set_to_none=True)
@@ -330,6 +384,8 @@ class Finetuner:
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step}: non-finite loss {loss}")
         self.optimizer.step()
+        if self.biases:
+            self._update_biases(before)
         metrics = {"loss": loss}
         if getattr(out, "aux_loss", None) is not None:
             metrics["aux_loss"] = float(out.aux_loss)
@@ -419,6 +475,11 @@ class Finetuner:
     def write_final(self) -> Path:
         final = self.out / "final"
         self.model.save_pretrained(final)
+        if self.biases and self.cfg.lora_rank is not None:  # buffers: not in a PEFT adapter
+            from safetensors.torch import save_file
+
+            biases = {n: b.detach().contiguous().cpu() for n, (_, b) in self.biases.items()}
+            save_file(biases, final / "router_biases.safetensors")
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(final)
         if self.cfg.merge and self.cfg.lora_rank is not None:
