@@ -25,7 +25,8 @@ Output in `<out>/final`: the PEFT adapter directory (`adapter_config.json`,
 full fine-tune a transformers model directory; `merge` also writes `<out>/merged`, the base
 model with the adapter merged in. `router_bias_update` moves each correction bias toward equal
 load after every step (DeepSeek-V3's aux-loss-free balancing); with LoRA the biases are written
-beside the adapter (`router_biases.safetensors`; the merged model holds them). `<out>/expert_load.png` and `<out>/loss.png` plot the run.
+beside the adapter (`router_biases.safetensors`; the merged model holds them).
+`<out>/expert_load.png` and `<out>/loss.png` plot the run.
 """
 
 from __future__ import annotations
