@@ -212,3 +212,41 @@ def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
     assert all(torch.equal(again[k], biases[k]) for k in biases)
     assert _run(*_common(saved, "qwen3_moe", tmp_path / "c", steps=1), "--router-bias-update") == 1
     assert "no router of this model chooses with a correction bias" in capsys.readouterr().err
+
+
+def test_moekit_aux_loss_trains_the_routers_on_their_own_choices(saved, tmp_path):
+    """--aux-loss moekit: the Switch loss over the step's router logits and the experts the
+    routers chose (`moekit.hf.aux.switch_loss`), transformers' own off; it reaches the routers."""
+    from moekit.hf.finetune import FinetuneConfig, Finetuner
+
+    cfg = FinetuneConfig(
+        model=str(saved / "qwen3_moe"),
+        data=str(saved / "data.txt"),
+        out=str(tmp_path / "run"),
+        steps=1,
+        seq_len=16,
+        batch_size=2,
+        aux_loss="moekit",
+        aux_loss_coef=1.0,
+        lr=1e-2,
+        track=False,
+        progress=False,
+    )
+    tuner = Finetuner(cfg)
+    gate = next(p for n, p in tuner.model.named_parameters() if n.endswith("mlp.gate.weight"))
+    before = gate.detach().clone()
+    metrics = tuner.train_step()
+    assert 1.0 <= metrics["aux_loss"] <= 8.0  # E * sum f P: 1 when balanced, at most E
+    assert not torch.equal(gate, before)
+
+
+def test_transformers_aux_loss_agrees_with_the_routers_choices_where_softmax_routes():
+    """transformers' aux loss recomputes the choice as a softmax top-k of the logits: equal to
+    the routers' own choices for softmax routers, not where a correction bias routes (docs)."""
+    from moekit.hf.aux import aux_loss_agreement
+
+    for family, agrees in (("qwen3_moe", True), ("mixtral", True), ("minimax_m2", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs, ours = aux_loss_agreement(tiny_model(family).train())
+        assert (abs(theirs - ours) <= 1e-5 * ours) is agrees, family

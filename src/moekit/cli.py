@@ -230,6 +230,7 @@ def _finetune(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+        aux_loss=args.aux_loss,
         aux_loss_coef=args.aux_loss_coef,
         router_bias_update=args.router_bias_update,
         dtype=args.dtype,
@@ -413,7 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-targets", default="experts", help="comma-separated: experts, attention, router"
     )
     tune.add_argument(
-        "--aux-loss-coef", type=float, help="the family's auxiliary loss coefficient (0: off)"
+        "--aux-loss",
+        default="family",
+        help="family: transformers' own auxiliary loss; moekit: the Switch loss on the routers' "
+        "own choices (right where a correction bias or sigmoid scores route, docs/hf.md)",
+    )
+    tune.add_argument(
+        "--aux-loss-coef",
+        type=float,
+        help="the auxiliary loss coefficient (0: off; default: the config's, moekit's 0.01)",
     )
     tune.add_argument(
         "--router-bias-update",

@@ -46,6 +46,7 @@ from .._extras import require
 from ..lm.checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
 from ..lm.data import TokenData
 from ..lm.tracking import make_tracker
+from .aux import switch_loss
 from .patch import experts_of, holds_experts, patch_model, router_of
 from .routers import Router, attribute
 
@@ -71,7 +72,8 @@ class FinetuneConfig:
     lora_rank: int | None = None  # None: a full fine-tune
     lora_alpha: float | None = None  # default 2 * rank
     lora_targets: tuple[str, ...] = ("experts",)
-    aux_loss_coef: float | None = None  # None: the model config's
+    aux_loss: str = "family"  # "family": transformers' own; "moekit": `aux.switch_loss`
+    aux_loss_coef: float | None = None  # None: the model config's (moekit's: 0.01)
     router_bias_update: float | None = None  # aux-loss-free balancing: the bias step size
     dtype: str = "float32"
     eval_interval: int = 50
@@ -102,6 +104,8 @@ class FinetuneConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.aux_loss not in ("family", "moekit"):
+            raise ValueError(f"--aux-loss must be family or moekit, got {self.aux_loss!r}")
         if self.router_bias_update is not None and not self.router_bias_update > 0:
             raise ValueError(f"--router-bias-update must be > 0, got {self.router_bias_update}")
 
@@ -241,7 +245,11 @@ class Finetuner:
         torch.manual_seed(cfg.seed)
         self.model = load_model(model_dir, DTYPES[cfg.dtype])
         config = self.model.config
-        if cfg.aux_loss_coef is not None:
+        self.aux_coef = 0.0
+        if cfg.aux_loss == "moekit":  # the routers' logits out, transformers' own loss off
+            config.output_router_logits, config.router_aux_loss_coef = True, 0.0
+            self.aux_coef = 0.01 if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+        elif cfg.aux_loss_coef is not None:
             config.output_router_logits = cfg.aux_loss_coef > 0
             config.router_aux_loss_coef = cfg.aux_loss_coef
         self.tokenizer = load_tokenizer(model_dir, config.vocab_size)
@@ -375,20 +383,40 @@ class Finetuner:
             for name, (router, bias) in self.biases.items()
         }
 
+    def _moekit_aux(self, out, before: list[torch.Tensor]) -> torch.Tensor:
+        """`aux.switch_loss` over the step's router logits and the routers' own choices."""
+        logits = getattr(out, "router_logits", None)
+        if not logits or len(logits) != len(self.routers):
+            raise ValueError(
+                "--aux-loss moekit: this model does not return one router-logits tensor per "
+                "patched router (use --aux-loss family)"
+            )
+        counts = [
+            r.counts.float() - b if b.numel() else r.counts.float()
+            for r, b in zip(self.routers, before, strict=True)
+        ]
+        return switch_loss([layer.reshape(-1, layer.shape[-1]) for layer in logits], counts)
+
     def train_step(self) -> dict[str, float]:
         before = self._counts()
+        router_counts = [r.counts.float().clone() for r in self.routers]
         ids = self._batch("train", self.data_gen)
         out = self.model(input_ids=ids, labels=ids)
+        total, metrics = out.loss, {}
+        if self.cfg.aux_loss == "moekit":
+            aux = self._moekit_aux(out, router_counts)
+            total = total + self.aux_coef * aux
+            metrics["aux_loss"] = float(aux)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        total.backward()
         loss = out.loss.item()
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {self.step}: non-finite loss {loss}")
         self.optimizer.step()
         if self.biases:
             self._update_biases(before)
-        metrics = {"loss": loss}
-        if getattr(out, "aux_loss", None) is not None:
+        metrics["loss"] = loss
+        if getattr(out, "aux_loss", None) is not None and "aux_loss" not in metrics:
             metrics["aux_loss"] = float(out.aux_loss)
         return metrics
 
