@@ -250,3 +250,42 @@ def test_transformers_aux_loss_agrees_with_the_routers_choices_where_softmax_rou
             warnings.simplefilter("ignore")
             theirs, ours = aux_loss_agreement(tiny_model(family).train())
         assert (abs(theirs - ours) <= 1e-5 * ours) is agrees, family
+
+
+def test_a_dense_model_fine_tunes_anyway_and_says_so(saved, tmp_path, caplog):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    args = [
+        *_common(saved, "qwen3_moe", tmp_path / "run", steps=1),
+        "--model",
+        str(tmp_path / "dense"),
+    ]
+    with caplog.at_level("WARNING"):
+        assert _run(*args, "--lora-rank", "2", "--lora-targets", "attention") == 0
+    assert "has no MoE blocks: fine-tuning it anyway" in caplog.text
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_bfloat16_fine_tunes(saved, tmp_path):
+    out = tmp_path / "run"
+    assert (
+        _run(*_common(saved, "qwen3_moe", out, steps=1), "--lora-rank", "2", "--dtype", "bfloat16")
+        == 0
+    )
+    tensors = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+def test_a_missing_model_is_one_clear_line(saved, tmp_path, capsys):
+    args = _common(saved, "qwen3_moe", tmp_path / "run", steps=1)
+    assert _run(*args, "--model", str(tmp_path / "missing" / "deeper" / "dir")) == 1
+    assert "neither a model directory nor a hub id" in capsys.readouterr().err

@@ -133,11 +133,18 @@ class ByteTokenizer:
 
 
 def load_tokenizer(model_dir: Path, vocab_size: int):
-    """The directory's own tokenizer, else bytes."""
-    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    """The directory's (or hub repository's) own tokenizer, else bytes."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    local = model_dir.exists()
+    if not local or any((model_dir / name).is_file() for name in names):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local)
+        except (OSError, ValueError):
+            if local:
+                raise
+            return ByteTokenizer(vocab_size)  # a hub model without a tokenizer
         tokenizer.model_max_length = 1 << 30  # windows are cut here, not by the tokenizer
         return tokenizer
     return ByteTokenizer(vocab_size)
@@ -168,17 +175,24 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     """A saved transformers causal LM, its experts on moekit's backend where its family is
     on the ExpertsInterface, then patched; logs what runs where."""
     transformers = require("transformers", "hf", "moekit finetune")
-    if not (model_dir / "config.json").is_file():
+    local = model_dir.exists()
+    if local and not (model_dir / "config.json").is_file():
         raise ValueError(f"--model: {model_dir} is not a saved transformers model (no config.json)")
-    options = dict(dtype=dtype, local_files_only=True)
+    if not local and str(model_dir).count("/") != 1:
+        raise ValueError(f"--model: {model_dir} is neither a model directory nor a hub id")
+    options = dict(dtype=dtype, local_files_only=local)  # a hub id: fetched, when online
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        auto = transformers.AutoModelForCausalLM
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                model_dir, experts_implementation="moekit", **options
-            )
-        except (ValueError, TypeError):  # a family off the interface takes no backend name
-            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **options)
+            try:
+                model = auto.from_pretrained(
+                    str(model_dir), experts_implementation="moekit", **options
+                )
+            except (ValueError, TypeError):  # a family off the interface takes no backend name
+                model = auto.from_pretrained(str(model_dir), **options)
+        except OSError as error:  # a hub id offline, a corrupt checkpoint
+            raise ValueError(f"--model: cannot load {model_dir}: {error}") from error
     blocks = [m for m in model.modules() if holds_experts(m)]
     if not blocks:
         log.warning("%s has no MoE blocks: fine-tuning it anyway, as a dense model", model_dir)
