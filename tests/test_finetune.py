@@ -112,13 +112,14 @@ def test_lora_finetune_trains_every_expert_and_loads_without_moekit(saved, tmp_p
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() <= 1e-5
 
 
-def test_full_finetune_writes_a_transformers_model(saved, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_full_finetune_writes_a_transformers_model(saved, tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    assert _run(*_common(saved, "qwen3_moe", out, steps=2)) == 0
+    assert _run(*_common(saved, family, out, steps=2)) == 0
     tuned = AutoModelForCausalLM.from_pretrained(out / "final")
-    base = AutoModelForCausalLM.from_pretrained(saved / "qwen3_moe")
+    base = AutoModelForCausalLM.from_pretrained(saved / family)
     moved = [
         name
         for (name, a), (_, b) in zip(
@@ -252,7 +253,7 @@ def test_transformers_aux_loss_agrees_with_the_routers_choices_where_softmax_rou
         assert (abs(theirs - ours) <= 1e-5 * ours) is agrees, family
 
 
-def test_a_dense_model_fine_tunes_anyway_and_says_so(saved, tmp_path, caplog):
+def test_a_dense_model_fine_tunes_anyway_and_says_so(saved, tmp_path, caplog, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -273,6 +274,9 @@ def test_a_dense_model_fine_tunes_anyway_and_says_so(saved, tmp_path, caplog):
         assert _run(*args, "--lora-rank", "2", "--lora-targets", "attention") == 0
     assert "has no MoE blocks: fine-tuning it anyway" in caplog.text
     assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+    args[args.index("--out") + 1] = str(tmp_path / "other")
+    assert _run(*args, "--lora-rank", "2", "--lora-targets", "experts,router") == 1
+    assert "--lora-targets experts,router names nothing in this model" in capsys.readouterr().err
 
 
 def test_bfloat16_fine_tunes(saved, tmp_path):
