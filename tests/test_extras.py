@@ -148,5 +148,5 @@ def test_core_dependencies_are_torch_numpy_safetensors():
     extras = project["optional-dependencies"]
     assert _names(project["dependencies"]) == {"torch", "numpy", "safetensors"}
     assert {"mlflow", "matplotlib", "tqdm", "tokenizers"} <= _names(extras["train"])
-    assert _names(extras["hf"]) == {"transformers"}
+    assert _names(extras["hf"]) == {"transformers", "peft"}  # moekit.hf, moekit finetune
     assert "moekit[train,hf]" in extras["test"]  # the tests use every extra

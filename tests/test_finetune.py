@@ -293,3 +293,36 @@ def test_a_missing_model_is_one_clear_line(saved, tmp_path, capsys):
     args = _common(saved, "qwen3_moe", tmp_path / "run", steps=1)
     assert _run(*args, "--model", str(tmp_path / "missing" / "deeper" / "dir")) == 1
     assert "neither a model directory nor a hub id" in capsys.readouterr().err
+
+
+def test_resume_after_kill_9_is_bitwise(saved, tmp_path):
+    """A run killed with SIGKILL mid-way resumes from its newest complete checkpoint and ends
+    where an uninterrupted run ends, bit for bit (checkpoints are written atomically)."""
+    import os
+    import signal
+    import time
+
+    def args(out: Path) -> list[str]:
+        common = _common(saved, "qwen3_moe", out, steps=30)
+        common[common.index("--eval-interval") + 1] = "5"
+        return ["finetune", "--no-progress", "--no-track", *common, "--lora-rank", "2"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(args(straight)) == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moekit", *args(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (killed / "ckpt-00000010").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    print("killed run exit code", process.returncode)  # -9 when the kill landed mid-run
+    assert main([*args(killed), "--resume"]) == 0
+    a = load_file(straight / "final" / "adapter_model.safetensors")
+    b = load_file(killed / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
