@@ -41,6 +41,19 @@ def _run(*args: str) -> int:
     return main(["finetune", "--no-progress", "--no-track", *args])
 
 
+def _config(saved: Path, tmp_path: Path, **changes):
+    """A one-step `FinetuneConfig` of the tiny Qwen3-MoE, no tracking, no progress bar."""
+    from moekit.hf.finetune import FinetuneConfig
+
+    options = dict(steps=1, seq_len=16, batch_size=2, track=False, progress=False)
+    return FinetuneConfig(
+        model=str(saved / "qwen3_moe"),
+        data=str(saved / "data.txt"),
+        out=str(tmp_path / "run"),
+        **(options | changes),
+    )
+
+
 def _common(saved: Path, family: str, out: Path, steps: int = 4) -> list[str]:
     return [
         "--model",
@@ -145,18 +158,9 @@ def test_resume_continues_bitwise(saved, tmp_path):
 
 
 def test_router_health_is_counted_per_layer(saved, tmp_path):
-    from moekit.hf.finetune import FinetuneConfig, Finetuner
+    from moekit.hf.finetune import Finetuner
 
-    cfg = FinetuneConfig(
-        model=str(saved / "qwen3_moe"),
-        data=str(saved / "data.txt"),
-        out=str(tmp_path / "run"),
-        steps=1,
-        seq_len=16,
-        batch_size=2,
-        track=False,
-        progress=False,
-    )
+    cfg = _config(saved, tmp_path)
     tuner = Finetuner(cfg)
     tuner.train_step()
     record = tuner.evaluate()  # the training step's and the evaluation's tokens
@@ -218,21 +222,9 @@ def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
 def test_moekit_aux_loss_trains_the_routers_on_their_own_choices(saved, tmp_path):
     """--aux-loss moekit: the Switch loss over the step's router logits and the experts the
     routers chose (`moekit.hf.aux.switch_loss`), transformers' own off; it reaches the routers."""
-    from moekit.hf.finetune import FinetuneConfig, Finetuner
+    from moekit.hf.finetune import Finetuner
 
-    cfg = FinetuneConfig(
-        model=str(saved / "qwen3_moe"),
-        data=str(saved / "data.txt"),
-        out=str(tmp_path / "run"),
-        steps=1,
-        seq_len=16,
-        batch_size=2,
-        aux_loss="moekit",
-        aux_loss_coef=1.0,
-        lr=1e-2,
-        track=False,
-        progress=False,
-    )
+    cfg = _config(saved, tmp_path, aux_loss="moekit", aux_loss_coef=1.0, lr=1e-2)
     tuner = Finetuner(cfg)
     gate = next(p for n, p in tuner.model.named_parameters() if n.endswith("mlp.gate.weight"))
     before = gate.detach().clone()

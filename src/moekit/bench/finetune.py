@@ -22,22 +22,13 @@ from typing import NamedTuple
 
 import torch
 
+from .hf_backends import SIZES
 from .timing import interleaved_medians, peak_extra_bytes
 
 # the Qwen3-MoE-like layer (d=2048, E=128, k=8, h=768, r=16, T=4096) scaled down for a
 # 2-core CPU: a quarter of the width, half the experts and tokens
 LORA_LAYER = dict(d_model=512, d_hidden=192, num_experts=64, top_k=8, tokens=2048, rank=16)
-STEP_MODEL = dict(
-    d_model=256,
-    d_hidden=256,
-    num_experts=16,
-    top_k=4,
-    num_layers=2,
-    num_heads=8,
-    num_kv_heads=8,
-    head_dim=32,
-    vocab_size=1024,
-)
+STEP_MODEL = SIZES  # the transformers backends table's model
 
 
 class FinetuneResult(NamedTuple):
