@@ -190,3 +190,77 @@ def bf16_autocast(rank: int, world: int) -> None:
     bf16 = {"atol": 3e-2, "rtol": 3e-2}  # bf16 GEMMs on differently batched rows
     torch.testing.assert_close(out, ref[mine].detach(), **bf16)
     torch.testing.assert_close(xr.grad, x_ref.grad[mine], **bf16)
+
+
+@torch.no_grad()
+def _clear_routing(model) -> None:
+    """Router weights N(0, 1), experts of unit scale, the same on every rank: no near-ties
+    that a GEMM over another number of rows could flip."""
+    from moekit.hf import RULES
+    from moekit.hf.routers import attribute
+
+    generator = torch.Generator().manual_seed(7)
+    for module in model.modules():
+        rule = RULES.get(type(module).__name__)
+        if rule is not None:
+            weight = attribute(module, rule.weight)
+            weight.copy_(torch.randn(weight.shape, generator=generator))
+    for param in model.parameters():
+        if param.dim() == 3:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def hf_parity(rank: int, world: int, families: list[str]) -> list[str]:
+    """Patched transformers models, experts sharded over all ranks (`moekit.hf.parallel`):
+    each rank's logits and its shard's expert gradients equal the one-process model's on the
+    global batch (float32, 1e-5 relative); the other gradients summed over ranks likewise; each
+    shard holds the matching slice of the full model's experts."""
+    import warnings
+
+    from moekit.hf import patch_model
+    from moekit.hf.catalog import dummy_inputs, tiny_model
+    from moekit.hf.parallel import expert_parallel as hf_expert_parallel
+    from moekit.hf.parallel import sharded_parameters
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+    checked = []
+    for family in families:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tiny_model(family).train()  # seeded: the same weights on every rank
+            patch_model(model, strict=True)
+        _clear_routing(model)
+        if not checked:  # never a silent no-op: the wrong sharding, an unpatched model
+            with pytest.raises(ValueError, match="no moekit MoE layer"):
+                expert_parallel(copy.deepcopy(model), None)
+            with pytest.raises(ValueError, match="not patched"):
+                hf_expert_parallel(tiny_model(family), None)
+        full = copy.deepcopy(model)
+        per_rank = 2
+        ids = dummy_inputs(model, per_rank * world, 6, seed=1)["input_ids"]  # the global batch
+        want = full(input_ids=ids).logits
+        upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
+        (want * upstream).sum().backward()
+        assert hf_expert_parallel(model) >= 1
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        got = model(input_ids=ids[mine]).logits
+        (got * upstream[mine]).sum().backward()
+        assert rel(got, want[mine]) <= 1e-5, (family, "logits")
+        sharded = sharded_parameters(model)
+        assert sharded, family
+        for name, param in model.named_parameters():
+            reference = full.get_parameter(name)
+            if name in sharded:
+                first, _ = sharded[name]
+                part = slice(first, first + param.shape[0])
+                assert torch.equal(param.detach(), reference.detach()[part]), (family, name)
+                assert rel(param.grad, reference.grad[part]) <= 1e-5, (family, name)
+            elif reference.grad is not None:
+                grad = param.grad.clone()
+                dist.all_reduce(grad)  # replicated: each rank's share of the global batch
+                assert rel(grad, reference.grad) <= 1e-5, (family, name)
+        checked.append(family)
+        del model, full, got, want  # the graphs that hold the exchanges, before the next model
+    return checked

@@ -33,6 +33,7 @@ def _entry(fn, rank: int, world_size: int, tmp: str, args: tuple) -> None:
         )
         result = fn(rank, world_size, *args)
         (out / f"result-{rank}.pkl").write_bytes(pickle.dumps(result))
+        dist.barrier()  # no rank tears its connections down while another still uses them
         dist.destroy_process_group()
     except BaseException:
         (out / f"error-{rank}.txt").write_text(traceback.format_exc())

@@ -80,3 +80,16 @@ def test_transpose_blocks_hand_worked():
     assert rows[to_experts].tolist() == [0, 1, 3, 4, 5, 6, 2]
     back = _transpose_blocks(sizes.t(), 7)
     assert rows[to_experts][back].tolist() == rows.tolist()
+
+
+def test_patched_transformers_models_shard_their_experts():
+    """moekit.hf.parallel: tiny Qwen3-MoE (fused CPU path), DeepSeek-V3 (shared experts,
+    sigmoid + bias routing) and gpt-oss (biased, transposed experts through the general path)
+    on 2 ranks, 4 of 8 experts each, equal the one-process model; neither sharding is a
+    silent no-op on a model it cannot shard."""
+    families = ["qwen3_moe", "deepseek_v3", "gpt_oss"]
+    assert run_ranks(ep_workers.hf_parity, 2, families) == [families, families]
+
+
+def test_patched_transformers_experts_on_four_ranks():
+    assert run_ranks(ep_workers.hf_parity, 4, ["qwen3_moe"]) == [["qwen3_moe"]] * 4

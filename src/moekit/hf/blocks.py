@@ -31,13 +31,36 @@ __all__ = ["DbrxBlock", "Experts", "Llama4Block", "LoraExperts", "ModuleExperts"
 
 
 class Experts:
-    """A stacked experts module's forward on moekit (the experts backend's function)."""
+    """A stacked experts module's forward on moekit (the experts backend's function); under
+    expert parallelism (`hf.parallel.expert_parallel`: `parallel` set, the module holding this
+    rank's experts only) moekit's all-to-all dispatch sends each row to its expert's rank."""
 
     def __init__(self, experts: nn.Module) -> None:
         self.experts = experts
+        self.parallel = None  # a moekit.parallel.ExpertParallel, once sharded
 
     def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        return _run(self.experts, hidden_states, top_k_index, top_k_weights)
+        if self.parallel is None:
+            return _run(self.experts, hidden_states, top_k_index, top_k_weights)
+        plan = make_plan(top_k_index, top_k_weights, self.parallel.num_experts)  # global ids
+        local = _LocalExperts(self.experts)
+        return self.parallel.dispatch(hidden_states, plan, local).to(hidden_states.dtype)
+
+
+class _LocalExperts:
+    """This rank's experts as `ExpertParallel.dispatch` calls them: `dispatch(rows, plan)`
+    over the rows it received (moekit's kernels or the module's own gate), `w1` for the
+    compute dtype."""
+
+    def __init__(self, experts: nn.Module) -> None:
+        self.experts, self.layout = experts, layout_of(experts)
+
+    @property
+    def w1(self) -> Tensor:
+        return getattr(self.experts, self.layout.up_name)
+
+    def dispatch(self, rows: Tensor, plan) -> Tensor:
+        return run_experts(self.experts, self.layout, rows, plan)
 
 
 class LoraExperts:

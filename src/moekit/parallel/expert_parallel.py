@@ -154,6 +154,11 @@ def expert_parallel(
         if isinstance(layer, MoE):
             _check_layer(name or "module", layer, size)
             layers.append(layer)
+    if not layers:  # never a silent no-op (a patched transformers model: moekit.hf.parallel)
+        raise ValueError(
+            "expert_parallel: no moekit MoE layer in the module; for a transformers model "
+            "patched by moekit.hf.patch_model use moekit.hf.parallel.expert_parallel"
+        )
     rank = dist.get_rank(group)
     for layer in layers:
         if size > 1:
