@@ -55,6 +55,8 @@ def _layer(case: dict) -> MoE:
         bias=case.get("bias", False),
         load_balance_coef=case.get("lb", 0.01),
         z_loss_coef=1e-3,
+        num_shared_experts=case.get("shared", 0),
+        shared_gate=case.get("shared_gate", False),
     ).double()
     return layer.train(case.get("train", True))
 
@@ -82,6 +84,7 @@ def check_case(rank: int, world: int, case: dict) -> None:
         assert ep_size == world
         ep_group = init_device_mesh("cpu", (world,))
     ep = expert_parallel(copy.deepcopy(full), ep_group)
+    ep.parallel.overlap = case.get("overlap", True)  # shared experts during the exchange
     xr = x[mine].clone().requires_grad_()
     out, aux = ep(xr)
     # rank r's share of the global objective: its aux loss weighted by its share of the tokens
@@ -117,6 +120,12 @@ def check_case(rank: int, world: int, case: dict) -> None:
             continue
         grad = _sum_over(p.grad, dist.group.WORLD)
         torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=f"router {name}")
+    if full.shared_experts is not None:  # replicated: gradients summed over every rank
+        for (name, p), p_ref in zip(
+            ep.shared_experts.named_parameters(), full.shared_experts.parameters(), strict=True
+        ):
+            grad = _sum_over(p.grad, dist.group.WORLD)
+            torch.testing.assert_close(grad, p_ref.grad, **TOL, msg=f"shared {name}")
     local = full.num_experts // ep_size
     first = ep.parallel.rank * local
     for name, p in ep.experts.named_parameters():

@@ -166,13 +166,25 @@ def test_expert_parallel_bench_under_torchrun():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line.split() for line in done.stdout.splitlines()]
     rows = [row for row in lines if row and row[0] == "custom"]
-    assert [row[1] for row in rows] == ["relu", "swiglu"]  # rank 0 alone prints
-    for _, _, ranks, step_ms, exchange_ms, share, single_ms, speedup in rows:
+    # rank 0 alone prints; each activation without and with a shared expert
+    assert [(row[1], row[2]) for row in rows] == [
+        ("relu", "0"),
+        ("relu", "1"),
+        ("swiglu", "0"),
+        ("swiglu", "1"),
+    ]
+    for row in rows:
+        _, _, shared, ranks, step_ms, no_overlap, exchange_ms, share, single_ms, speedup = row[:10]
+        all_cores_ms, vs_all_cores = row[10:]
         assert ranks == "2"
+        assert (no_overlap == "-") == (shared == "0")
         assert float(share.rstrip("%")) == pytest.approx(
             100 * float(exchange_ms) / float(step_ms), abs=1
         )
         assert float(speedup) == pytest.approx(float(single_ms) / float(step_ms), abs=0.01)
+        assert float(vs_all_cores) == pytest.approx(
+            float(all_cores_ms) / float(step_ms), abs=0.01
+        )
 
 
 def test_expert_parallel_bench_outside_torchrun_is_an_error(capsys):

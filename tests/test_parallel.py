@@ -31,6 +31,9 @@ TWO_RANKS = [
     dict(E=4, k=2, tokens=[9, 7], capacity_factor=1.25, lb=0.0),
     dict(E=2, k=1, tokens=[4, 4], ep=1),  # data parallel only: experts replicated
     dict(E=4, k=2, tokens=[4, 3], mesh=True),  # a 1-D DeviceMesh as the group
+    dict(E=4, k=2, tokens=[5, 3], shared=1),  # shared experts during the exchange (overlap)
+    dict(E=4, k=2, tokens=[5, 3], shared=2, shared_gate=True, overlap=False),
+    dict(E=4, k=2, tokens=[0, 4], shared=1, activation="swiglu"),  # rank 0: no rows, overlap
 ]
 
 FOUR_RANKS = [
@@ -40,6 +43,7 @@ FOUR_RANKS = [
     dict(E=4, k=2, tokens=[3, 1, 0, 4], ep=2),  # 2 groups of 2 ranks, 2 replicas of each expert
     dict(E=4, k=1, tokens=[6, 6, 6, 6], ep=2, router="switch", capacity_factor=1.0, lb=0.0),
     dict(E=4, k=2, tokens=[5, 4, 3, 3], all_to_first_rank=True),
+    dict(E=8, k=2, tokens=[4, 2, 0, 3], shared=1, ep=2, all_to_first_rank=True),
 ]
 
 

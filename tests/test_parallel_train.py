@@ -182,6 +182,8 @@ def test_torchrun_cli_rank_0_alone_prints_tracks_and_plots(tmp_path):
         "--eval-iters",
         "2",
         "--no-progress",
+        "--dist-timeout",  # rank 0's MLflow setup and plots take longer: not a step's wait
+        "2",
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("moekit train: preset tiny") == 1

@@ -240,9 +240,13 @@ def _finetune(args: argparse.Namespace) -> int:
         track=not args.no_track,
         tracking_uri=args.tracking_uri,
         progress=not args.no_progress,
+        expert_parallel=args.expert_parallel,
+        fsdp=not args.ddp,
+        dist_timeout=args.dist_timeout,
     )
     result = finetune(cfg, resume=args.resume)
-    print(f"fine-tuned {result.step} steps; {result.final}")
+    if result.is_main:
+        print(f"fine-tuned {result.step} steps; {result.final}")
     return 0
 
 
@@ -433,7 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="aux-loss-free balancing: move each router's correction bias by RATE (1e-3) "
         "toward equal load after every step (routers with a correction bias)",
     )
-    tune.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    tune.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64")
+    tune.add_argument(
+        "--expert-parallel",
+        type=int,
+        default=1,
+        metavar="R",
+        help="under torchrun: shard each MoE block's experts over groups of R ranks (R divides "
+        "the number of processes and the expert count)",
+    )
+    tune.add_argument(
+        "--ddp",
+        action="store_true",
+        help="under torchrun: replicate the dense parameters with DDP (default: FSDP2 shards them)",
+    )
+    tune.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a step's collective waits for a dead or hung rank before every rank exits",
+    )
     tune.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
     tune.add_argument("--eval-batches", type=int, default=4, help="held-out batches an evaluation")
     tune.add_argument("--merge", action="store_true", help="also write <out>/merged")

@@ -278,6 +278,7 @@ class MoE(nn.Module):
         x_flat = x.reshape(-1, self.d_model)  # [N, d]
         num_tokens = x_flat.shape[0]
         routing = self.router.route(x_flat)
+        shared = None  # the shared experts' output, when computed during the exchange
         if self._small_batch(routing, num_tokens):  # a few tokens: no sort, no host sync
             output = self.experts.gathered(x_flat, routing.indices, routing.weights)  # [N, d]
             group_sizes = count_ids(routing.indices, self.num_experts)
@@ -285,7 +286,12 @@ class MoE(nn.Module):
         else:
             plan = self.plan(routing, num_tokens)
             if self.parallel is not None:  # experts on other ranks: exchange, compute, exchange
-                output = self.parallel.dispatch(x_flat, plan, self.experts)  # [N, d]
+                if self.shared_experts is not None and self.parallel.overlap:
+                    output, shared = self.parallel.dispatch(
+                        x_flat, plan, self.experts, alongside=lambda: self.shared_experts(x_flat)
+                    )  # [N, d] each: the shared experts ran while the rows travelled
+                else:
+                    output = self.parallel.dispatch(x_flat, plan, self.experts)  # [N, d]
             elif isinstance(self.experts, ExpertBank):  # gather, experts, combine in one op
                 output = self.experts.dispatch(x_flat, plan)  # [N, d]
             else:
@@ -293,7 +299,9 @@ class MoE(nn.Module):
                 output = unpermute(rows, plan, num_tokens)  # [N, d]
             group_sizes, num_dropped = plan.group_sizes, plan.num_dropped
         if self.shared_experts is not None:  # always-on experts: every token, unweighted
-            output = output + self.shared_experts(x_flat).to(output.dtype)
+            if shared is None:
+                shared = self.shared_experts(x_flat)
+            output = output + shared.to(output.dtype)
         output = output.reshape(x.shape).to(x.dtype)  # [..., d]
 
         reduce = None if self.parallel is None else self.parallel.all_reduce

@@ -8,6 +8,7 @@ LIMIT model; generation with and without the KV cache.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass, field
 
@@ -147,23 +148,31 @@ def format_ep_table(results: list[EPResult]) -> str:
     header = (
         "shape",
         "act",
+        "shared",
         "ranks",
         "EP step ms",
+        "no overlap ms",
         "all-to-all ms",
         "share",
         "1 process ms",
         "speedup",
+        "all cores ms",
+        "vs all cores",
     )
     rows = [
         (
             r.shape.name,
             r.activation,
+            r.shared,
             r.ranks,
             f"{r.step_ms:.2f}",
+            "-" if r.no_overlap_ms is None else f"{r.no_overlap_ms:.2f}",
             f"{r.exchange_ms:.2f}",
             f"{r.share:.0%}",
             f"{r.single_ms:.2f}",
             f"{r.speedup:.2f}",
+            f"{r.all_cores_ms:.2f}",
+            f"{r.vs_all_cores:.2f}",
         )
         for r in results
     ]
@@ -307,16 +316,23 @@ def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> lis
     say(
         f"expert parallel over {topo.world_size} ranks ({torch.distributed.get_backend()}): "
         "each takes N/R of the shape's N tokens; "
-        "float32 forward+backward; times are the slowest rank's medians"
+        "float32 forward+backward; times are the slowest rank's medians; 'all cores': one "
+        f"process with {os.cpu_count()} threads on the whole batch"
     )
     results = []
     for shape in options.shapes:
         for activation in options.activations:
-            results.append(
-                bench_expert_parallel(
-                    shape, activation, topo, rounds=options.rounds, warmup=options.warmup
+            for shared in (0, 1):  # with a shared expert: overlapped with the exchange or not
+                results.append(
+                    bench_expert_parallel(
+                        shape,
+                        activation,
+                        topo,
+                        rounds=options.rounds,
+                        warmup=options.warmup,
+                        shared=shared,
+                    )
                 )
-            )
     say(format_ep_table(results))
     torch.distributed.destroy_process_group()
     return results

@@ -33,34 +33,46 @@ __all__ = ["DbrxBlock", "Experts", "Llama4Block", "LoraExperts", "ModuleExperts"
 class Experts:
     """A stacked experts module's forward on moekit (the experts backend's function); under
     expert parallelism (`hf.parallel.expert_parallel`: `parallel` set, the module holding this
-    rank's experts only) moekit's all-to-all dispatch sends each row to its expert's rank."""
+    rank's experts only) moekit's all-to-all dispatch sends each row to its expert's rank.
+    `lora` ({parameter name: (lhs, rhs, scaling)}, every expert's factors: `LoraExperts`)
+    adds the adapters' low-rank terms; under expert parallelism this rank's slice of them."""
 
     def __init__(self, experts: nn.Module) -> None:
         self.experts = experts
         self.parallel = None  # a moekit.parallel.ExpertParallel, once sharded
 
-    def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        if self.parallel is None:
-            return _run(self.experts, hidden_states, top_k_index, top_k_weights)
-        plan = make_plan(top_k_index, top_k_weights, self.parallel.num_experts)  # global ids
-        local = _LocalExperts(self.experts)
-        return self.parallel.dispatch(hidden_states, plan, local).to(hidden_states.dtype)
+    def __call__(
+        self,
+        hidden_states: Tensor,
+        top_k_index: Tensor,
+        top_k_weights: Tensor,
+        lora: dict | None = None,
+    ) -> Tensor:
+        ep = self.parallel
+        if ep is None:
+            return _run(self.experts, hidden_states, top_k_index, top_k_weights, lora=lora)
+        plan = make_plan(top_k_index, top_k_weights, ep.num_experts)  # global ids
+        if lora:  # the adapters hold all E experts' factors (replicated): this rank's e
+            mine = slice(ep.first_expert, ep.first_expert + ep.num_local)
+            lora = {name: (lhs[mine], rhs[mine], s) for name, (lhs, rhs, s) in lora.items()}
+        local = _LocalExperts(self.experts, lora)
+        return ep.dispatch(hidden_states, plan, local).to(hidden_states.dtype)
 
 
 class _LocalExperts:
     """This rank's experts as `ExpertParallel.dispatch` calls them: `dispatch(rows, plan)`
-    over the rows it received (moekit's kernels or the module's own gate), `w1` for the
-    compute dtype."""
+    over the rows it received (moekit's kernels or the module's own gate, plus any LoRA
+    terms), `w1` for the compute dtype."""
 
-    def __init__(self, experts: nn.Module) -> None:
-        self.experts, self.layout = experts, layout_of(experts)
+    def __init__(self, experts: nn.Module, lora: dict | None = None) -> None:
+        self.experts, self.layout, self.lora = experts, layout_of(experts), lora
 
     @property
     def w1(self) -> Tensor:
         return getattr(self.experts, self.layout.up_name)
 
     def dispatch(self, rows: Tensor, plan) -> Tensor:
-        return run_experts(self.experts, self.layout, rows, plan)
+        return run_experts(self.experts, self.layout, rows, plan, lora=self.lora)
 
 
 class LoraExperts:
@@ -87,6 +99,9 @@ class LoraExperts:
             if factors is not None:
                 lora[module.parameter_name] = factors
             module = module.base_layer
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, Experts):  # expert-parallel or not
+            return forward(hidden_states, top_k_index, top_k_weights, lora=lora)
         return _run(module, hidden_states, top_k_index, top_k_weights, lora=lora)
 
 

@@ -41,12 +41,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from .._extras import require
-from ..lm.checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
+from ..lm.checkpoint import decode_bytes, encode_bytes
 from ..lm.data import TokenData
 from ..lm.tracking import make_tracker
+from ..parallel import training as par
+from ..parallel.checkpoint import latest_sharded, load_sharded, save_sharded
 from .aux import switch_loss
+from .distributed import Sharded, all_reduce_sum, training_state
 from .patch import experts_of, holds_experts, patch_model, router_of
 from .routers import Router, attribute
 
@@ -56,7 +60,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("experts", "attention", "router")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class FinetuneConfig:
     progress: bool = True
     collapse_ratio: float = 4.0  # warn when a layer's max/mean expert load stays above this
     collapse_evals: int = 3  # ... for this many evaluations in a row
+    expert_parallel: int = 1  # R under torchrun: each group of R ranks shares out the experts
+    fsdp: bool = True  # under torchrun: FSDP2 for the dense parameters (False: DDP)
+    dist_timeout: float = 300.0  # seconds a step's collective waits for a dead or hung rank
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches"):
@@ -108,6 +115,12 @@ class FinetuneConfig:
             raise ValueError(f"--aux-loss must be family or moekit, got {self.aux_loss!r}")
         if self.router_bias_update is not None and not self.router_bias_update > 0:
             raise ValueError(f"--router-bias-update must be > 0, got {self.router_bias_update}")
+        if not isinstance(self.expert_parallel, int) or self.expert_parallel < 1:
+            raise ValueError(
+                f"--expert-parallel must be a positive integer, got {self.expert_parallel!r}"
+            )
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 @dataclass
@@ -116,6 +129,7 @@ class FinetuneResult:
     step: int
     evals: list[dict] = field(default_factory=list)
     final: Path | None = None
+    is_main: bool = True  # rank 0 (or one process): the rank that reports
 
 
 class ByteTokenizer:
@@ -247,14 +261,29 @@ def lora_targets(model: nn.Module, targets: tuple[str, ...]) -> tuple[list[str],
 
 
 class Finetuner:
-    """One run: the model, its adapter or parameters, the optimizer, data and streams."""
+    """One run: the model, its adapter or parameters, the optimizer, data and streams; under
+    torchrun one rank's part of it (`hf.distributed.Sharded`)."""
 
     def __init__(self, cfg: FinetuneConfig, resume: bool = False) -> None:
         self.cfg, self.out = cfg, Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.topo = par.init_distributed(
+            cfg.expert_parallel, "auto", cfg.dist_timeout, command="finetune"
+        )
+        self.is_main = self.topo is None or self.topo.is_main
+        if not self.is_main:  # rank 0 reports for all
+            logging.getLogger("moekit").setLevel(logging.ERROR)
+            require("transformers", "hf", "moekit finetune").utils.logging.disable_progress_bar()
+        world = 1 if self.topo is None else self.topo.world_size
+        if cfg.batch_size % world:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
+                f"{world} (each rank takes an equal slice of the global batch)"
+            )
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         model_dir = Path(cfg.model)
-        checkpoint = latest_checkpoint(self.out) if resume else None
-        if resume and checkpoint is None:
+        checkpoint = latest_sharded(self.out) if resume else None
+        if resume and checkpoint is None and self.is_main:
             log.warning("--resume: no valid checkpoint in %s, starting from scratch", self.out)
         torch.manual_seed(cfg.seed)
         self.model = load_model(model_dir, DTYPES[cfg.dtype])
@@ -274,9 +303,8 @@ class Finetuner:
             raise ValueError(f"{error} (--seq-len {cfg.seq_len}: give more data)") from error
         if cfg.lora_rank is not None:
             self.model = self._adapted(self.model)
-        self.model.train()
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=0.0)
+        self.device = torch.device("cpu") if self.topo is None else self.topo.device
+        self.model.to(self.device).train()
         self.routers = [
             m.__dict__["forward"]
             for m in self.model.modules()
@@ -285,13 +313,38 @@ class Finetuner:
         for router in self.routers:
             router.counts = torch.zeros(0)
         self.biases = self._correction_biases() if cfg.router_bias_update else {}
+        self.sharded = None if self.topo is None else Sharded(self.model, self.topo, cfg.fsdp)
+        self.step_model = self.model if self.sharded is None else self.sharded.step_model
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=0.0)
         self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.evals, self.load_history, self._collapsed = 0, [], [], {}
         self._losses: list[float] = []  # the step losses since the last evaluation
-        run_id = self._restore(checkpoint) if checkpoint is not None else None
+        run_id = self._restore(*checkpoint) if checkpoint is not None else None
         self.tracker = make_tracker(
-            cfg.track, self.out, "moekit-finetune", cfg.tracking_uri, run_id
+            cfg.track and self.is_main, self.out, "moekit-finetune", cfg.tracking_uri, run_id
         )
+        self._wait()  # rank 0's MLflow setup is not a step: no --dist-timeout on it
+
+    def _wait(self) -> None:
+        if self.topo is not None:
+            self.topo.wait()
+
+    def _param_groups(self) -> list[dict]:
+        """The trainable parameters: the stacked experts' (sharded under expert parallelism:
+        plain tensors) in a group apart from the others (FSDP2's DTensors), the same at any
+        world size, so a checkpoint's optimizer state fits any run."""
+        experts = {
+            id(p)
+            for m in self.model.modules()
+            if holds_experts(m) and (e := experts_of(m))
+            for p in e.parameters(recurse=False)
+        }
+        groups = [
+            [p for p in self.params.values() if (id(p) in experts) == kind]
+            for kind in (False, True)
+        ]
+        return [{"params": group} for group in groups if group]
 
     def _correction_biases(self) -> dict[str, tuple[Router, torch.Tensor]]:
         """{buffer name: (patched router, its correction bias [E])} for the aux-loss-free
@@ -323,9 +376,12 @@ class Finetuner:
     @torch.no_grad()
     def _update_biases(self, before: dict[str, torch.Tensor]) -> None:
         """DeepSeek-V3's aux-loss-free balancing: bias_e += rate * sign(mean load - load_e)
-        with the step's token counts of each router."""
-        for name, (router, bias) in self.biases.items():
-            load = router.counts.to(bias.device, torch.float32) - before[name]
+        with the step's token counts of each router (over the global batch)."""
+        loads = self._summed(
+            [router.counts.float() - before[name] for name, (router, _) in self.biases.items()]
+        )
+        for (_, bias), load in zip(self.biases.values(), loads, strict=True):
+            load = load.to(bias.device)
             if load.numel() == bias.numel():
                 bias.add_(
                     torch.sign(load.mean() - load).to(bias.dtype).view_as(bias),
@@ -350,46 +406,83 @@ class Finetuner:
         return model
 
     # --- checkpoints --------------------------------------------------------------------
-    def _restore(self, checkpoint) -> str | None:
-        tensors = self.params | {n: bias for n, (_, bias) in self.biases.items()}
-        differ = set(tensors) ^ set(checkpoint.model)
-        if differ:
+    def _tensors(self) -> dict:
+        """The training state for DCP: the trained tensors and correction biases, the
+        optimizer's state; the live tensors (DCP loads in place)."""
+        names = set(self.params) | set(self.biases)
+        if self.sharded is not None:
+            return self.sharded.state(self.optimizer, names)
+        return training_state(self.model, self.optimizer, names)
+
+    def _restore(self, path: Path, state: dict) -> str | None:
+        saved = set(state.get("tensors", ()))
+        mine = set(self.params) | set(self.biases)
+        if saved != mine:
             raise ValueError(
                 f"--resume: the checkpoint in {self.out} trains other tensors than this run "
-                f"(e.g. {sorted(differ)[:3]})"
+                f"(e.g. {sorted(saved ^ mine)[:3]})"
             )
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                tensor.copy_(checkpoint.model[name])
-        self.optimizer.load_state_dict(checkpoint.optimizer)
-        state = checkpoint.state
-        self.step, self.evals = checkpoint.step, state["evals"]
+        tensors = self._tensors()
+        load_sharded(path, tensors, self.topo)
+        if self.sharded is not None:
+            self.sharded.load(tensors, self.optimizer)
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+        self.step, self.evals = state["step"], state["evals"]
         self.load_history = state["expert_load"]
-        torch.set_rng_state(decode_bytes(state["rng"]["torch"]))
+        ranks = state["rng"]["torch_ranks"]
+        rank = 0 if self.topo is None else self.topo.rank
+        if len(ranks) == (1 if self.topo is None else self.topo.world_size):
+            torch.set_rng_state(decode_bytes(ranks[rank]))  # bitwise: each rank its own stream
+        else:  # another world size: rank 0's stream everywhere
+            torch.set_rng_state(decode_bytes(ranks[0]))
         self.data_gen.set_state(decode_bytes(state["rng"]["data"]))
-        log.warning("resumed from %s at step %d", checkpoint.path, self.step)
+        if self.is_main:
+            log.warning(
+                "resumed from %s at step %d (saved by %d ranks, expert-parallel %d)",
+                path,
+                self.step,
+                state.get("world_size", 1),
+                state.get("expert_parallel", 1),
+            )
         return state.get("mlflow_run_id")
 
     def save(self) -> Path:
+        """A checkpoint (`parallel.checkpoint.save_sharded`): every rank its pieces."""
         self.tracker.flush()
+        rng = encode_bytes(torch.get_rng_state())
+        ranks = [rng] if self.topo is None else par.all_gather_objects(rng, self.topo)
         state = {
             "config": asdict(self.cfg),
             "evals": self.evals,
             "expert_load": self.load_history,
-            "rng": {
-                "torch": encode_bytes(torch.get_rng_state()),
-                "data": encode_bytes(self.data_gen.get_state()),
-            },
+            "rng": {"torch_ranks": ranks, "data": encode_bytes(self.data_gen.get_state())},
             "mlflow_run_id": self.tracker.run_id,
+            "tensors": sorted(set(self.params) | set(self.biases)),
+            "world_size": 1 if self.topo is None else self.topo.world_size,
+            "expert_parallel": self.cfg.expert_parallel,
         }
-        tensors = {n: p.detach() for n, p in self.params.items()}
-        tensors |= {n: bias for n, (_, bias) in self.biases.items()}
-        return save_checkpoint(self.out, self.step, tensors, self.optimizer.state_dict(), state)
+        return save_sharded(self.out, self.step, self._tensors(), state, self.topo)
 
     # --- steps --------------------------------------------------------------------------
     def _batch(self, split: str, generator: torch.Generator) -> torch.Tensor:
+        """This rank's rows [B/N, T + 1] of the global batch every rank draws alike."""
         x, y = self.data.batch(split, self.cfg.batch_size, self.cfg.seq_len, generator)
-        return torch.cat([x, y[:, -1:]], dim=1)  # [B, T + 1]: the model shifts its labels
+        ids = torch.cat([x, y[:, -1:]], dim=1)  # [B, T + 1]: the model shifts its labels
+        if self.topo is not None:
+            rows = ids.shape[0] // self.topo.world_size
+            ids = ids[self.topo.rank * rows : (self.topo.rank + 1) * rows]
+        return ids.to(self.device)
+
+    def _summed(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Token counts of this rank -> of the global batch (one collective)."""
+        return tensors if self.topo is None else all_reduce_sum(tensors, self.topo.data_group)
+
+    def _mean(self, values: list[float]) -> list[float]:
+        """Per-rank means (of equal-sized slices) -> the global batch's."""
+        if self.topo is None:
+            return values
+        return par.all_reduce_mean(torch.tensor(values, dtype=torch.float64), self.topo).tolist()
 
     def _counts(self) -> dict[str, torch.Tensor]:
         return {
@@ -405,33 +498,36 @@ class Finetuner:
                 "--aux-loss moekit: this model does not return one router-logits tensor per "
                 "patched router (use --aux-loss family)"
             )
-        counts = [
-            r.counts.float() - b if b.numel() else r.counts.float()
-            for r, b in zip(self.routers, before, strict=True)
-        ]
+        counts = self._summed(
+            [
+                r.counts.float() - b if b.numel() else r.counts.float()
+                for r, b in zip(self.routers, before, strict=True)
+            ]
+        )
         return switch_loss([layer.reshape(-1, layer.shape[-1]) for layer in logits], counts)
 
     def train_step(self) -> dict[str, float]:
         before = self._counts()
         router_counts = [r.counts.float().clone() for r in self.routers]
         ids = self._batch("train", self.data_gen)
-        out = self.model(input_ids=ids, labels=ids)
-        total, metrics = out.loss, {}
+        out = self.step_model(input_ids=ids, labels=ids)
+        total, aux = out.loss, getattr(out, "aux_loss", None)
         if self.cfg.aux_loss == "moekit":
             aux = self._moekit_aux(out, router_counts)
             total = total + self.aux_coef * aux
-            metrics["aux_loss"] = float(aux)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        loss = out.loss.item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {self.step}: non-finite loss {loss}")
+        if self.sharded is not None:
+            self.sharded.finish_grads()
+        values = self._mean([out.loss.item()] + ([] if aux is None else [aux.detach().item()]))
+        if not math.isfinite(values[0]):  # the same on every rank: all stop together
+            raise FloatingPointError(f"step {self.step}: non-finite loss {values[0]}")
         self.optimizer.step()
         if self.biases:
             self._update_biases(before)
-        metrics["loss"] = loss
-        if getattr(out, "aux_loss", None) is not None and "aux_loss" not in metrics:
-            metrics["aux_loss"] = float(out.aux_loss)
+        metrics = {"loss": values[0]}
+        if aux is not None:
+            metrics["aux_loss"] = values[1]
         return metrics
 
     @torch.no_grad()
@@ -439,10 +535,14 @@ class Finetuner:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         self.model.eval()
         try:
-            losses = [
-                self.model(input_ids=(ids := self._batch("val", generator)), labels=ids).loss.item()
-                for _ in range(self.cfg.eval_batches)
-            ]
+            losses = self._mean(
+                [
+                    self.step_model(
+                        input_ids=(ids := self._batch("val", generator)), labels=ids
+                    ).loss.item()
+                    for _ in range(self.cfg.eval_batches)
+                ]
+            )
         finally:
             self.model.train()
         train, self._losses = self._losses, []
@@ -457,8 +557,9 @@ class Finetuner:
         """Per MoE layer, from the tokens the patched routers counted since the last call:
         max/mean expert load, the load's entropy over log E; a warning on collapse."""
         metrics, loads = {}, []
-        for layer, router in enumerate(self.routers):
-            counts, router.counts = router.counts, torch.zeros(0)
+        summed = self._summed([router.counts for router in self.routers])
+        for layer, (router, counts) in enumerate(zip(self.routers, summed, strict=True)):
+            router.counts = torch.zeros(0)
             if counts.numel() == 0 or counts.sum() == 0:
                 continue
             share = counts.double() / counts.sum()  # [E]
@@ -488,9 +589,11 @@ class Finetuner:
         if self.step == 0:
             self.tracker.log_params({k: v for k, v in asdict(cfg).items()})
         tokens = cfg.batch_size * cfg.seq_len
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not cfg.progress)
+        show = cfg.progress and self.is_main
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not show)
         status = "FAILED"
         try:
+            self._wait()
             while self.step < cfg.steps:
                 tic = time.perf_counter()
                 metrics = self.train_step()
@@ -505,30 +608,68 @@ class Finetuner:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
                     record = self.evaluate()
                     self.tracker.log_metrics(record, step=self.step)
-                    bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}")
+                    if show:
+                        bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}")
                     self.save()
             final = self.write_final()
-            self.write_reports()
+            if self.is_main:
+                self.write_reports()
+            self._wait()
             status = "FINISHED"
+        except RuntimeError as err:
+            if self.topo is None:
+                raise
+            raise RuntimeError(
+                f"rank {self.topo.rank} of {self.topo.world_size}, step {self.step}: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__} (a collective "
+                f"that fails, or waits past --dist-timeout {cfg.dist_timeout:g} s, means another "
+                f"rank died or hung; --resume continues from the newest complete checkpoint in "
+                f"{self.out})"
+            ) from err
         finally:
             bar.close()
             self.tracker.close(status)
-        return FinetuneResult(self.out, self.step, self.evals, final)
+        return FinetuneResult(self.out, self.step, self.evals, final, self.is_main)
 
     def write_final(self) -> Path:
-        final = self.out / "final"
-        self.model.save_pretrained(final)
-        if self.biases and self.cfg.lora_rank is not None:  # buffers: not in a PEFT adapter
+        """`<out>/final` (and `<out>/merged`) by rank 0: the PEFT adapter or the whole model,
+        its tensors gathered from the ranks (a collective under torchrun)."""
+        final, lora = self.out / "final", self.cfg.lora_rank is not None
+        state = None if self.sharded is None else self.sharded.full_state(trainable_only=lora)
+        if not self.is_main:
+            return final
+        self.model.save_pretrained(final, **({} if state is None else {"state_dict": state}))
+        if not lora and self.sharded is not None:  # FSDP2 renames the class: the config's name
+            self.model.config.architectures = [_plain_class(self.model).__name__]
+            self.model.config.save_pretrained(final)
+        if self.biases and lora:  # buffers: not in a PEFT adapter
             from safetensors.torch import save_file
 
             biases = {n: b.detach().contiguous().cpu() for n, (_, b) in self.biases.items()}
             save_file(biases, final / "router_biases.safetensors")
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(final)
-        if self.cfg.merge and self.cfg.lora_rank is not None:
-            merged = self.model.merge_and_unload()
-            merged.save_pretrained(self.out / "merged")
+        if self.cfg.merge and lora:
+            self._write_merged(final)
         return final
+
+    def _write_merged(self, final: Path) -> None:
+        """`<out>/merged`: the base model reloaded with the saved adapter (and router biases)
+        merged in, so it needs no tensor of this run's sharded model."""
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        base = load_model(Path(self.cfg.model), DTYPES[self.cfg.dtype])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
+        biases = final / "router_biases.safetensors"
+        if biases.is_file():
+            with torch.no_grad():
+                for name, value in load_file(biases).items():
+                    name = name.removeprefix("base_model.model.")
+                    merged.get_buffer(name).copy_(value)
+        merged.save_pretrained(self.out / "merged")
 
     def write_reports(self) -> None:
         from ..plots import plot_expert_load, plot_losses
@@ -543,6 +684,13 @@ class Finetuner:
             paths.append(plot_expert_load(steps, loads, self.out / "expert_load.png"))
         for path in paths:
             self.tracker.log_artifact(path)
+
+
+def _plain_class(model: nn.Module) -> type:
+    """The model's own class under the subclass FSDP2's `fully_shard` gives it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:

@@ -7,7 +7,10 @@ every MoE block; moekit's all-to-all dispatch (`moekit.parallel.ExpertParallel`,
 Call it on the same full model on every rank (same weights: load or seed alike) after
 `patch_model`; rank r keeps experts r*E/R .. (r+1)*E/R - 1 of each block (a copy: the full
 tensors are released). Routers, shared experts and every other parameter stay replicated:
-average their gradients over the data-parallel ranks as for any data-parallel model.
+average their gradients over the data-parallel ranks as for any data-parallel model. PEFT LoRA
+adapters on the experts (`target_parameters`) stay whole and replicated too (E * r * (in + out)
+numbers a weight): each rank computes the terms of its own experts, so their gradients are zero
+outside its slice and averaging them over the ranks is right.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ def expert_parallel(
 
     Raises:
         ValueError: a block that holds experts but is not patched, one whose experts are not
-            stacked on transformers' interface (Llama 4, DBRX, Switch), PEFT-wrapped experts,
-            E not divisible by R, or a model with no MoE block: never a silent no-op.
+            stacked on transformers' interface (Llama 4, DBRX, Switch), E not divisible by R,
+            or a model with no MoE block: never a silent no-op.
     """
     group = process_group(group)
     size, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -68,10 +71,6 @@ def expert_parallel(
                 else f"its experts are not stacked transformers experts (block {kind.block!r})"
             )
             raise ValueError(f"expert_parallel: {name} {why}")
-        if block.experts is not experts_of(block):
-            raise ValueError(
-                f"expert_parallel: {name}: PEFT adapters on sharded experts are not supported yet"
-            )
         if forward.parallel is not None:
             raise ValueError(f"expert_parallel: {name} is already expert-parallel")
         num_experts = experts_of(block).down_proj.shape[0]

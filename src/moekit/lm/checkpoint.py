@@ -4,7 +4,7 @@ A checkpoint is a directory `ckpt-<step>` holding
   model.safetensors      the model's state dict
   optimizer.safetensors  the optimizer's per-parameter state, flattened as state.<i>.<key>
   state.json             config, tokenizer, step, RNG states, history, optimizer param groups
-  manifest.json          sha256 and size of the three files above, written last
+  manifest.json          sha256 and size of the files above, written last (`publish`)
 It is written under a temporary name in the same directory, flushed, then renamed in one step,
 so a crash leaves either the complete checkpoint or none. Loading verifies the manifest; a
 truncated or altered checkpoint raises `CheckpointError`, and `latest_checkpoint` falls back to
@@ -118,15 +118,23 @@ def save_checkpoint(
     optim_tensors, groups = _flatten_optimizer(optimizer_state)
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}))
-    # 2. the manifest, last: a checkpoint without a valid manifest is incomplete
+    return publish(tmp, final, keep)
+
+
+def publish(tmp: Path, final: Path, keep: int = 2) -> Path:
+    """Seal the checkpoint written in directory `tmp` and publish it as `final` (a
+    `ckpt-<step>` beside it): a manifest of every file in it (sha256 and size), written last
+    and flushed with them, then one rename; older checkpoints beyond the `keep` newest and
+    leftovers of killed writers are removed."""
+    run_dir = final.parent
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
     manifest = {
-        name: {"sha256": _digest(tmp / name), "bytes": (tmp / name).stat().st_size}
-        for name in FILES
+        str(p.relative_to(tmp)): {"sha256": _digest(p), "bytes": p.stat().st_size} for p in files
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for name in (*FILES, "manifest.json"):
-        _fsync(tmp / name)
-    # 3. one rename publishes it (an older copy of the same step is moved aside first)
+    for path in (*files, tmp / "manifest.json"):
+        _fsync(path)
+    # one rename publishes it (an older copy of the same step is moved aside first)
     if final.exists():
         stale = run_dir / f".stale-{final.name}-{os.getpid()}"
         os.replace(final, stale)
@@ -152,16 +160,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
 
 
-def verify(path: Path) -> None:
-    """Raise CheckpointError unless every file matches the manifest."""
+def verify(path: Path, required: tuple[str, ...] = FILES) -> None:
+    """Raise CheckpointError unless the `required` files are there and every file matches
+    the manifest."""
     try:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: missing or unreadable manifest ({err})") from err
-    for name in FILES:
-        entry = manifest.get(name) if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: the manifest is not a table of files")
+    for name in (*required, *(n for n in manifest if n not in required)):
+        entry = manifest.get(name)
         file = path / name
-        if not entry or not file.exists():
+        if not isinstance(entry, dict) or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if file.stat().st_size != entry.get("bytes") or _digest(file) != entry.get("sha256"):
             raise CheckpointError(

@@ -378,7 +378,7 @@ class Trainer:
         if self.is_main:
             path = self._write_checkpoint(model_state, optimizer_state, rng)
         if self.topo is not None:
-            torch.distributed.barrier(group=self.topo.data_group)
+            self.topo.wait()  # rank 0's write is not a step: no --dist-timeout on it
         return path
 
     def _write_checkpoint(self, model_state: dict, optimizer_state: dict, rng: dict) -> Path:
@@ -431,6 +431,8 @@ class Trainer:
         )
         checkpoint, status = None, "FAILED"
         try:
+            if self.topo is not None:
+                self.topo.wait()  # rank 0's MLflow setup is not a step: no --dist-timeout on it
             while self.step < cfg.max_iters:
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters - 1:
                     record = self.evaluate()

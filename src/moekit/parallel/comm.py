@@ -3,6 +3,11 @@
 all_to_all   rows [sum(in_splits), ...] -> [sum(out_splits), ...] with uneven splits and autograd:
              the backward is the mirror exchange (splits swapped), run by every rank, also one
              that sends or receives no rows (its empty tensors stay on the graph).
+all_to_all_start / all_to_all_wait
+             the same exchange in two halves, for overlap: start it, run other work (the shared
+             experts), wait for it; the backward overlaps the same way (the gradients'
+             exchange starts in `wait`'s backward and is waited for in `start`'s, and autograd
+             runs the work recorded in between, the other work's backward, meanwhile).
 """
 
 from __future__ import annotations
@@ -68,3 +73,65 @@ def all_to_all(
         gradients back the way the rows came).
     """
     return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class Pending:
+    """An exchange in flight: what `all_to_all_start` returns, `all_to_all_wait` takes."""
+
+    def __init__(self, out_splits: list[int], in_splits: list[int], group) -> None:
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.work = None  # the forward's exchange, then the backward's
+        self.grad: Tensor | None = None  # the backward's receive buffer
+
+
+def _start(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple[Tensor, object]:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    work = dist.all_to_all_single(
+        out, x.contiguous(), out_splits, in_splits, group=group, async_op=True
+    )
+    return out, work
+
+
+class _Start(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, pending: Pending) -> Tensor:
+        ctx.pending = pending
+        out, pending.work = _start(x, pending.out_splits, pending.in_splits, pending.group)
+        return out  # filled once the exchange completes: read it through _Wait only
+
+    @staticmethod
+    def backward(ctx, _unused: Tensor):
+        pending = ctx.pending
+        pending.work.wait()  # the gradients' exchange `_Wait.backward` started
+        return pending.grad, None
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, pending: Pending) -> Tensor:
+        ctx.pending = pending
+        pending.work.wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pending = ctx.pending
+        # the rows came from where their gradients go back to: start the reverse exchange
+        pending.grad, pending.work = _start(
+            grad, pending.in_splits, pending.out_splits, pending.group
+        )
+        return grad.new_zeros(()).expand(grad.shape), None  # unused by _Start.backward
+
+
+def all_to_all_start(
+    x: Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup
+) -> tuple[Tensor, Pending]:
+    """Start `all_to_all(x, out_splits, in_splits, group)`; returns (its output, not yet
+    valid, and the exchange in flight) for `all_to_all_wait`."""
+    pending = Pending(out_splits, in_splits, group)
+    return _Start.apply(x, pending), pending
+
+
+def all_to_all_wait(out: Tensor, pending: Pending) -> Tensor:
+    """The started exchange's output, once it has arrived (differentiable)."""
+    return _Wait.apply(out, pending)

@@ -12,6 +12,8 @@ On every rank, for tokens x [N, d] (its own slice of the global batch):
 The backward runs the mirror exchanges. Capacity is counted per sending rank: rank r keeps at
 most ceil(capacity_factor * N_r * k / E) of its pairs per expert, so an expert receives at most
 R times that; the layer under EP equals the full layer applied to each rank's slice.
+A layer with shared experts computes them while its rows travel to their experts in step 3
+(and their backward while the rows' gradients travel back): `overlap` (on by default).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..experts import ExpertBank, compute_dtype
 from ..layers import MoE
 from ..routing import ExpertChoiceRouter
 from ..soft import SoftMoE
-from .comm import all_to_all, process_group
+from .comm import all_to_all, all_to_all_start, all_to_all_wait, process_group
 
 
 def _transpose_blocks(sizes: Tensor, total: int) -> Tensor:
@@ -52,6 +54,8 @@ class ExpertParallel:
         data_group: The ranks whose counts make the layer's statistics and balancing loss
             (all ranks that see distinct tokens); None: the default group.
         num_experts: E, global.
+
+    `overlap` (True): run the layer's shared experts during the rows' exchange (False: after).
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ExpertParallel:
         self.num_experts = num_experts
         self.num_local = num_experts // self.size
         self.first_expert = self.rank * self.num_local
+        self.overlap = True
 
     def __deepcopy__(self, memo) -> ExpertParallel:  # a copy of a model talks to the same ranks
         return self
@@ -74,10 +79,17 @@ class ExpertParallel:
         dist.all_reduce(t, group=self.data_group)
         return t
 
-    def dispatch(self, x: Tensor, plan: DispatchPlan, experts: nn.Module) -> Tensor:
-        """Tokens x [N, d] -> [N, d]: each row computed by its expert's owner rank."""
+    def dispatch(
+        self, x: Tensor, plan: DispatchPlan, experts: nn.Module, alongside=None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Tokens x [N, d] -> [N, d]: each row computed by its expert's owner rank.
+
+        `alongside`: a function of no arguments (the shared experts on x) run while the rows
+        travel to their experts (and its backward while their gradients travel back); then
+        returns (the experts' output, its result)."""
         if self.size == 1:  # data parallelism only: the single-process path
-            return experts.dispatch(x, plan)
+            out = experts.dispatch(x, plan)
+            return out if alongside is None else (out, alongside())
         rows = permute(x.to(compute_dtype(x, experts.w1)), plan)  # [M, d] owner-rank order
         if torch.is_grad_enabled() and not rows.requires_grad:
             # every rank must run the backward exchanges, also one whose input needs no grad
@@ -87,7 +99,12 @@ class ExpertParallel:
         recv_splits = recv_counts.sum(1)
         splits = torch.cat([send_splits, recv_splits]).tolist()  # the one host read
         send_splits, recv_splits = splits[: self.size], splits[self.size :]
-        received = all_to_all(rows, recv_splits, send_splits, self.group)  # [M_recv, d]
+        if alongside is None:
+            received = all_to_all(rows, recv_splits, send_splits, self.group)  # [M_recv, d]
+        else:  # overlapped: the exchange runs while `alongside` computes
+            received, pending = all_to_all_start(rows, recv_splits, send_splits, self.group)
+            side = alongside()
+            received = all_to_all_wait(received, pending)
         # the local experts read the received rows in expert-major order and write each result
         # back to its row's place: a dispatch whose "tokens" are the received rows
         total = sum(recv_splits)
@@ -99,7 +116,8 @@ class ExpertParallel:
         )
         out = experts.dispatch(received, regroup)  # [M_recv, d], blocks by source rank
         back = all_to_all(out, send_splits, recv_splits, self.group)  # [M, d]
-        return unpermute(back, plan, x.shape[0])  # [N, d]
+        out = unpermute(back, plan, x.shape[0])  # [N, d]
+        return out if alongside is None else (out, side)
 
     def _exchange_counts(self, group_sizes: Tensor) -> tuple[Tensor, Tensor]:
         """(rows this rank sends to each rank's local experts, rows it receives from each rank

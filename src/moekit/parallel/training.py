@@ -36,20 +36,35 @@ class Topology:
     ep_group: ProcessGroup  # the R consecutive ranks that share out the experts
     replica_group: ProcessGroup | None  # ranks holding the same experts (None when N == R)
     data_group: ProcessGroup  # all N ranks, for counts and losses (its own communicator)
+    # all N ranks on gloo with the I/O timeout: waiting while rank 0 writes (tracking,
+    # checkpoints, the final model), small objects (RNG states)
+    control_group: ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def wait(self) -> None:
+        """Wait for every rank, under the I/O timeout: after work one rank does alone (rank
+        0's MLflow setup, a checkpoint's manifest) that may take longer than --dist-timeout,
+        which bounds the steps' collectives."""
+        dist.barrier(group=self.control_group)
 
-def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Topology | None:
+
+IO_TIMEOUT_S = 1800.0  # the least time rank 0 gets for what it writes alone (Topology.wait)
+
+
+def init_distributed(
+    expert_parallel: int, device: str, timeout_s: float, command: str = "train"
+) -> Topology | None:
     """Join the torchrun job this process belongs to; None for a single process.
 
     Args:
         expert_parallel: R, the expert-parallel group size; divides the number of ranks.
         device: "auto", "cpu" or "cuda" (each rank uses its LOCAL_RANK GPU, with NCCL).
-        timeout_s: Process-group timeout: a collective waiting longer (a peer died or hung)
-            raises instead of hanging.
+        timeout_s: Process-group timeout of the steps' collectives: one waiting longer (a
+            peer died or hung) raises instead of hanging. Waits for rank 0's I/O
+            (`Topology.wait`) get max(timeout_s, IO_TIMEOUT_S); a dead peer fails them at once.
 
     Raises:
         ValueError: R > 1 without torchrun, or R not dividing the number of ranks.
@@ -59,7 +74,7 @@ def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Top
         if expert_parallel != 1:
             raise ValueError(
                 f"--expert-parallel {expert_parallel} needs {expert_parallel} or more processes: "
-                f"launch with torchrun --nproc-per-node {expert_parallel} -m moekit train ..."
+                f"launch with torchrun --nproc-per-node {expert_parallel} -m moekit {command} ..."
             )
         return None
     if expert_parallel < 1 or world_size % expert_parallel:
@@ -72,9 +87,12 @@ def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Top
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     timeout = datetime.timedelta(seconds=timeout_s)
-    if not dist.is_initialized():
+    io_timeout = datetime.timedelta(seconds=max(timeout_s, IO_TIMEOUT_S))
+    if not dist.is_initialized():  # ranks join as they start: the I/O timeout, not the steps'
         dist.init_process_group(
-            "nccl" if use_cuda else "gloo", timeout=timeout, device_id=dev if use_cuda else None
+            "nccl" if use_cuda else "gloo",
+            timeout=io_timeout,
+            device_id=dev if use_cuda else None,
         )
     rank = dist.get_rank()
     r = expert_parallel
@@ -88,12 +106,16 @@ def init_distributed(expert_parallel: int, device: str, timeout_s: float) -> Top
             [list(range(i, world_size, r)) for i in range(r)], timeout=timeout
         )
     data_group = dist.new_group(list(range(world_size)), timeout=timeout)
-    return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group)
+    control = dist.new_group(list(range(world_size)), timeout=io_timeout, backend="gloo")
+    return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group, control)
 
 
-def sync_expert_grads(model: nn.Module, topo: Topology) -> None:
-    """Sum each expert shard's gradient over its replicas and divide by N, in one collective."""
-    sharded = sharded_parameters(model)
+def sync_expert_grads(
+    model: nn.Module, topo: Topology, sharded: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """Sum each expert shard's gradient over its replicas and divide by N, in one collective.
+    `sharded`: {name: (first expert, E)} of the shards (default: the model's MoE layers')."""
+    sharded = sharded_parameters(model) if sharded is None else sharded
     params = dict(model.named_parameters())
     grads = [params[name].grad for name in sharded if params[name].grad is not None]
     if not grads:
@@ -119,7 +141,7 @@ def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
     return (sq[0] + expert_sq).sqrt()
 
 
-def _gather_experts(t: Tensor, group: ProcessGroup) -> Tensor:
+def gather_experts(t: Tensor, group: ProcessGroup) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts)  # [E, ...] in expert order
@@ -129,7 +151,7 @@ def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, Tensor]:
     """The model's state dict in the single-process layout (a collective over the EP group)."""
     state = {name: t.detach() for name, t in model.state_dict().items()}
     for name in sharded_parameters(model):
-        state[name] = _gather_experts(state[name], topo.ep_group)
+        state[name] = gather_experts(state[name], topo.ep_group)
     return state
 
 
@@ -148,7 +170,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, top
     for index, entry in state["state"].items():
         if names[index] in sharded:
             entry = {
-                key: _gather_experts(v, topo.ep_group) if _per_expert(v) else v
+                key: gather_experts(v, topo.ep_group) if _per_expert(v) else v
                 for key, v in entry.items()
             }
         gathered[index] = entry
@@ -177,7 +199,7 @@ def _per_expert(v: object) -> bool:
 def all_gather_objects(obj: object, topo: Topology) -> list:
     """`obj` of every rank, in rank order (pickled; for small things such as RNG states)."""
     out = [None] * topo.world_size
-    dist.all_gather_object(out, obj, group=topo.data_group)
+    dist.all_gather_object(out, obj, group=topo.control_group)
     return out
 
 

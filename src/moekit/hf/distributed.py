@@ -1,0 +1,193 @@
+"""Data- and expert-parallel training of patched transformers models (`moekit finetune` under
+torchrun): N ranks, expert-parallel groups of R consecutive ranks (`parallel.training.Topology`).
+
+    Sharded(model, topo, fsdp=True)   shard the model in place
+      .step_model                     what the training forward calls (the model, or its DDP)
+      .finish_grads()                 after backward: the expert shards' gradients synced
+      .state(optimizer) / .load(...)  the training state for torch.distributed.checkpoint
+      .full_state()                   the model's whole state dict, gathered (rank 0 writes it)
+
+R > 1   every patched block's experts sharded over the EP group (`hf.parallel.expert_parallel`:
+        moekit's all-to-all dispatch) and replicated N/R times; their gradients summed over the
+        replicas and divided by N (`sync_expert_grads`). They are left out of FSDP/DDP.
+R = 1   no expert parallelism: the experts are parameters like the others.
+dense   every other parameter (with R = 1 every parameter) sharded by FSDP2 (`fully_shard`
+        per decoder layer, then the root) over all N ranks, or replicated by DDP; averaged
+        gradients. LoRA factors are dense: whole on each rank between steps (FSDP2 shards them).
+
+Checkpoints: each tensor as a DTensor of its global shape: FSDP2's as they are, an expert shard
+Shard(0) over the EP group and Replicate over the replicas (a [N/R, R] mesh), so DCP writes each
+piece once and reads it back at any N and R (or in one process: plain tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..parallel import training as par
+from .parallel import expert_parallel, sharded_parameters
+
+__all__ = ["Sharded", "all_reduce_sum", "decoder_layers", "training_state"]
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, FSDP2's units: the modules whose class transformers names
+    in `_no_split_modules` (a decoder layer), else the modules of the largest ModuleList."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if found:
+        return found
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def fsdp_units(model: nn.Module, ignored: set[nn.Parameter]) -> list[nn.Module]:
+    """FSDP2's units below the root, innermost first: each decoder layer, and before it every
+    module whose own parameters have another dtype than the rest of its layer (a router kept in
+    float32 in a bfloat16 model: FSDP2 wants one dtype a unit)."""
+    units = []
+    for layer in decoder_layers(model):
+        sizes: dict[torch.dtype, int] = {}
+        for p in layer.parameters():
+            if p not in ignored:
+                sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        if len(sizes) > 1:
+            main = max(sizes, key=sizes.get)
+            units += [
+                m
+                for m in layer.modules()
+                if any(p.dtype != main and p not in ignored for p in m.parameters(recurse=False))
+            ]
+        units.append(layer)
+    return units
+
+
+class Sharded:
+    """`model` (patched, adapters added) sharded over `topo`'s ranks, in place; see the module
+    docstring."""
+
+    def __init__(self, model: nn.Module, topo: par.Topology, fsdp: bool = True) -> None:
+        self.model, self.topo, self.fsdp = model, topo, fsdp
+        self.experts: dict[str, tuple[int, int]] = {}  # {name: (first expert, E)} EP shards
+        if topo.expert_parallel > 1:
+            expert_parallel(model, topo.ep_group, data_group=topo.data_group)
+            self.experts = sharded_parameters(model)
+        params = dict(model.named_parameters())
+        ignored = {params[name] for name in self.experts}
+        device = topo.device.type
+        self.data_mesh = _mesh([topo.data_group], device, topo.world_size)
+        self.expert_mesh = None
+        if self.experts:
+            groups = [g for g in (topo.replica_group, topo.ep_group) if g is not None]
+            self.expert_mesh = _mesh(groups, device, topo.world_size, topo.expert_parallel)
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for unit in [*fsdp_units(model, ignored), model]:
+                fully_shard(unit, mesh=self.data_mesh, ignored_params=ignored)
+            self.step_model = model
+        else:
+            self.step_model = _ddp(model, topo, list(self.experts))
+
+    def finish_grads(self) -> None:
+        """The expert shards' gradients summed over their replicas, / N (FSDP2 and DDP average
+        the others over the N ranks during the backward)."""
+        if self.experts:
+            par.sync_expert_grads(self.model, self.topo, self.experts)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _global(self, name: str, t: Tensor) -> Tensor:
+        """An expert shard (or its optimizer state) as the DTensor of all E experts."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if name not in self.experts or not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        mesh = self.expert_mesh
+        placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
+        _, num_experts = self.experts[name]
+        shape = (num_experts, *t.shape[1:])
+        stride = torch.empty(0).new_empty(shape).stride()
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    def state(self, optimizer: torch.optim.Optimizer, names: set[str]) -> dict:
+        return training_state(self.model, optimizer, names, self._global)
+
+    def load(self, state: dict, optimizer: torch.optim.Optimizer) -> None:
+        """After `dcp.load` filled `state` (from `state()`) in place: into the optimizer (the
+        model's tensors were filled where they live)."""
+        optim = dict(state["optimizer"])
+        optim["state"] = {
+            n: {k: v.to_local() if n in self.experts and k != "step" else v for k, v in e.items()}
+            for n, e in optim["state"].items()
+        }
+        set_optimizer_state_dict(self.model, optimizer, optim)
+
+    def full_state(self, trainable_only: bool = False) -> dict[str, Tensor]:
+        """The model's state dict with every tensor whole, on the CPU (a collective: every
+        rank calls it; rank 0 gets the tensors, the others an empty dict); `trainable_only`:
+        without the frozen parameters (an adapter's run)."""
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+        )
+        state = get_model_state_dict(self.model, options=options)
+        for name in self.experts:
+            local = self.model.get_parameter(name)
+            if local.requires_grad or not trainable_only:
+                state[name] = par.gather_experts(local.detach(), self.topo.ep_group).cpu()
+        return state if self.topo.is_main else {}
+
+
+def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
+    """Each tensor summed over `group`'s ranks, in one collective (new tensors)."""
+    if not tensors:
+        return []
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors([t.float() for t in tensors])
+    dist.all_reduce(flat, group=group)
+    return list(_unflatten_dense_tensors(flat, [t.float() for t in tensors]))
+
+
+def _mesh(groups: list, device: str, world: int, inner: int | None = None):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if len(groups) == 1:
+        return DeviceMesh.from_group(groups[0], device)
+    ranks = torch.arange(world).reshape(world // inner, inner)  # [replica, ep]
+    return DeviceMesh.from_group(groups, device, mesh=ranks, mesh_dim_names=("replica", "ep"))
+
+
+def _ddp(model: nn.Module, topo: par.Topology, ignored: list[str]) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [topo.device.index] if topo.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
+
+
+def training_state(model: nn.Module, optimizer, names: set[str], wrap=None) -> dict:
+    """{"model": the tensors named `names`, "optimizer": its state by parameter name} as
+    torch.distributed.state_dict gives them (FSDP2's DTensors; plain tensors in one process),
+    expert shards made global by `wrap(name, tensor)`. The tensors are the live ones: DCP
+    loads in place."""
+    wrap = wrap or (lambda name, t: t)
+    tensors = get_model_state_dict(model)
+    missing = names - set(tensors)
+    if missing:
+        raise KeyError(f"not in the model's state dict: {sorted(missing)[:3]}")
+    model_state = {n: wrap(n, tensors[n]) for n in sorted(names)}
+    optim = get_optimizer_state_dict(model, optimizer)
+    optim["state"] = {
+        n: {k: wrap(n, v) for k, v in entry.items()} for n, entry in optim["state"].items()
+    }
+    return {"model": model_state, "optimizer": optim}

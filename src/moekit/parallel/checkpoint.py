@@ -1,0 +1,104 @@
+"""Sharded checkpoints: torch.distributed.checkpoint (DCP) under the run's `ckpt-<step>` names.
+
+A checkpoint is a directory `ckpt-<step>` holding
+  dcp/             DCP's files: each rank writes its pieces of the tensors (`__<rank>_0.distcp`),
+                   `.metadata` maps every tensor's global shape to the pieces
+  state.json       everything else (config, step, RNG states, history), written by rank 0
+  manifest.json    sha256 and size of every file, written last (`lm.checkpoint.publish`)
+Every rank writes into `.tmp-ckpt-<step>-dcp`; after all have, rank 0 seals and renames it, so
+a job killed at any point leaves the previous checkpoints and no half-written `ckpt-` directory.
+The tensors are DTensors of their global shape (or plain tensors in one process), so a
+checkpoint written by N ranks at expert-parallel size R loads at any other N and R.
+
+    save_sharded(run_dir, step, tensors, state, topo, keep)  -> the checkpoint's path
+    latest_sharded(run_dir) -> (path, state) | None          the newest that verifies
+    load_sharded(path, tensors, topo)                        DCP fills `tensors` in place
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from ..lm.checkpoint import CheckpointError, list_checkpoints, publish, verify
+from .training import Topology
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("state.json", "dcp/.metadata")
+
+
+def save_sharded(
+    run_dir: Path, step: int, tensors: dict, state: dict, topo: Topology | None, keep: int = 2
+) -> Path:
+    """Write checkpoint `ckpt-<step>` (a collective under torchrun: every rank calls it).
+
+    Args:
+        tensors: A (nested) dict of tensors and DTensors (`hf.distributed.training_state`).
+        state: JSON-serialisable; rank 0's is written.
+    """
+    main = topo is None or topo.is_main
+    final = run_dir / f"ckpt-{step:08d}"
+    tmp = run_dir / f".tmp-ckpt-{step:08d}-dcp"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if topo is not None:
+        topo.wait()
+    group = None if topo is None else topo.control_group
+    with _quiet():
+        dcp.save(tensors, checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=topo is None)
+    if topo is not None:
+        topo.wait()  # every rank's pieces are on disk
+    if main:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        publish(tmp, final, keep)
+    if topo is not None:
+        topo.wait()
+    return final
+
+
+def latest_sharded(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest sharded checkpoint of a run that verifies, with its state; corrupt or
+    incomplete ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify(path, REQUIRED)
+            return path, json.loads((path / "state.json").read_text())
+        except (CheckpointError, ValueError) as err:
+            log.warning("skipping %s", err)
+    return None
+
+
+def load_sharded(path: Path, tensors: dict, topo: Topology | None) -> None:
+    """Fill `tensors` (the same structure `save_sharded` wrote, at this run's sharding) from
+    checkpoint `path`, in place.
+
+    Raises:
+        CheckpointError: the checkpoint holds other tensors, or of other shapes.
+    """
+    group = None if topo is None else topo.control_group
+    try:
+        with _quiet():
+            dcp.load(
+                tensors, checkpoint_id=str(path / "dcp"), process_group=group, no_dist=topo is None
+            )
+    except (RuntimeError, ValueError, KeyError) as err:  # DCP's CheckpointException: RuntimeError
+        raise CheckpointError(
+            f"checkpoint {path}: does not fit this run's tensors ({str(err).splitlines()[0]})"
+        ) from err
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP in one process warns that it assumes one process: that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield

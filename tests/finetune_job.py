@@ -1,0 +1,70 @@
+"""One rank of distributed fine-tunes, launched by test_finetune_parallel.py (torchrun, or plain
+processes with RANK/WORLD_SIZE set): several runs in one launch, one process group.
+
+    python finetune_job.py RUNS_JSON
+
+RUNS_JSON: a list of {"config": FinetuneConfig's fields, "resume": bool, "shards": bool,
+"fault": {"rank": r, "at": step, "kind": "kill" | "hang"}}. With "shards", every rank writes
+its expert shards as built (before any step) to <out>/shards-<rank>.safetensors with their
+first expert index; with "fault", rank r kills or stops itself when it reaches that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from moekit.hf.finetune import FinetuneConfig, Finetuner
+
+
+def write_shards(tuner: Finetuner) -> None:
+    experts = tuner.sharded.experts if tuner.sharded is not None else {}
+    params = dict(tuner.model.named_parameters())
+    tensors = {name: params[name].detach().contiguous() for name in experts}
+    firsts = {name: str(first) for name, (first, _) in experts.items()}
+    save_file(tensors, f"{tuner.out}/shards-{tuner.topo.rank}.safetensors", metadata=firsts)
+
+
+def inject(tuner: Finetuner, fault: dict) -> None:
+    if tuner.topo.rank != fault["rank"]:
+        return
+    step_fn = tuner.train_step
+
+    def faulty_step():
+        if tuner.step == fault["at"]:
+            sig = signal.SIGKILL if fault["kind"] == "kill" else signal.SIGSTOP
+            os.kill(os.getpid(), sig)
+        return step_fn()
+
+    tuner.train_step = faulty_step
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    for run in json.loads(sys.argv[1]):
+        fields = run["config"] | {
+            "lora_targets": tuple(run["config"].get("lora_targets", ["experts"]))
+        }
+        tuner = Finetuner(FinetuneConfig(**fields), resume=run.get("resume", False))
+        if run.get("shards"):
+            write_shards(tuner)
+        if run.get("fault"):
+            inject(tuner, run["fault"])
+        try:
+            tuner.run()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

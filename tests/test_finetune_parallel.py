@@ -1,0 +1,300 @@
+"""`moekit finetune` under torchrun (gloo): expert parallelism x FSDP2 (or DDP) equals one process.
+
+Oracle: the single-process run of the same config in float64 (6 AdamW steps, a checkpoint at
+step 3): every trained tensor of <out>/final within 1e-5 relative (in norm; ~1e-7 seen: the
+routers and the loss stay float32), the same train and
+validation losses to 1e-6 (transformers computes the loss in float32).
+Launches are few and shared (each holds several runs in one process group): world 2 (EP 2 and
+EP 1, FSDP2 and DDP, full and LoRA), world 4 (EP 4 and EP 2; resumes of the world-2 EP 2
+checkpoint), and in this process a resume at world 1. The DeepSeek-V3 model's correction bias
+sends every token to experts 0-3: at EP 2 and 4 some ranks receive no token in any step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from moekit.hf.catalog import tiny_model  # noqa: E402
+from moekit.hf.finetune import DTYPES, FinetuneConfig, finetune, load_model  # noqa: E402
+from moekit.lm.checkpoint import list_checkpoints, verify  # noqa: E402
+from moekit.parallel.checkpoint import REQUIRED  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+JOB = str(Path(__file__).with_name("finetune_job.py"))
+TIMEOUT_S = 400  # a whole launch; the process-group timeout inside is far shorter
+CASES = {  # name: (model, changes to the config)
+    "qwen": ("qwen3_moe", {}),
+    "qwen-lora": ("qwen3_moe", {"lora_rank": 2, "lora_targets": ["experts", "attention"]}),
+    "deepseek": ("deepseek_v3", {}),
+    "deepseek-lora": ("deepseek_v3", {"lora_rank": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Tiny Qwen3-MoE and DeepSeek-V3 models (8 experts, byte vocabulary) and a text file."""
+    root = tmp_path_factory.mktemp("ftpar")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model("qwen3_moe", vocab_size=256).save_pretrained(root / "qwen3_moe")
+        deepseek = tiny_model("deepseek_v3", vocab_size=256)
+        for layer in deepseek.model.layers:  # experts 0-3 always win: 4-7 never get a token
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.copy_(torch.tensor([10.0] * 4 + [-10.0] * 4))
+        deepseek.save_pretrained(root / "deepseek_v3")
+    (root / "data.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000])
+    return root
+
+
+def config(root: Path, case: str, out: Path, **changes) -> dict:
+    model, options = CASES[case]
+    return (
+        dict(
+            model=str(root / model),
+            data=str(root / "data.txt"),
+            out=str(out),
+            steps=6,
+            seq_len=16,
+            batch_size=4,
+            lr=1e-2,
+            dtype="float64",
+            eval_interval=3,
+            eval_batches=1,
+            track=False,
+            progress=False,
+            dist_timeout=60.0,
+        )
+        | options
+        | changes
+    )
+
+
+def one_process(cfg: dict, resume: bool = False):
+    fields = cfg | {"lora_targets": tuple(cfg.get("lora_targets", ["experts"]))}
+    return finetune(FinetuneConfig(**fields), resume=resume)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, runs: list[dict]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    done = subprocess.run(
+        [*cmd, JOB, json.dumps(runs)], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def trained(out: Path) -> dict[str, torch.Tensor]:
+    final = out / "final"
+    name = "adapter_model" if (final / "adapter_model.safetensors").exists() else "model"
+    return load_file(final / f"{name}.safetensors")
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    a, b = trained(got), trained(want)
+    assert a.keys() == b.keys() and a
+    for name in b:
+        error = (a[name].double() - b[name].double()).norm() / b[name].double().norm()
+        assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+    evals = [
+        json.loads((p / "ckpt-00000006" / "state.json").read_text())["evals"] for p in (got, want)
+    ]
+    assert [e["step"] for e in evals[0]] == [3, 6]
+    for e, f in zip(*evals, strict=True):
+        assert e["val_loss"] == pytest.approx(f["val_loss"], rel=1e-6)
+        assert e["train_loss"] == pytest.approx(f["train_loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def single(root, tmp_path_factory) -> dict[str, Path]:
+    outs = {}
+    for case in CASES:
+        outs[case] = tmp_path_factory.mktemp(f"single-{case}")
+        one_process(config(root, case, outs[case]))
+    return outs
+
+
+@pytest.fixture(scope="module")
+def world2(root, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("world2")
+    runs = [
+        {"config": config(root, "qwen", base / "qwen-ep2", expert_parallel=2), "shards": True},
+        {"config": config(root, "qwen", base / "qwen-ep1", expert_parallel=1)},
+        {"config": config(root, "qwen", base / "qwen-ep2-ddp", expert_parallel=2, fsdp=False)},
+        {"config": config(root, "qwen-lora", base / "qwen-lora-ep2", expert_parallel=2)},
+        {"config": config(root, "deepseek", base / "deepseek-ep2", expert_parallel=2)},
+        {"config": config(root, "deepseek-lora", base / "deepseek-lora-ep2", expert_parallel=2)},
+        # MLflow's setup on rank 0 takes seconds: it must not trip a 3 s --dist-timeout
+        {
+            "config": config(
+                root,
+                "qwen",
+                base / "tracked",
+                expert_parallel=2,
+                track=True,
+                dist_timeout=3.0,
+                steps=3,
+            )
+        },
+    ]
+    torchrun(2, runs)
+    return base
+
+
+def _resumable(src: Path, out: Path) -> Path:
+    """`out` holding only `src`'s step-3 checkpoint."""
+    out.mkdir(parents=True)
+    (out / "ckpt-00000003").symlink_to(src / "ckpt-00000003", target_is_directory=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world4(root, world2, tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("world4")
+    runs = [
+        {"config": config(root, "qwen", base / "qwen-ep4", expert_parallel=4), "shards": True},
+        {"config": config(root, "qwen", base / "qwen-ep2", expert_parallel=2)},
+        {"config": config(root, "qwen-lora", base / "qwen-lora-ep4", expert_parallel=4)},
+        {
+            "config": config(root, "deepseek", base / "deepseek-ep4", expert_parallel=4),
+            "shards": True,
+        },
+    ]
+    for case in ("qwen", "qwen-lora"):  # saved at world 2, EP 2; resumed at world 4, EP 4
+        out = _resumable(world2 / f"{case}-ep2", base / f"{case}-resumed-ep4")
+        runs.append({"config": config(root, case, out, expert_parallel=4), "resume": True})
+    torchrun(4, runs)
+    return base
+
+
+@pytest.mark.parametrize(
+    "run",
+    ["qwen-ep2", "qwen-ep1", "qwen-ep2-ddp", "qwen-lora-ep2", "deepseek-ep2", "deepseek-lora-ep2"],
+)
+def test_two_ranks_train_like_one_process(world2, single, run):
+    assert_same_run(world2 / run, single[run.rsplit("-ep", 1)[0]])
+
+
+@pytest.mark.parametrize("run", ["qwen-ep4", "qwen-ep2", "qwen-lora-ep4", "deepseek-ep4"])
+def test_four_ranks_train_like_one_process(world4, single, run):
+    assert_same_run(world4 / run, single[run.rsplit("-ep", 1)[0]])
+
+
+@pytest.mark.parametrize(
+    "world,run", [("world2", "qwen-ep2"), ("world4", "qwen-ep4"), ("world4", "deepseek-ep4")]
+)
+def test_each_rank_holds_its_slice_of_the_experts(request, root, world, run):
+    """Rank r's expert shards are experts [r E/R, (r+1) E/R) of the one-process model (not
+    rank 0's, not random)."""
+    out = request.getfixturevalue(world) / run
+    model = load_model(
+        root / ("qwen3_moe" if run.startswith("qwen") else "deepseek_v3"), DTYPES["float64"]
+    )
+    params = dict(model.named_parameters())
+    ranks = sorted(out.glob("shards-*.safetensors"))
+    assert len(ranks) == int(run[-1])
+    covered = {}
+    for path in ranks:
+        with safe_open(path, "pt") as f:
+            firsts = f.metadata()
+            assert firsts, f"{path.name}: no expert shard"
+            for name in firsts:
+                shard, first = f.get_tensor(name), int(firsts[name])
+                torch.testing.assert_close(
+                    shard, params[name][first : first + shard.shape[0]], rtol=0, atol=0
+                )
+                covered.setdefault(name, []).append((first, shard.shape[0]))
+    for name, parts in covered.items():
+        assert sum(n for _, n in parts) == params[name].shape[0], name
+        assert sorted(parts)[0][0] == 0
+
+
+def test_ranks_without_tokens_train(world2, world4):
+    """DeepSeek-V3 routed every token to experts 0-3: ranks that hold 4-7 received none."""
+    for out in (world2 / "deepseek-ep2", world4 / "deepseek-ep4"):
+        state = json.loads((out / "ckpt-00000006" / "state.json").read_text())
+        for layer in state["expert_load"][-1]["load"]:
+            assert layer[4:] == [0.0] * 4 and sum(layer[:4]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", ["qwen", "qwen-lora"])
+def test_ep2_checkpoint_resumes_at_ep4_and_in_one_process(
+    root, world2, world4, single, tmp_path, case
+):
+    """Saved at world 2 / EP 2, the step-3 checkpoint continues at world 4 / EP 4 and in one
+    process (EP 1) to the uninterrupted run's weights and losses."""
+    assert_same_run(world4 / f"{case}-resumed-ep4", single[case])
+    out = _resumable(world2 / f"{case}-ep2", tmp_path / "resumed")
+    assert one_process(config(root, case, out), resume=True).step == 6
+    assert_same_run(out, single[case])
+
+
+def test_tracked_run_with_a_short_dist_timeout(world2):
+    """Rank 0 alone tracks (MLflow's setup took longer than the 3 s --dist-timeout) and the run
+    finishes."""
+    import mlflow
+
+    out = world2 / "tracked"
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["moekit-finetune"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["expert_parallel"] == "2"
+    assert (out / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path, fault):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 5: rank 0 exits within --dist-timeout
+    with one clear line; the newest complete checkpoint (step 3) resumes to the uninterrupted
+    run's weights."""
+    timeout = 6.0
+    cfg = config(root, "qwen", tmp_path, expert_parallel=2, dist_timeout=timeout)
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env |= {"MASTER_PORT": str(_free_port())}
+    runs = json.dumps([{"config": cfg, "fault": {"rank": 1, "at": 4, "kind": fault}}])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, JOB, runs],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        _, err = ranks[0].communicate(timeout=TIMEOUT_S)
+    finally:
+        ranks[1].kill()  # the hung one
+        ranks[1].wait()
+    assert ranks[0].returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "rank 0 of 2, step 4" in lines[0], err[-3000:]
+    assert "another rank died or hung" in lines[0] and "--resume" in lines[0]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000003"]
+    verify(tmp_path / "ckpt-00000003", REQUIRED)
+    torchrun(2, [{"config": cfg, "resume": True}])
+    assert_same_run(tmp_path, single["qwen"])
