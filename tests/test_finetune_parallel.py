@@ -298,3 +298,19 @@ def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path
     verify(tmp_path / "ckpt-00000003", REQUIRED)
     torchrun(2, [{"config": cfg, "resume": True}])
     assert_same_run(tmp_path, single["qwen"])
+
+
+def test_a_half_written_or_corrupt_checkpoint_is_never_taken(root, single, tmp_path, caplog):
+    """Resume skips a `.tmp-` directory (a save killed mid-way) and a checkpoint whose pieces
+    do not match its manifest, and continues from the newest complete one."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(single["qwen"], out, ignore=shutil.ignore_patterns("final", "*.png"))
+    shutil.copytree(out / "ckpt-00000003", out / ".tmp-ckpt-00000009-dcp")  # never sealed
+    piece = next((out / "ckpt-00000006" / "dcp").glob("*.distcp"))
+    piece.write_bytes(piece.read_bytes()[:-7])  # truncated
+    result = one_process(config(root, "qwen", out), resume=True)
+    assert "ckpt-00000006" in caplog.text and "does not match its sha256" in caplog.text
+    assert result.step == 6
+    assert_same_run(out, single["qwen"])

@@ -2,11 +2,12 @@
 
 Every rank takes N/R tokens of the shape's global batch N and runs one forward+backward of the
 expert-parallel layer (E/R experts each). Timed in the same run, interleaved:
-  EP step       the layer's forward+backward on this rank's slice
+  EP step       the layer's forward+backward on this rank's slice (shared experts, if any,
+                after the exchange)
   all-to-all    the step's exchanges alone, replayed with the same splits: the counts, the rows
                 out and back (forward), and their gradients (backward)
-  no overlap    with shared experts: the EP step with them run after the exchange instead of
-                during it (`ExpertParallel.overlap` False)
+  overlap       with shared experts: the EP step with them run during the rows' exchange
+                (`ExpertParallel.overlap` True; the default on NCCL, not on gloo)
   1 process     the full layer (every expert) on the whole global batch, in each process with
                 the same threads: the step that EP splits over R ranks
   all cores     the same on rank 0 alone with every core's thread (the others wait): the
@@ -42,7 +43,7 @@ class EPResult:
     single_ms: float
     all_cores_ms: float
     shared: int = 0  # shared experts of the layer
-    no_overlap_ms: float | None = None  # the step with the shared experts after the exchange
+    overlap_ms: float | None = None  # the step with the shared experts during the exchange
 
     @property
     def share(self) -> float:
@@ -109,7 +110,7 @@ def bench_expert_parallel(
     shared: int = 0,
 ) -> EPResult:
     """Time the EP step, its exchanges and the one-process step at one shape (float32);
-    `shared` shared experts (of width h) in the layer: also the step without overlap."""
+    `shared` shared experts (of width h) in the layer: also the step with overlap."""
     ranks = topo.world_size
     if shape.tokens % ranks:
         raise ValueError(f"--tokens {shape.tokens} must be divisible by the ranks {ranks}")
@@ -130,7 +131,7 @@ def bench_expert_parallel(
     ep = expert_parallel(copy.deepcopy(full), topo.ep_group, data_group=topo.data_group)
     x_ep, x_full = x[mine].clone().requires_grad_(), x.clone().requires_grad_()
 
-    def step(layer: MoE, inputs: Tensor, upstream: Tensor, overlap: bool = True):
+    def step(layer: MoE, inputs: Tensor, upstream: Tensor, overlap: bool = False):
         def run() -> None:
             if layer.parallel is not None:
                 layer.parallel.overlap = overlap
@@ -147,7 +148,7 @@ def bench_expert_parallel(
         "all_cores": _on_rank_0_with_all_cores(step(full, x_full, grad), topo),
     }
     if shared:
-        cases["no_overlap"] = step(ep, x_ep, grad[mine], overlap=False)
+        cases["overlap"] = step(ep, x_ep, grad[mine], overlap=True)
     times = interleaved_medians(cases, rounds=rounds, warmup=warmup, device=topo.device)
     slowest = {name: _slowest(ms, topo) for name, ms in times.items()}
     return EPResult(
@@ -159,5 +160,5 @@ def bench_expert_parallel(
         slowest["single"],
         slowest["all_cores"],
         shared,
-        slowest.get("no_overlap"),
+        slowest.get("overlap"),
     )

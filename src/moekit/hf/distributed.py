@@ -23,7 +23,9 @@ piece once and reads it back at any N and R (or in one process: plain tensors).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -150,9 +152,6 @@ def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
     """Each tensor summed over `group`'s ranks, in one collective (new tensors)."""
     if not tensors:
         return []
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
     flat = _flatten_dense_tensors([t.float() for t in tensors])
     dist.all_reduce(flat, group=group)
     return list(_unflatten_dense_tensors(flat, [t.float() for t in tensors]))

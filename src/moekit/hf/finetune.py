@@ -282,7 +282,9 @@ class Finetuner:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         model_dir = Path(cfg.model)
-        checkpoint = latest_sharded(self.out) if resume else None
+        checkpoint = latest_sharded(self.out) if resume and self.is_main else None
+        if resume and self.topo is not None:  # rank 0 verified it: every rank takes its pick
+            checkpoint = par.all_gather_objects(checkpoint, self.topo)[0]
         if resume and checkpoint is None and self.is_main:
             log.warning("--resume: no valid checkpoint in %s, starting from scratch", self.out)
         torch.manual_seed(cfg.seed)

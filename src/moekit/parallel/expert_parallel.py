@@ -13,7 +13,7 @@ The backward runs the mirror exchanges. Capacity is counted per sending rank: ra
 most ceil(capacity_factor * N_r * k / E) of its pairs per expert, so an expert receives at most
 R times that; the layer under EP equals the full layer applied to each rank's slice.
 A layer with shared experts computes them while its rows travel to their experts in step 3
-(and their backward while the rows' gradients travel back): `overlap` (on by default).
+(and their backward while the rows' gradients travel back): `overlap` (on by default on NCCL).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class ExpertParallel:
             (all ranks that see distinct tokens); None: the default group.
         num_experts: E, global.
 
-    `overlap` (True): run the layer's shared experts during the rows' exchange (False: after).
+    `overlap`: run the layer's shared experts during the rows' exchange (False: after it);
+    default True on NCCL, False on gloo.
     """
 
     def __init__(
@@ -68,7 +69,9 @@ class ExpertParallel:
         self.num_experts = num_experts
         self.num_local = num_experts // self.size
         self.first_expert = self.rank * self.num_local
-        self.overlap = True
+        # shared experts during the rows' exchange: on NCCL (its own stream); on gloo measured
+        # 3-10% slower on a 2-core CPU (its threads compete with the compute: docs/scaling.md)
+        self.overlap = dist.get_backend(group) == "nccl"
 
     def __deepcopy__(self, memo) -> ExpertParallel:  # a copy of a model talks to the same ranks
         return self
