@@ -6,7 +6,8 @@ processes with RANK/WORLD_SIZE set): several runs in one launch, one process gro
 RUNS_JSON: a list of {"config": FinetuneConfig's fields, "resume": bool, "shards": bool,
 "fault": {"rank": r, "at": step, "kind": "kill" | "hang"}}. With "shards", every rank writes
 its expert shards as built (before any step) to <out>/shards-<rank>.safetensors with their
-first expert index; with "fault", rank r kills or stops itself when it reaches that step.
+first expert index; with "fault", rank r writes the time to <out>/fault-time and kills or stops
+itself when it reaches that step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,7 @@ def inject(tuner: Finetuner, fault: dict) -> None:
 
     def faulty_step():
         if tuner.step == fault["at"]:
+            (tuner.out / "fault-time").write_text(repr(time.time()))
             sig = signal.SIGKILL if fault["kind"] == "kill" else signal.SIGSTOP
             os.kill(os.getpid(), sig)
         return step_fn()

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -268,7 +269,7 @@ def test_tracked_run_with_a_short_dist_timeout(world2):
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path, fault):
     """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 5: rank 0 exits within --dist-timeout
-    with one clear line; the newest complete checkpoint (step 3) resumes to the uninterrupted
+    (plus the interpreter's exit) with one clear line; the newest complete checkpoint (step 3) resumes to the uninterrupted
     run's weights."""
     timeout = 6.0
     cfg = config(root, "qwen", tmp_path, expert_parallel=2, dist_timeout=timeout)
@@ -287,10 +288,12 @@ def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path
     ]
     try:
         _, err = ranks[0].communicate(timeout=TIMEOUT_S)
+        waited = time.time() - float((tmp_path / "fault-time").read_text())
     finally:
         ranks[1].kill()  # the hung one
         ranks[1].wait()
     assert ranks[0].returncode != 0
+    assert waited < timeout + 20, f"rank 0 exited {waited:.0f} s after the fault"
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "rank 0 of 2, step 4" in lines[0], err[-3000:]
     assert "another rank died or hung" in lines[0] and "--resume" in lines[0]
