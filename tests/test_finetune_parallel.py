@@ -317,3 +317,28 @@ def test_a_half_written_or_corrupt_checkpoint_is_never_taken(root, single, tmp_p
     assert "ckpt-00000006" in caplog.text and "does not match its sha256" in caplog.text
     assert result.step == 6
     assert_same_run(out, single["qwen"])
+
+
+def test_torchrun_cli_rank_0_alone_reports(root, tmp_path):
+    """`torchrun -m moekit finetune --expert-parallel 2 --no-fsdp --lora-rank 2`: one report
+    line, the adapter in OUT/final."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "moekit"]
+    cmd += ["finetune", "--model", str(root / "qwen3_moe"), "--data", str(root / "data.txt")]
+    cmd += ["--out", str(tmp_path), "--steps", "2", "--seq-len", "16", "--batch-size", "4"]
+    cmd += ["--eval-interval", "2", "--eval-batches", "1", "--no-track", "--no-progress"]
+    cmd += ["--expert-parallel", "2", "--no-fsdp", "--lora-rank", "2", "--dist-timeout", "60"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("fine-tuned 2 steps") == 1
+    assert done.stderr.count("MoE blocks patched") == 1  # rank 0's log alone
+    assert (tmp_path / "final" / "adapter_model.safetensors").exists()
+
+
+def test_expert_parallel_without_torchrun_is_one_clear_line(root, tmp_path, capsys):
+    from moekit.cli import main
+
+    args = ["finetune", "--model", str(root / "qwen3_moe"), "--data", str(root / "data.txt")]
+    assert main([*args, "--out", str(tmp_path), "--expert-parallel", "2", "--no-track"]) == 1
+    err = capsys.readouterr().err
+    assert "--expert-parallel 2 needs 2 or more processes" in err and "torchrun" in err

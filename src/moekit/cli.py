@@ -241,7 +241,7 @@ def _finetune(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         progress=not args.no_progress,
         expert_parallel=args.expert_parallel,
-        fsdp=not args.ddp,
+        fsdp=args.fsdp,
         dist_timeout=args.dist_timeout,
     )
     result = finetune(cfg, resume=args.resume)
@@ -447,9 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the number of processes and the expert count)",
     )
     tune.add_argument(
-        "--ddp",
-        action="store_true",
-        help="under torchrun: replicate the dense parameters with DDP (default: FSDP2 shards them)",
+        "--fsdp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="under torchrun: shard the dense parameters with FSDP2 (default); --no-fsdp "
+        "replicates them with DDP",
     )
     tune.add_argument(
         "--dist-timeout",
