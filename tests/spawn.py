@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import os
 import pickle
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -74,3 +78,34 @@ def run_ranks(fn, world_size: int, *args, deadline_s: float = DEADLINE_S) -> lis
             pickle.loads((Path(tmp) / f"result-{rank}.pkl").read_bytes())
             for rank in range(world_size)
         ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_0_of(argv: list[str], world_size: int, timeout_s: float) -> tuple[int, str]:
+    """`python *argv` as `world_size` ranks with torchrun's environment (a free port, one thread
+    each); waits for rank 0, then kills the others (a hung one too). Returns rank 0's exit code
+    and stderr."""
+    env = os.environ | {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1"}
+    env |= {"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, *argv],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    try:
+        _, err = ranks[0].communicate(timeout=timeout_s)
+    finally:
+        for rank in ranks[1:]:
+            rank.kill()
+            rank.wait()
+    return ranks[0].returncode, err

@@ -13,8 +13,6 @@ sends every token to experts 0-3: at EP 2 and 4 some ranks receive no token in a
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from moekit.hf.catalog import tiny_model  # noqa: E402
 from moekit.hf.finetune import DTYPES, FinetuneConfig, finetune, load_model  # noqa: E402
 from moekit.lm.checkpoint import list_checkpoints, verify  # noqa: E402
 from moekit.parallel.checkpoint import REQUIRED  # noqa: E402
+from spawn import free_port, rank_0_of  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -92,15 +91,9 @@ def one_process(cfg: dict, resume: bool = False):
     return finetune(FinetuneConfig(**fields), resume=resume)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, runs: list[dict]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
     done = subprocess.run(
         [*cmd, JOB, json.dumps(runs)], capture_output=True, text=True, timeout=TIMEOUT_S
     )
@@ -268,31 +261,15 @@ def test_tracked_run_with_a_short_dist_timeout(world2):
 
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path, fault):
-    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 5: rank 0 exits within --dist-timeout
-    (plus the interpreter's exit) with one clear line; the newest complete checkpoint (step 3) resumes to the uninterrupted
-    run's weights."""
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 4: rank 0 exits within --dist-timeout
+    (plus the interpreter's exit) with one clear line; the newest complete checkpoint (step 3)
+    resumes to the uninterrupted run's weights."""
     timeout = 6.0
     cfg = config(root, "qwen", tmp_path, expert_parallel=2, dist_timeout=timeout)
-    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    env |= {"MASTER_PORT": str(_free_port())}
     runs = json.dumps([{"config": cfg, "fault": {"rank": 1, "at": 4, "kind": fault}}])
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, JOB, runs],
-            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        _, err = ranks[0].communicate(timeout=TIMEOUT_S)
-        waited = time.time() - float((tmp_path / "fault-time").read_text())
-    finally:
-        ranks[1].kill()  # the hung one
-        ranks[1].wait()
-    assert ranks[0].returncode != 0
+    code, err = rank_0_of([JOB, runs], 2, TIMEOUT_S)
+    waited = time.time() - float((tmp_path / "fault-time").read_text())
+    assert code != 0
     assert waited < timeout + 20, f"rank 0 exited {waited:.0f} s after the fault"
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "rank 0 of 2, step 4" in lines[0], err[-3000:]
@@ -323,7 +300,7 @@ def test_torchrun_cli_rank_0_alone_reports(root, tmp_path):
     """`torchrun -m moekit finetune --expert-parallel 2 --no-fsdp --lora-rank 2`: one report
     line, the adapter in OUT/final."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"]
-    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "moekit"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "moekit"]
     cmd += ["finetune", "--model", str(root / "qwen3_moe"), "--data", str(root / "data.txt")]
     cmd += ["--out", str(tmp_path), "--steps", "2", "--seq-len", "16", "--batch-size", "4"]
     cmd += ["--eval-interval", "2", "--eval-batches", "1", "--no-track", "--no-progress"]

@@ -8,8 +8,6 @@ weights compared to 1e-4 relative (fp32, different summation order across ranks)
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ from moekit.lm import checkpoint as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.inference import load_model
 from moekit.lm.train import train
+from spawn import rank_0_of
 
 pytestmark = pytest.mark.distributed
 
@@ -119,35 +118,14 @@ def test_resume_at_another_ep_size(tmp_path, ep2, single, nproc, ep):
     assert_close_weights(tmp_path / "ckpt-00000020", single.checkpoint)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("fault", ["kill", "hang"])
 def test_a_dead_or_hung_rank_fails_the_others_then_resume(tmp_path, ep2, fault):
     timeout = 8.0
     cfg = config(tmp_path, expert_parallel=2, save_every=4, dist_timeout=timeout)
     # as torchrun would: one thread per rank (the EP 2 run it is compared with bitwise ran so)
-    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    env |= {"MASTER_PORT": str(_free_port())}
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, JOB, json.dumps(cfg), "--fault", fault, "--at", "6"],
-            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    try:
-        _, err = ranks[0].communicate(timeout=TIMEOUT_S)
-    finally:
-        ranks[1].kill()  # the hung one
-        ranks[1].wait()
-    assert ranks[0].returncode != 0
+    argv = [JOB, json.dumps(cfg), "--fault", fault, "--at", "6"]
+    code, err = rank_0_of(argv, 2, TIMEOUT_S)
+    assert code != 0
     assert "rank 0 of 2, step 6" in err and "another rank died or hung" in err, err[-3000:]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000004"]
     ckpt.verify(tmp_path / "ckpt-00000004")
