@@ -323,3 +323,22 @@ def test_compiled_training_follows_eager(tmp_path):
     torch._dynamo.reset()
     compiled = train(cfg_for(tmp_path / "compiled", compile=True, **kw))
     assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4, abs=1e-4)
+
+
+def test_a_rank_reads_only_its_rows_of_the_optimizer_state(tmp_path):
+    """`Checkpoint.optimizer_slices`: an expert shard's Adam moments cut to its rows from the
+    file (each expert-parallel rank reads its part); scalars and other parameters whole."""
+    from moekit.lm.checkpoint import load_checkpoint, save_checkpoint
+
+    experts, dense = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    optimizer = torch.optim.AdamW([experts, dense])
+    (experts.sum() + dense.sum()).backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path, 1, {"w": experts.detach()}, optimizer.state_dict(), {})
+    saved = load_checkpoint(path)
+    whole, mine = saved.optimizer, saved.optimizer_slices({0: slice(2, 4)})
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(mine["state"][0][key], whole["state"][0][key][2:4])
+        torch.testing.assert_close(mine["state"][1][key], whole["state"][1][key])
+    assert mine["state"][0]["step"] == whole["state"][0]["step"] == 1
+    assert mine["param_groups"] == whole["param_groups"]

@@ -144,7 +144,9 @@ class Sharded:
         for name in self.experts:
             local = self.model.get_parameter(name)
             if local.requires_grad or not trainable_only:
-                state[name] = par.gather_experts(local.detach(), self.topo.ep_group).cpu()
+                whole = par.gather_experts(local.detach(), self.topo.ep_group)
+                if whole is not None:
+                    state[name] = whole.cpu()
         return state if self.topo.is_main else {}
 
 

@@ -14,6 +14,7 @@ the newest one that verifies.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,30 @@ class CheckpointError(ValueError):
 class Checkpoint:
     path: Path
     model: dict[str, torch.Tensor]
-    optimizer: dict  # an optimizer state dict, ready for load_state_dict
     state: dict  # everything else (JSON)
+    param_groups: list  # the optimizer's
 
     @property
     def step(self) -> int:
         return int(self.state["step"])
+
+    @property
+    def optimizer(self) -> dict:
+        """The optimizer state dict, ready for load_state_dict (read from disk now)."""
+        return self.optimizer_slices({})
+
+    def optimizer_slices(self, rows: dict[int, slice]) -> dict:
+        """The optimizer state dict with only `rows[i]` (the first dimension) of parameter i's
+        tensors that have one (an expert shard's Adam moments): each rank reads its own part."""
+        tensors = {}
+        with safe_open(self.path / "optimizer.safetensors", "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                index = int(name.split(".", 2)[1])
+                part = f.get_slice(name)
+                keep = rows.get(index)
+                sliced = keep is not None and len(part.get_shape()) > 0
+                tensors[name] = part[keep] if sliced else f.get_tensor(name)
+        return _unflatten_optimizer(tensors, copy.deepcopy(self.param_groups))
 
 
 def encode_bytes(t: torch.Tensor) -> str:
@@ -189,8 +209,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     state = json.loads((path / "state.json").read_text())
     groups = state.pop("param_groups")
     model = load_file(path / "model.safetensors")
-    optimizer = _unflatten_optimizer(load_file(path / "optimizer.safetensors"), groups)
-    return Checkpoint(path, model, optimizer, state)
+    return Checkpoint(path, model, state, groups)
 
 
 def latest_checkpoint(run_dir: Path) -> Checkpoint | None:

@@ -194,9 +194,10 @@ class Trainer:
         self.model.load_state_dict(checkpoint.model)
 
     def _restore(self, checkpoint) -> str | None:
-        optimizer_state = checkpoint.optimizer
-        if self.topo is not None:
-            optimizer_state = par.local_optimizer_state(optimizer_state, self.model)
+        if self.topo is None:
+            optimizer_state = checkpoint.optimizer
+        else:  # this rank's rows of the experts' moments, read from the file alone
+            optimizer_state = checkpoint.optimizer_slices(par.expert_rows(self.model))
         self.optimizer.load_state_dict(optimizer_state)
         self.step = checkpoint.step
         self._restore_rng(checkpoint.state["rng"])

@@ -5,9 +5,10 @@ N ranks (torchrun), expert-parallel groups of R consecutive ranks, N/R replicas 
   sync_expert_grads     expert gradients summed over the ranks holding the same experts, / N
                         (dense gradients are DDP's: averaged over all N ranks)
   grad_norm             the global gradient norm (expert shards counted once)
-  full_state_dict, full_optimizer_state, local_optimizer_state
-                        the single-process checkpoint layout: experts gathered to be saved, cut
-                        to this rank's shard when loaded (so a checkpoint moves between R's)
+  full_state_dict, full_optimizer_state, expert_rows
+                        the single-process checkpoint layout: experts gathered onto rank 0 to be
+                        saved; each rank reads only its shard's rows when loading
+                        (`Checkpoint.optimizer_slices`), so a checkpoint moves between R's
 """
 
 from __future__ import annotations
@@ -141,17 +142,25 @@ def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
     return (sq[0] + expert_sq).sqrt()
 
 
-def gather_experts(t: Tensor, group: ProcessGroup) -> Tensor:
+def gather_experts(t: Tensor, group: ProcessGroup) -> Tensor | None:
+    """An expert shard [e, ...] -> every expert [E, ...] on the group's first rank (None on the
+    others: only the writer holds the whole)."""
+    first = dist.get_global_rank(group, 0)
+    if dist.get_rank() != first:
+        dist.gather(t.contiguous(), None, dst=first, group=group)
+        return None
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
+    dist.gather(t.contiguous(), parts, dst=first, group=group)
     return torch.cat(parts)  # [E, ...] in expert order
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, Tensor]:
-    """The model's state dict in the single-process layout (a collective over the EP group)."""
+    """The model's state dict in the single-process layout on rank 0 of each EP group (global
+    rank 0 writes it); elsewhere the experts stay shards. A collective over the EP group."""
     state = {name: t.detach() for name, t in model.state_dict().items()}
     for name in sharded_parameters(model):
-        state[name] = gather_experts(state[name], topo.ep_group)
+        whole = gather_experts(state[name], topo.ep_group)
+        state[name] = state[name] if whole is None else whole
     return state
 
 
@@ -161,35 +170,37 @@ def optimizer_param_names(model: nn.Module) -> list[str]:
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, topo: Topology):
-    """The optimizer's state dict in the single-process layout (a collective over the EP group):
-    per-expert state (Adam's moments) gathered, scalars (the step) as they are."""
+    """The optimizer's state dict in the single-process layout on rank 0 of each EP group, as
+    `full_state_dict`: per-expert state (Adam's moments) gathered, scalars (the step) as they
+    are."""
     state = optimizer.state_dict()
     names = optimizer_param_names(model)
     sharded = sharded_parameters(model)
     gathered = {}
     for index, entry in state["state"].items():
         if names[index] in sharded:
-            entry = {
-                key: gather_experts(v, topo.ep_group) if _per_expert(v) else v
-                for key, v in entry.items()
-            }
+            entry = {key: _gathered(v, topo.ep_group) for key, v in entry.items()}
         gathered[index] = entry
     return {"state": gathered, "param_groups": state["param_groups"]}
 
 
-def local_optimizer_state(state: dict, model: nn.Module) -> dict:
-    """A single-process optimizer state dict cut to this rank's experts."""
-    names = optimizer_param_names(model)
+def _gathered(v: object, group: ProcessGroup) -> object:
+    if not _per_expert(v):
+        return v
+    whole = gather_experts(v, group)
+    return v if whole is None else whole
+
+
+def expert_rows(model: nn.Module) -> dict[int, slice]:
+    """{optimizer index: this rank's rows of the single-process layout} for the expert shards:
+    what `Checkpoint.optimizer_slices` reads."""
     params = dict(model.named_parameters())
     sharded = sharded_parameters(model)
-    local = {}
-    for index, entry in state["state"].items():
-        name = names[index]
-        if name in sharded:
-            first, count = sharded[name][0], params[name].shape[0]
-            entry = {k: v[first : first + count] if _per_expert(v) else v for k, v in entry.items()}
-        local[index] = entry
-    return {"state": local, "param_groups": state["param_groups"]}
+    return {
+        index: slice(sharded[name][0], sharded[name][0] + params[name].shape[0])
+        for index, name in enumerate(optimizer_param_names(model))
+        if name in sharded
+    }
 
 
 def _per_expert(v: object) -> bool:
