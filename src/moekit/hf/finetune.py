@@ -484,7 +484,8 @@ class Finetuner:
         """Per-rank means (of equal-sized slices) -> the global batch's."""
         if self.topo is None:
             return values
-        return par.all_reduce_mean(torch.tensor(values, dtype=torch.float64), self.topo).tolist()
+        values = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on the GPU
+        return par.all_reduce_mean(values, self.topo).tolist()
 
     def _counts(self) -> dict[str, torch.Tensor]:
         return {
