@@ -13,6 +13,7 @@ sends every token to experts 0-3: at EP 2 and 4 some ranks receive no token in a
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -61,6 +62,9 @@ def root(tmp_path_factory) -> Path:
         deepseek.save_pretrained(root / "deepseek_v3")
     (root / "data.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000])
     return root
+
+
+BF16 = {"dtype": "bfloat16", "lr": 1e-3}
 
 
 def config(root: Path, case: str, out: Path, **changes) -> dict:
@@ -141,6 +145,13 @@ def world2(root, tmp_path_factory) -> Path:
         {"config": config(root, "qwen-lora", base / "qwen-lora-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek", base / "deepseek-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek-lora", base / "deepseek-lora-ep2", expert_parallel=2)},
+        # bf16 base, fp32 LoRA factors (PEFT's default): FSDP2 units of one dtype
+        {
+            "config": config(
+                root, "qwen-lora", base / "qwen-lora-bf16-ep2", **BF16, expert_parallel=2
+            )
+        },
+        {"config": config(root, "deepseek-lora", base / "deepseek-lora-bf16-ep1", **BF16)},
         # MLflow's setup on rank 0 takes seconds: it must not trip a 3 s --dist-timeout
         {
             "config": config(
@@ -226,6 +237,20 @@ def test_each_rank_holds_its_slice_of_the_experts(request, root, world, run):
         assert sorted(parts)[0][0] == 0
 
 
+@pytest.mark.parametrize("run", ["qwen-lora-bf16-ep2", "deepseek-lora-bf16-ep1"])
+def test_bfloat16_lora_trains_under_fsdp2(world2, run):
+    """A bf16 model with PEFT's fp32 adapters (and DeepSeek-V3's fp32 router): every LoRA B
+    factor moved off zero, finite; the losses finite and falling."""
+    factors = trained(world2 / run)
+    lora_b = {name: t for name, t in factors.items() if "lora_B" in name}
+    assert lora_b and any("experts" in name for name in lora_b)
+    for name, t in lora_b.items():
+        assert t.float().isfinite().all() and t.abs().max() > 0, name
+    evals = json.loads((world2 / run / "ckpt-00000006" / "state.json").read_text())["evals"]
+    assert all(math.isfinite(e["val_loss"]) for e in evals)
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+
+
 def test_ranks_without_tokens_train(world2, world4):
     """DeepSeek-V3 routed every token to experts 0-3: ranks that hold 4-7 received none."""
     for out in (world2 / "deepseek-ep2", world4 / "deepseek-ep4"):
@@ -259,13 +284,16 @@ def test_tracked_run_with_a_short_dist_timeout(world2):
     assert (out / "final" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("fault", ["kill", "hang"])
-def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path, fault):
-    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 4: rank 0 exits within --dist-timeout
+@pytest.mark.parametrize(
+    "fault,ep,fsdp", [("kill", 2, True), ("hang", 2, True), ("hang", 1, False)]
+)
+def test_a_dead_or_hung_rank_fails_the_others_then_resume(root, single, tmp_path, fault, ep, fsdp):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) at step 4 (EP 2 under FSDP2; data-parallel
+    under DDP, whose all-reduce must carry the timeout): rank 0 exits within --dist-timeout
     (plus the interpreter's exit) with one clear line; the newest complete checkpoint (step 3)
     stays, and after the kill resumes to the uninterrupted run's weights."""
     timeout = 6.0
-    cfg = config(root, "qwen", tmp_path, expert_parallel=2, dist_timeout=timeout)
+    cfg = config(root, "qwen", tmp_path, expert_parallel=ep, fsdp=fsdp, dist_timeout=timeout)
     runs = json.dumps([{"config": cfg, "fault": {"rank": 1, "at": 4, "kind": fault}}])
     code, err = rank_0_of([JOB, runs], 2, TIMEOUT_S)
     waited = time.time() - float((tmp_path / "fault-time").read_text())

@@ -93,6 +93,12 @@ class LoraExperts:
         while isinstance(getattr(module, "base_layer", None), nn.Module):
             factors = _lora_factors(module)
             if factors is False:
+                if _sharded(self.wrapper):
+                    raise ValueError(
+                        "expert parallelism runs plain LoRA on the experts (one active adapter, "
+                        "no DoRA, no LoRA bias): PEFT's own forward would add all E experts' "
+                        "deltas to this rank's shard"
+                    )
                 return type(self.wrapper).forward(
                     self.wrapper, hidden_states, top_k_index, top_k_weights
                 )
@@ -103,6 +109,15 @@ class LoraExperts:
         if isinstance(forward, Experts):  # expert-parallel or not
             return forward(hidden_states, top_k_index, top_k_weights, lora=lora)
         return _run(module, hidden_states, top_k_index, top_k_weights, lora=lora)
+
+
+def _sharded(wrapper: nn.Module) -> bool:
+    """Whether the experts inside PEFT's wrappers are expert-parallel shards."""
+    module = wrapper
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, Experts) and forward.parallel is not None
 
 
 def _lora_factors(wrapper: nn.Module):

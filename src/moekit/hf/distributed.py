@@ -13,7 +13,9 @@ R > 1   every patched block's experts sharded over the EP group (`hf.parallel.ex
 R = 1   no expert parallelism: the experts are parameters like the others.
 dense   every other parameter (with R = 1 every parameter) sharded by FSDP2 (`fully_shard`
         per decoder layer, then the root) over all N ranks, or replicated by DDP; averaged
-        gradients. LoRA factors are dense: whole on each rank between steps (FSDP2 shards them).
+        gradients. LoRA factors are dense: FSDP2 shards those of layers it calls (attention);
+        the experts' (PEFT's ParamWrapper, read rather than called) stay whole on each rank,
+        their gradients averaged over the N ranks after the backward (`finish_grads`).
 
 Checkpoints: each tensor as a DTensor of its global shape: FSDP2's as they are, an expert shard
 Shard(0) over the EP group and Replicate over the replicas (a [N/R, R] mesh), so DCP writes each
@@ -36,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..parallel import training as par
 from .parallel import expert_parallel, sharded_parameters
 
-__all__ = ["Sharded", "all_reduce_sum", "decoder_layers", "training_state"]
+__all__ = ["Sharded", "adapter_factors", "all_reduce_sum", "decoder_layers", "training_state"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -50,6 +52,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         return found
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     return list(max(lists, key=len)) if lists else []
+
+
+def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the LoRA factors PEFT keeps on wrapped parameters (`ParamWrapper`,
+    LoRA on `target_parameters`: the stacked experts): read by the experts' forward, their
+    own modules never called."""
+    found = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "ParamWrapper":
+            for attr in ("lora_A", "lora_B"):
+                for sub, param in getattr(module, attr).named_parameters():
+                    if param.requires_grad:
+                        found[f"{name}.{attr}.{sub}"] = param
+    return found
 
 
 def fsdp_units(model: nn.Module, ignored: set[nn.Parameter]) -> list[nn.Module]:
@@ -85,6 +101,10 @@ class Sharded:
             self.experts = sharded_parameters(model)
         params = dict(model.named_parameters())
         ignored = {params[name] for name in self.experts}
+        # PEFT reads these (ParamWrapper's factors), never calls their modules: FSDP2 could not
+        # gather them, so they stay whole on every rank, their gradients averaged by us
+        self.replicated = adapter_factors(model) if fsdp else {}
+        ignored |= set(self.replicated.values())
         device = topo.device.type
         self.data_mesh = _mesh([topo.data_group], device, topo.world_size)
         self.expert_mesh = None
@@ -101,10 +121,16 @@ class Sharded:
             self.step_model = _ddp(model, topo, list(self.experts))
 
     def finish_grads(self) -> None:
-        """The expert shards' gradients summed over their replicas, / N (FSDP2 and DDP average
-        the others over the N ranks during the backward)."""
+        """The expert shards' gradients summed over their replicas, / N, the replicated adapter
+        factors' averaged over the N ranks (FSDP2 and DDP average the others during the
+        backward)."""
         if self.experts:
             par.sync_expert_grads(self.model, self.topo, self.experts)
+        grads = [p.grad for p in self.replicated.values() if p.grad is not None]
+        if grads:
+            summed = all_reduce_sum(grads, self.topo.data_group)
+            for grad, total in zip(grads, summed, strict=True):
+                grad.copy_(total / self.topo.world_size)
 
     # --- checkpoints ----------------------------------------------------------------------
     def _global(self, name: str, t: Tensor) -> Tensor:
@@ -117,7 +143,7 @@ class Sharded:
         placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
         _, num_experts = self.experts[name]
         shape = (num_experts, *t.shape[1:])
-        stride = torch.empty(0).new_empty(shape).stride()
+        stride = _contiguous_strides(shape)
         return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
 
     def state(self, optimizer: torch.optim.Optimizer, names: set[str]) -> dict:
@@ -150,6 +176,14 @@ class Sharded:
         return state if self.topo.is_main else {}
 
 
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
     """Each tensor summed over `group`'s ranks, in one collective (new tensors)."""
     if not tensors:
@@ -173,7 +207,7 @@ def _ddp(model: nn.Module, topo: par.Topology, ignored: list[str]) -> nn.Module:
 
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [topo.device.index] if topo.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    return DDP(model, device_ids=device_ids, process_group=topo.data_group)  # --dist-timeout
 
 
 def training_state(model: nn.Module, optimizer, names: set[str], wrap=None) -> dict:

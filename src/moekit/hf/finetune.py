@@ -316,6 +316,8 @@ class Finetuner:
             router.counts = torch.zeros(0)
         self.biases = self._correction_biases() if cfg.router_bias_update else {}
         self.sharded = None if self.topo is None else Sharded(self.model, self.topo, cfg.fsdp)
+        if self.topo is not None:  # the model (and adapter) alike everywhere: now each its own
+            torch.manual_seed(par.rank_seed(cfg.seed, self.topo.rank))  # dropout, router noise
         self.step_model = self.model if self.sharded is None else self.sharded.step_model
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=0.0)
@@ -436,8 +438,8 @@ class Finetuner:
         rank = 0 if self.topo is None else self.topo.rank
         if len(ranks) == (1 if self.topo is None else self.topo.world_size):
             torch.set_rng_state(decode_bytes(ranks[rank]))  # bitwise: each rank its own stream
-        else:  # another world size: rank 0's stream everywhere
-            torch.set_rng_state(decode_bytes(ranks[0]))
+        else:  # another world size: a fresh stream per rank and step
+            torch.manual_seed(par.rank_seed(self.cfg.seed, rank, state["step"]))
         self.data_gen.set_state(decode_bytes(state["rng"]["data"]))
         if self.is_main:
             log.warning(
@@ -478,7 +480,9 @@ class Finetuner:
 
     def _summed(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Token counts of this rank -> of the global batch (one collective)."""
-        return tensors if self.topo is None else all_reduce_sum(tensors, self.topo.data_group)
+        if self.topo is None:
+            return tensors
+        return all_reduce_sum([t.to(self.device) for t in tensors], self.topo.data_group)
 
     def _mean(self, values: list[float]) -> list[float]:
         """Per-rank means (of equal-sized slices) -> the global batch's."""

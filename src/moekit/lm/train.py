@@ -89,11 +89,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """A seed of its own for each rank's dropout and routing noise (and step, on a reshard)."""
-    return seed * 1_000_003 + 7919 * (rank + 1) + step
-
-
 def _tqdm():
     """tqdm.auto's progress bar class (a widget in notebooks)."""
     return require("tqdm.auto", "train", "The progress bar").tqdm
@@ -116,7 +111,8 @@ def _wrap_ddp(model: torch.nn.Module, topo: par.Topology) -> torch.nn.Module:
     # update_bias sums it (torch >= 2.13 names the switch forward_sync_buffers)
     params = inspect.signature(DDP.__init__).parameters
     sync = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    return DDP(model, device_ids=device_ids, **{sync: False})
+    # the data group: it carries --dist-timeout (the default group has the I/O timeout)
+    return DDP(model, device_ids=device_ids, process_group=topo.data_group, **{sync: False})
 
 
 class Trainer:
@@ -167,7 +163,7 @@ class Trainer:
         if self.topo is not None:
             expert_parallel(self.model, self.topo.ep_group, data_group=self.topo.data_group)
             self.step_model = _wrap_ddp(self.model, self.topo)
-            torch.manual_seed(_rank_seed(cfg.seed, self.topo.rank))  # own dropout, noise draws
+            torch.manual_seed(par.rank_seed(cfg.seed, self.topo.rank))  # own dropout, noise draws
         if cfg.compile:  # the forward and backward; the optimizer and logging stay eager
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.step_model = torch.compile(self.step_model, mode=mode)
@@ -222,7 +218,7 @@ class Trainer:
                 len(per_rank),
                 world_size,
             )
-            torch.manual_seed(_rank_seed(self.cfg.seed, rank, self.step))
+            torch.manual_seed(par.rank_seed(self.cfg.seed, rank, self.step))
 
     def _autocast(self):
         enabled = self.cfg.dtype == "bfloat16"

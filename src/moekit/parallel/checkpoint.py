@@ -70,11 +70,21 @@ def latest_sharded(run_dir: Path) -> tuple[Path, dict] | None:
     incomplete ones are skipped with a warning."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            verify(path, REQUIRED)
+            verify(path, (*REQUIRED, *_pieces(path)))
             return path, json.loads((path / "state.json").read_text())
         except (CheckpointError, ValueError) as err:
             log.warning("skipping %s", err)
     return None
+
+
+def _pieces(path: Path) -> list[str]:
+    """The files DCP's `.metadata` says hold the tensors (each must be in the manifest: on a
+    filesystem that rank 0 saw only in part, a checkpoint must not verify)."""
+    try:
+        metadata = dcp.FileSystemReader(str(path / "dcp")).read_metadata()
+    except Exception as err:  # noqa: BLE001 - a missing or unreadable .metadata, as verify says
+        raise CheckpointError(f"checkpoint {path}: unreadable DCP metadata ({err})") from err
+    return sorted({f"dcp/{item.relative_path}" for item in metadata.storage_data.values()})
 
 
 def load_sharded(path: Path, tensors: dict, topo: Topology | None) -> None:

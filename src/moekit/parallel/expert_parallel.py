@@ -71,7 +71,7 @@ class ExpertParallel:
         self.first_expert = self.rank * self.num_local
         # shared experts during the rows' exchange: on NCCL (its own stream); on gloo measured
         # 3-10% slower on a 2-core CPU (its threads compete with the compute: docs/scaling.md)
-        self.overlap = dist.get_backend(group) == "nccl"
+        self.overlap = "nccl" in str(dist.get_backend(group))  # also "cpu:gloo,cuda:nccl"
 
     def __deepcopy__(self, memo) -> ExpertParallel:  # a copy of a model talks to the same ranks
         return self

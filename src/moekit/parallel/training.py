@@ -111,6 +111,11 @@ def init_distributed(
     return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group, control)
 
 
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """A seed of its own for each rank's dropout and routing noise (and step, on a reshard)."""
+    return seed * 1_000_003 + 7919 * (rank + 1) + step
+
+
 def sync_expert_grads(
     model: nn.Module, topo: Topology, sharded: dict[str, tuple[int, int]] | None = None
 ) -> None:
