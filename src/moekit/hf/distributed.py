@@ -25,9 +25,7 @@ piece once and reads it back at any N and R (or in one process: plain tensors).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -38,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..parallel import training as par
 from .parallel import expert_parallel, sharded_parameters
 
-__all__ = ["Sharded", "adapter_factors", "all_reduce_sum", "decoder_layers", "training_state"]
+__all__ = ["Sharded", "adapter_factors", "decoder_layers", "training_state"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -127,10 +125,7 @@ class Sharded:
         if self.experts:
             par.sync_expert_grads(self.model, self.topo, self.experts)
         grads = [p.grad for p in self.replicated.values() if p.grad is not None]
-        if grads:
-            summed = all_reduce_sum(grads, self.topo.data_group)
-            for grad, total in zip(grads, summed, strict=True):
-                grad.copy_(total / self.topo.world_size)
+        par.average_grads(grads, self.topo.data_group, self.topo.world_size)
 
     # --- checkpoints ----------------------------------------------------------------------
     def _global(self, name: str, t: Tensor) -> Tensor:
@@ -182,15 +177,6 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
-
-
-def all_reduce_sum(tensors: list[Tensor], group) -> list[Tensor]:
-    """Each tensor summed over `group`'s ranks, in one collective (new tensors)."""
-    if not tensors:
-        return []
-    flat = _flatten_dense_tensors([t.float() for t in tensors])
-    dist.all_reduce(flat, group=group)
-    return list(_unflatten_dense_tensors(flat, [t.float() for t in tensors]))
 
 
 def _mesh(groups: list, device: str, world: int, inner: int | None = None):

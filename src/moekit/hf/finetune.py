@@ -50,7 +50,7 @@ from ..lm.tracking import make_tracker
 from ..parallel import training as par
 from ..parallel.checkpoint import latest_sharded, load_sharded, save_sharded
 from .aux import switch_loss
-from .distributed import Sharded, all_reduce_sum, training_state
+from .distributed import Sharded, training_state
 from .patch import experts_of, holds_experts, patch_model, router_of
 from .routers import Router, attribute
 
@@ -482,7 +482,7 @@ class Finetuner:
         """Token counts of this rank -> of the global batch (one collective)."""
         if self.topo is None:
             return tensors
-        return all_reduce_sum([t.to(self.device) for t in tensors], self.topo.data_group)
+        return par.all_reduce_sum([t.to(self.device) for t in tensors], self.topo.data_group)
 
     def _mean(self, values: list[float]) -> list[float]:
         """Per-rank means (of equal-sized slices) -> the global batch's."""
@@ -626,13 +626,7 @@ class Finetuner:
         except RuntimeError as err:
             if self.topo is None:
                 raise
-            raise RuntimeError(
-                f"rank {self.topo.rank} of {self.topo.world_size}, step {self.step}: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__} (a collective "
-                f"that fails, or waits past --dist-timeout {cfg.dist_timeout:g} s, means another "
-                f"rank died or hung; --resume continues from the newest complete checkpoint in "
-                f"{self.out})"
-            ) from err
+            raise par.rank_failure(self.topo, self.step, err, cfg.dist_timeout, self.out) from err
         finally:
             bar.close()
             self.tracker.close(status)

@@ -456,12 +456,7 @@ class Trainer:
         except RuntimeError as err:
             if self.topo is None:
                 raise
-            raise RuntimeError(
-                f"rank {self.topo.rank} of {self.topo.world_size}, step {self.step}: {err} "
-                f"(a collective that fails, or waits past --dist-timeout {cfg.dist_timeout:g} s, "
-                "means another rank died or hung; the newest complete checkpoint in "
-                f"{self.out} resumes with --resume)"
-            ) from err
+            raise par.rank_failure(self.topo, self.step, err, cfg.dist_timeout, self.out) from err
         finally:
             bar.close()
             self.tracker.close(status)

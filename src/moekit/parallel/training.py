@@ -124,14 +124,40 @@ def sync_expert_grads(
     sharded = sharded_parameters(model) if sharded is None else sharded
     params = dict(model.named_parameters())
     grads = [params[name].grad for name in sharded if params[name].grad is not None]
+    average_grads(grads, topo.replica_group, topo.world_size)
+
+
+def average_grads(grads: list[Tensor], group: ProcessGroup | None, divisor: int) -> None:
+    """grads <- (their sum over `group`; None: this rank alone) / divisor, in place, in one
+    collective (flattened)."""
     if not grads:
         return
     flat = _flatten_dense_tensors(grads)
-    if topo.replica_group is not None:
-        dist.all_reduce(flat, group=topo.replica_group)
-    flat /= topo.world_size
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
     for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
         grad.copy_(synced)
+
+
+def all_reduce_sum(tensors: list[Tensor], group: ProcessGroup) -> list[Tensor]:
+    """Each tensor (as float32) summed over `group`'s ranks, in one collective (new tensors)."""
+    if not tensors:
+        return []
+    tensors = [t.float() for t in tensors]
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    return list(_unflatten_dense_tensors(flat, tensors))
+
+
+def rank_failure(topo: Topology, step: int, err: Exception, timeout_s: float, out) -> RuntimeError:
+    """The one line a rank exits with when a step fails under torchrun."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return RuntimeError(
+        f"rank {topo.rank} of {topo.world_size}, step {step}: {first} (a collective that fails, "
+        f"or waits past --dist-timeout {timeout_s:g} s, means another rank died or hung; "
+        f"--resume continues from the newest complete checkpoint in {out})"
+    )
 
 
 def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
