@@ -53,8 +53,8 @@ class _AllToAll(torch.autograd.Function):
 
 def exchange(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
     """`all_to_all` without autograd."""
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    out, work = _start(x, out_splits, in_splits, group)
+    work.wait()
     return out
 
 
@@ -85,6 +85,7 @@ class Pending:
 
 
 def _start(x: Tensor, out_splits: list[int], in_splits: list[int], group) -> tuple[Tensor, object]:
+    """The exchange begun: (its output buffer, the work to wait for before reading it)."""
     out = x.new_empty((sum(out_splits), *x.shape[1:]))
     work = dist.all_to_all_single(
         out, x.contiguous(), out_splits, in_splits, group=group, async_op=True
