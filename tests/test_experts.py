@@ -242,24 +242,25 @@ def test_fused_moe_custom_op_registration(activation, bias, dropout, capacity):
 @pytest.mark.parametrize("backend", ["auto", "grouped", "loop", "padded"])
 def test_experts_stored_transposed_get_gradients_in_their_layout(backend):
     """transformers keeps experts as gate_up_proj [E, 2h, d] and down_proj [E, d, h]; the
-    engine reads them as transposed views (moekit.hf.experts.HFExperts) and must hand back gradients
-    that land in those tensors without a layout copy, equal to a bank's."""
-    from moekit.hf.experts import HFExperts, Layout
+    engine reads them as transposed views (moekit.hf.experts.bank_weights) and must hand back
+    gradients that land in those tensors without a layout copy, equal to a bank's."""
+    from moekit.experts import bank_dispatch
+    from moekit.hf.experts import Layout, bank_weights
 
     torch.manual_seed(0)
     bank = ExpertBank(6, 16, 12, "swiglu", backend=backend)
     source = torch.nn.Module()
     source.gate_up_proj = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous())
     source.down_proj = torch.nn.Parameter(bank.w2.detach().transpose(1, 2).contiguous())
-    view = HFExperts(source, Layout(), "swiglu")
-    view.backend = backend
+    view = bank_weights(source, Layout())
     x = torch.randn(40, 16)
     routing = SoftmaxRouter(16, 6, 2)(x)
     plan = make_plan(routing.indices, routing.weights.detach(), 6)
     upstream = torch.randn(40, 16)
     want = torch.autograd.grad((bank.dispatch(x, plan) * upstream).sum(), [bank.w1, bank.w2])
     leaves = [source.gate_up_proj, source.down_proj]
-    got = torch.autograd.grad((view.dispatch(x, plan) * upstream).sum(), leaves)
+    out = bank_dispatch(view, x, plan, "swiglu", backend)
+    got = torch.autograd.grad((out * upstream).sum(), leaves)
     for g, w in zip(got, want, strict=True):
         assert g.is_contiguous()  # the transposed layout all the way: no copy to accumulate
         torch.testing.assert_close(g.transpose(1, 2), w)
@@ -271,7 +272,8 @@ def test_frozen_experts_get_no_weight_gradients_and_the_same_input_gradients(bac
     """Frozen expert weights (LoRA fine-tuning trains other tensors): the backward skips their
     weight-gradient GEMMs (fused CPU op and grouped GEMMs) and gives the same gradients to the
     tokens and the routing weights as with trainable experts."""
-    from moekit.hf.experts import HFExperts, Layout
+    from moekit.experts import bank_dispatch
+    from moekit.hf.experts import Layout, bank_weights
 
     torch.manual_seed(0)
     bank = ExpertBank(6, 16, 12, "swiglu", backend=backend)
@@ -281,8 +283,7 @@ def test_frozen_experts_get_no_weight_gradients_and_the_same_input_gradients(bac
     source = torch.nn.Module()
     source.gate_up_proj = torch.nn.Parameter(bank.w1.detach().transpose(1, 2).contiguous())
     source.down_proj = torch.nn.Parameter(bank.w2.detach().transpose(1, 2).contiguous())
-    experts = HFExperts(source, Layout(), "swiglu") if transposed else bank
-    experts.backend = backend
+    tensors = bank_weights(source, Layout()) if transposed else bank.weights
     grads = []
     for frozen in (False, True):
         for p in (*bank.parameters(), *source.parameters()):
@@ -291,7 +292,7 @@ def test_frozen_experts_get_no_weight_gradients_and_the_same_input_gradients(bac
         xi = x.clone().requires_grad_(True)
         weights = routing.weights.detach().clone().requires_grad_(True)
         plan = make_plan(routing.indices, weights, 6)
-        (experts.dispatch(xi, plan) * upstream).sum().backward()
+        (bank_dispatch(tensors, xi, plan, "swiglu", backend) * upstream).sum().backward()
         grads.append((xi.grad, weights.grad))
         if frozen:
             assert all(p.grad is None for p in (*bank.parameters(), *source.parameters()))

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from moekit import MoE  # noqa: E402
 from moekit.hf import is_patched, moe_from_hf, moe_to_hf, patch_model, unpatch_model  # noqa: E402
-from moekit.hf.experts import HFExperts, layout_of  # noqa: E402
+from moekit.hf.experts import bank_weights, layout_of  # noqa: E402
 
 COMMON = dict(
     vocab_size=64,
@@ -211,8 +211,8 @@ def test_patched_blocks_follow_the_model():
     assert model(ids).logits.dtype == torch.bfloat16
     model.train()
     block = model.model.layers[0].mlp
-    bank = HFExperts(block.experts, layout_of(block.experts), "swiglu")  # what the engine reads
-    assert bank.training and bank.w1.data_ptr() == block.experts.gate_up_proj.data_ptr()
+    weights = bank_weights(block.experts, layout_of(block.experts))  # what the engine reads
+    assert weights.w1.data_ptr() == block.experts.gate_up_proj.data_ptr()
 
 
 def test_unpatch_and_deepcopy():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .ops import (
     gathered_grouped_linear,
     grouped_linear,
     grouped_mm_supported,
+    row_bias,
     segment_mlp,
     swiglu,
     uses_fused_cpu,
@@ -63,6 +65,123 @@ def _init_weight(weight: Tensor, fan_in: int, init: str) -> None:
     else:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         bound = 1.0 / math.sqrt(fan_in)
         nn.init.uniform_(weight, -bound, bound)
+
+
+class BankWeights(NamedTuple):
+    """Stacked expert tensors: w1 [E, d, h or 2h], b1 [E, h or 2h] or None, w2 [E, h, d], b2
+    [E, d] or None; an `ExpertBank`'s parameters, or views of another model's (transformers'
+    experts, `moekit.hf.experts.bank_weights`)."""
+
+    w1: Tensor
+    b1: Tensor | None
+    w2: Tensor
+    b2: Tensor | None
+
+    def to(self, dtype: torch.dtype) -> BankWeights:
+        return BankWeights(*(None if t is None else t.to(dtype) for t in self))
+
+
+def _segment_layout(backend: str) -> str:
+    return {"loop": "segments", "padded": "padded"}.get(backend, "auto")
+
+
+def _use_grouped(rows: Tensor, weights: BankWeights, backend: str) -> bool:
+    """Whether the bank runs as two grouped GEMMs (`F.grouped_mm` wanted and supported)."""
+    return (
+        wants_grouped_mm(rows.device, backend)
+        and grouped_mm_supported(rows, weights.w1)
+        and grouped_mm_supported(rows, weights.w2)
+    )
+
+
+def bank_forward(
+    weights: BankWeights,
+    rows: Tensor,
+    group_sizes: Tensor,
+    activation: str,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Expert e on its segment of rows [M, d] (grouped by expert, `group_sizes` [E]) -> [M, d]
+    in the compute dtype: two grouped GEMMs, or `segment_mlp` (one op that reads the segment
+    lengths on the host); `ExpertBank.forward`'s arguments, as plain values (no module is
+    built, so torch.compile traces it whole)."""
+    dtype = compute_dtype(rows, weights.w1)
+    rows, weights = rows.to(dtype), weights.to(dtype)
+    if _use_grouped(rows, weights, backend):
+        out = _grouped_forward(rows, weights, activation, group_sizes)
+    else:
+        out = segment_mlp(
+            rows, *weights, group_sizes, activation, _segment_layout(backend)
+        )  # fmt: skip
+    return dropout(out, dropout_p, training)
+
+
+def bank_dispatch(
+    weights: BankWeights,
+    x: Tensor,
+    plan: DispatchPlan,
+    activation: str,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Tokens x [N, d] -> [N, d]: `unpermute(bank_forward(permute(x, plan)), plan)` as one op.
+
+    On CPU with any backend but "grouped" the gather, the experts and the weighted combine
+    run fused (`ops.fused_cpu`: fewer [M, d] tensors kept for the backward, no weighted
+    copy); otherwise the three steps run one after the other. Same result, same dropout
+    draws.
+    """
+    dtype = compute_dtype(x, weights.w1)
+    x, weights = x.to(dtype), weights.to(dtype)
+    if not uses_fused_cpu(x.device, backend):
+        # x has rows (N > 0) iff the plan has (capacities are >= 1): a static test
+        if not (x.shape[0] and _use_grouped(x, weights, backend)):
+            rows = bank_forward(
+                weights, permute(x, plan), plan.group_sizes, activation, backend, dropout_p,
+                training,
+            )  # fmt: skip
+            return unpermute(rows, plan, x.shape[0])
+        rows = _grouped_forward(x, weights, activation, plan.group_sizes, plan)  # [M, d]
+        return unpermute(dropout(rows, dropout_p, training), plan, x.shape[0])
+    keep, scale = None, 1.0
+    if training and dropout_p > 0 and plan.token_index.numel():
+        keep, scale = keep_mask((plan.token_index.shape[0], x.shape[1]), dropout_p, x.device)
+    w1, b1, w2, b2 = weights
+    return fused_moe(
+        x, plan.token_index, plan.slot_weight, plan.group_sizes, w1, b1, w2, b2, activation,
+        keep, scale, layout=_segment_layout(backend),
+    )  # fmt: skip
+
+
+def _grouped_forward(
+    rows: Tensor, weights: BankWeights, activation: str, group_sizes: Tensor, plan=None
+) -> Tensor:
+    """Two grouped GEMMs; no host sync. With a `plan`, `rows` are the tokens [N, d] and the
+    first GEMM gathers them itself (`gathered_grouped_linear`: the gathered [M, d] rows are
+    not kept for the backward)."""
+    w1, b1, w2, b2 = weights
+    ends = torch.cumsum(group_sizes, 0)  # [E] segment ends
+    offsets = ends.to(torch.int32)
+    num_rows = rows.shape[0] if plan is None else plan.token_index.shape[0]  # M
+    row_expert = None
+    if b1 is not None:  # [M] the expert of each row (fixed shapes: traceable by compile)
+        positions = torch.arange(num_rows, device=rows.device)
+        row_expert = torch.searchsorted(ends, positions, right=True)
+    if plan is None:
+        hidden = grouped_linear(rows, w1, offsets)  # [M, h]
+    else:
+        hidden = gathered_grouped_linear(
+            rows, w1, offsets, plan.token_index, plan.pair_index, plan.top_k
+        )  # [M, h]
+    if b1 is not None:
+        hidden = hidden + row_bias(b1, row_expert)
+    out = grouped_linear(_activate(hidden, activation), w2, offsets)  # [M, d]
+    if b2 is not None:
+        out = out + row_bias(b2, row_expert)
+    return out
 
 
 class ExpertBank(nn.Module):
@@ -137,8 +256,13 @@ class ExpertBank(nn.Module):
     def __iter__(self) -> Iterator[BankExpert]:
         return (BankExpert(self, e) for e in range(self.num_experts))
 
+    @property
+    def weights(self) -> BankWeights:
+        """The bank's tensors, read now (`bank_forward` and `bank_dispatch` take them)."""
+        return BankWeights(self.w1, self.b1, self.w2, self.b2)
+
     def forward(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
-        """Apply expert e to its segment of rows.
+        """Apply expert e to its segment of rows (`bank_forward`).
 
         Args:
             rows: [M, d] grouped by expert.
@@ -147,56 +271,16 @@ class ExpertBank(nn.Module):
         Returns:
             [M, d] in the compute dtype (the autocast dtype under autocast, else the weights').
         """
-        dtype = compute_dtype(rows, self.w1)
-        rows = rows.to(dtype)
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-        b1 = None if self.b1 is None else self.b1.to(dtype)
-        b2 = None if self.b2 is None else self.b2.to(dtype)
-        if self._grouped(rows, w1, w2):
-            out = self._grouped_forward(rows, w1, b1, w2, b2, group_sizes)
-        else:  # one op; it reads the segment lengths on the host
-            layout = {"loop": "segments", "padded": "padded"}.get(self.backend, "auto")
-            out = segment_mlp(rows, w1, b1, w2, b2, group_sizes, self.activation, layout)
-        return dropout(out, self.dropout, self.training)
+        return bank_forward(
+            self.weights, rows, group_sizes, self.activation, self.backend, self.dropout,
+            self.training,
+        )  # fmt: skip
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
-        """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op.
-
-        On CPU with any backend but "grouped" the gather, the experts and the weighted
-        combine run fused (`ops.fused_cpu`: fewer [M, d] tensors kept for the backward, no
-        weighted copy); otherwise the three steps run one after the other. Same result,
-        same dropout draws.
-        """
-        dtype = compute_dtype(x, self.w1)
-        if not uses_fused_cpu(x.device, self.backend):
-            x, w1, w2 = x.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
-            # x has rows (N > 0) iff the plan has (capacities are >= 1): a static test
-            if not (x.shape[0] and self._grouped(x, w1, w2)):
-                return unpermute(self(permute(x, plan), plan.group_sizes), plan, x.shape[0])
-            b1 = None if self.b1 is None else self.b1.to(dtype)
-            b2 = None if self.b2 is None else self.b2.to(dtype)
-            rows = self._grouped_forward(x, w1, b1, w2, b2, plan.group_sizes, plan)  # [M, d]
-            return unpermute(dropout(rows, self.dropout, self.training), plan, x.shape[0])
-        keep, scale = None, 1.0
-        if self.training and self.dropout > 0 and plan.token_index.numel():
-            keep, scale = keep_mask(
-                (plan.token_index.shape[0], self.d_model), self.dropout, x.device
-            )
-        b1 = None if self.b1 is None else self.b1.to(dtype)
-        b2 = None if self.b2 is None else self.b2.to(dtype)
-        return fused_moe(
-            x.to(dtype),
-            plan.token_index,
-            plan.slot_weight,
-            plan.group_sizes,
-            self.w1.to(dtype),
-            b1,
-            self.w2.to(dtype),
-            b2,
-            self.activation,
-            keep,
-            scale,
-            layout={"loop": "segments", "padded": "padded"}.get(self.backend, "auto"),
+        """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op
+        (`bank_dispatch`)."""
+        return bank_dispatch(
+            self.weights, x, plan, self.activation, self.backend, self.dropout, self.training
         )
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
@@ -218,34 +302,6 @@ class ExpertBank(nn.Module):
         acc = torch.promote_types(dtype, torch.float32)  # at least float32
         out = out.view(n, k, self.d_model).to(acc) * weights.to(acc).unsqueeze(-1)  # [N, k, d]
         return out.sum(1).to(dtype)  # [N, d]
-
-    def _grouped(self, rows: Tensor, w1: Tensor, w2: Tensor) -> bool:
-        wanted = wants_grouped_mm(rows.device, self.backend)
-        return wanted and grouped_mm_supported(rows, w1) and grouped_mm_supported(rows, w2)
-
-    def _grouped_forward(self, rows, w1, b1, w2, b2, group_sizes: Tensor, plan=None) -> Tensor:
-        """Two grouped GEMMs; no host sync. With a `plan`, `rows` are the tokens [N, d] and the
-        first GEMM gathers them itself (`gathered_grouped_linear`: the gathered [M, d] rows are
-        not kept for the backward)."""
-        ends = torch.cumsum(group_sizes, 0)  # [E] segment ends
-        offsets = ends.to(torch.int32)
-        num_rows = rows.shape[0] if plan is None else plan.token_index.shape[0]  # M
-        row_expert = None
-        if b1 is not None:  # [M] the expert of each row (fixed shapes: traceable by compile)
-            positions = torch.arange(num_rows, device=rows.device)
-            row_expert = torch.searchsorted(ends, positions, right=True)
-        if plan is None:
-            hidden = grouped_linear(rows, w1, offsets)  # [M, h]
-        else:
-            hidden = gathered_grouped_linear(
-                rows, w1, offsets, plan.token_index, plan.pair_index, plan.top_k
-            )  # [M, h]
-        if b1 is not None:
-            hidden = hidden + b1.index_select(0, row_expert)
-        out = grouped_linear(_activate(hidden, self.activation), w2, offsets)  # [M, d]
-        if b2 is not None:
-            out = out + b2.index_select(0, row_expert)
-        return out
 
     def rebuilt(self, fill: Callable[[Tensor], Tensor]) -> ExpertBank:
         """A bank with this one's sizes and options whose parameters are `fill(parameter)`

@@ -6,7 +6,7 @@ transformers'. Here:
 
     plan    make_plan(top_k_index, top_k_weights): the T*k pairs sorted by expert
     fast    the module's activation is one of moekit's kernels' (`fast_activation`): the
-            module's tensors as an `ExpertBank` (`HFExperts`) and its `dispatch` (on CPU
+            module's tensors as a bank's (`bank_weights`) through `bank_dispatch` (on CPU
             gather, experts and combine fused in one op; on accelerators grouped GEMMs,
             Triton on CUDA)
     general anything else (a class `_apply_gate` such as gpt-oss's clamped SwiGLU, interleaved
@@ -24,9 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import DispatchPlan, make_plan
-from ..experts import loop_linear
-from ..ops import combine, gather, grouped_linear, grouped_mm_supported
-from .experts import HFExperts, Layout, fast_activation, layout_of, row_experts, unsupported_weights
+from ..experts import bank_dispatch
+from ..ops import combine, gather, grouped_linear, row_bias
+from .experts import (
+    Layout,
+    bank_weights,
+    fast_activation,
+    layout_of,
+    row_experts,
+    unsupported_weights,
+)
 
 __all__ = ["NAME", "experts_forward", "register", "run_experts"]
 
@@ -95,17 +102,11 @@ def run_experts(
     computed per expert on its rows. The block patch calls it too."""
     activation = None if scale_input or lora else fast_activation(module, layout)
     if activation is not None:
-        out = HFExperts(module, layout, activation).dispatch(x, plan)
+        weights = bank_weights(module, layout)
+        out = bank_dispatch(weights, x, plan, activation, training=module.training)
     else:
         out = _general(module, layout, x, plan, scale_input, lora or {})
     return out.to(x.dtype)
-
-
-def _linear(rows: Tensor, weight: Tensor, group_sizes: Tensor, offsets: Tensor) -> Tensor:
-    """rows [M, d_in] grouped by expert @ weight [E, d_in, d_out] per group."""
-    if grouped_mm_supported(rows, weight):
-        return grouped_linear(rows, weight, offsets)
-    return loop_linear(rows, weight, group_sizes.tolist())  # float64, odd widths: a host read
 
 
 def _gate(module: nn.Module, hidden: Tensor) -> Tensor:
@@ -118,9 +119,7 @@ def _gate(module: nn.Module, hidden: Tensor) -> Tensor:
     return module.act_fn(gate) * up
 
 
-def _low_rank(
-    rows: Tensor, factors: tuple, transposed: bool, group_sizes: Tensor, offsets: Tensor
-) -> Tensor:
+def _low_rank(rows: Tensor, factors: tuple, transposed: bool, offsets: Tensor) -> Tensor:
     """rows [M, d_in] grouped by expert @ the delta scaling * lhs @ rhs of a weight stored
     [E, a, b] (a = d_in where `transposed`, else d_out): two rank-r grouped GEMMs, [M, r]
     in between; the delta itself is never formed."""
@@ -132,8 +131,8 @@ def _low_rank(
         first.to(rows.dtype).contiguous(),
         (scaling * second).to(rows.dtype).contiguous(),
     )
-    low = _linear(rows, first, group_sizes, offsets)  # [M, r]
-    return _linear(low, second, group_sizes, offsets)  # [M, d_out]
+    low = grouped_linear(rows, first, offsets)  # [M, r]
+    return grouped_linear(low, second, offsets)  # [M, d_out]
 
 
 def _general(
@@ -157,23 +156,19 @@ def _general(
     slot_weight = plan.slot_weight.to(dtype)  # [M]
     if scale_input:
         rows, slot_weight = rows * slot_weight[:, None], torch.ones_like(slot_weight)
-    hidden = _linear(rows, w1, plan.group_sizes, offsets)  # [M, width]
+    hidden = grouped_linear(rows, w1, offsets)  # [M, width]
     if layout.up_name in lora:
-        hidden = hidden + _low_rank(
-            rows, lora[layout.up_name], layout.is_transposed, plan.group_sizes, offsets
-        )
+        hidden = hidden + _low_rank(rows, lora[layout.up_name], layout.is_transposed, offsets)
     expert = None
     if layout.has_bias:
         expert = row_experts(plan.group_sizes, rows.shape[0])  # [M]
-        hidden = hidden + getattr(module, f"{layout.up_name}_bias").index_select(0, expert)
+        hidden = hidden + row_bias(getattr(module, f"{layout.up_name}_bias"), expert)
     hidden = _gate(module, hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
-    out = _linear(hidden, w2, plan.group_sizes, offsets)  # [M, d]
+    out = grouped_linear(hidden, w2, offsets)  # [M, d]
     if "down_proj" in lora:
-        out = out + _low_rank(
-            hidden, lora["down_proj"], layout.is_transposed, plan.group_sizes, offsets
-        )
+        out = out + _low_rank(hidden, lora["down_proj"], layout.is_transposed, offsets)
     if layout.has_bias:
-        out = out + module.down_proj_bias.index_select(0, expert)
+        out = out + row_bias(module.down_proj_bias, expert)
     if layout.has_post_expert_norm:
         out = module.post_expert_norm(out)
     return combine(

@@ -22,15 +22,16 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import make_plan
-from ..ops import combine, gather
+from ..ops import combine, gather, grouped_linear
 from ..routing import softmax_top_k
-from .backend import _linear, _run, run_experts
+from .backend import _run, run_experts
 from .experts import layout_of
+from .forward import PatchedForward
 
 __all__ = ["DbrxBlock", "Experts", "Llama4Block", "LoraExperts", "ModuleExperts"]
 
 
-class Experts:
+class Experts(PatchedForward):
     """A stacked experts module's forward on moekit (the experts backend's function); under
     expert parallelism (`hf.parallel.expert_parallel`: `parallel` set, the module holding this
     rank's experts only) moekit's all-to-all dispatch sends each row to its expert's rank.
@@ -75,20 +76,28 @@ class _LocalExperts:
         return run_experts(self.experts, self.layout, rows, plan, lora=self.lora)
 
 
-class LoraExperts:
+class LoraExperts(PatchedForward):
     """PEFT LoRA adapters (`target_parameters`) on a stacked experts module, computed inside
     moekit's grouped pass: per expert, on the rows routed to it, x @ W_e plus
     scaling * (x @ A_e) @ B_e, two rank-r grouped GEMMs; never W + BA for the whole expert
     stack, which PEFT's own forward builds (and its backward a gradient of that size).
 
     Set as the forward of the outermost PEFT `ParamWrapper` around the experts (one wrapper
-    a targeted parameter, nested); where PEFT's state is one this path does not compute
-    (several active adapters, DoRA, a LoRA bias), PEFT's own forward runs."""
+    a targeted parameter, nested), it takes what PEFT's forward takes: where PEFT's state or
+    arguments are ones this path does not compute (several active adapters, DoRA, a LoRA
+    bias, `adapter_names` for mixed adapter batches), PEFT's own forward runs and gives
+    PEFT's result or PEFT's error."""
 
     def __init__(self, wrapper: nn.Module) -> None:
         self.wrapper = wrapper
 
-    def __call__(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    def __call__(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if kwargs.get("adapter_names") is not None:  # mixed adapter batches: PEFT's own forward
+            return type(self.wrapper).forward(self.wrapper, hidden_states, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        return self._grouped(hidden_states, *args, **kwargs)
+
+    def _grouped(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         lora, module = {}, self.wrapper
         while isinstance(getattr(module, "base_layer", None), nn.Module):
             factors = _lora_factors(module)
@@ -138,7 +147,7 @@ def _lora_factors(wrapper: nn.Module):
     return wrapper.get_delta_factors(active[0])
 
 
-class ModuleExperts:
+class ModuleExperts(PatchedForward):
     """Experts that are modules of their own (`expert_0`, ...), called with transformers'
     one-hot dispatch mask [N, 1, E] (dropped tokens all zero) and weights [N, 1]."""
 
@@ -186,7 +195,7 @@ def _own_experts(block: nn.Module) -> nn.Module:
     return experts
 
 
-class Llama4Block:
+class Llama4Block(PatchedForward):
     """Llama 4's MoE block: sigmoid top-k weights scaling the chosen experts' inputs, plus the
     shared expert. transformers runs every expert on every token (weights 0 but for the
     chosen); moekit runs the k chosen pairs. Returns (hidden [N, d], router logits [N, E])."""
@@ -206,7 +215,7 @@ class Llama4Block:
         return out, logits
 
 
-class DbrxBlock:
+class DbrxBlock(PatchedForward):
     """DBRX's FFN: the router's logits, softmax top-k (moekit's `softmax_top_k`), the k
     weights renormalised by their `moe_normalize_expert_weights`-norm; experts w1 (gate), v1
     (up) and w2 (down, transposed) stored as [E*h, d]: moekit's gather, grouped GEMMs over
@@ -235,10 +244,10 @@ class DbrxBlock:
         down = mlp.w2.view(num_experts, -1, d_model)  # [E, h, d]
         offsets = torch.cumsum(plan.group_sizes, 0).to(torch.int32)  # [E]
         rows = gather(x.to(gate.dtype), plan.token_index, plan.pair_index, plan.top_k)  # [M, d]
-        hidden = mlp.activation_fn(_linear(rows, gate, plan.group_sizes, offsets)) * _linear(
-            rows, up, plan.group_sizes, offsets
+        hidden = mlp.activation_fn(grouped_linear(rows, gate, offsets)) * grouped_linear(
+            rows, up, offsets
         )  # [M, h]
-        out = _linear(hidden, down, plan.group_sizes, offsets)  # [M, d]
+        out = grouped_linear(hidden, down, offsets)  # [M, d]
         routed = combine(
             out,
             plan.slot_weight.to(out.dtype),

@@ -7,9 +7,11 @@ weights and says how with flags: `has_gate` (`gate_up_proj` [gate | up], or `up_
 `has_post_expert_norm`; its `act_fn` and `_apply_gate` give the activation. Undecorated
 classes with the same tensors (Llama 4's) read the same way with the flags given.
 
-`HFExperts(module)` is an `ExpertBank` whose `w1` [E, d, width], `w2` [E, h, d], `b1`, `b2` are
-views of the module's own parameters, read at each call: gradients, loads and `.to()` reach
-them, and the kernels hand back gradients in the parameters' layout (`ops/_layout.py`).
+`bank_weights(module, layout)` gives the module's tensors as moekit's bank reads them
+(`moekit.experts.BankWeights`: w1 [E, d, width], b1, w2 [E, h, d], b2), views of its own
+parameters read at each call: gradients, loads and `.to()` reach them, and the kernels hand
+back gradients in the parameters' layout (`ops/_layout.py`). No module is built per call, so
+torch.compile and torch.export trace the backend whole.
 `fast_activation(module)` says whether moekit's fused kernels compute the module's
 activation exactly ("swiglu", "relu", "gelu") or the module's own functions must run (None).
 """
@@ -22,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts import ExpertBank, mode_of
+from ..experts import BankWeights
 
-__all__ = ["HFExperts", "Layout", "fast_activation", "layout_of", "unsupported_weights"]
+__all__ = ["Layout", "bank_weights", "fast_activation", "layout_of", "unsupported_weights"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,26 @@ def layout_of(module: nn.Module, **defaults: bool) -> Layout:
     )
 
 
+def _traced_types() -> tuple[type, ...]:
+    """The tensor types torch.export and torch.compile trace with in place of a plain tensor."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return FakeTensor, FunctionalTensor
+
+
+def quantised_reason(tensor: Tensor) -> str | None:
+    """How a weight tensor looks quantised ("is torch.float8_e4m3fn", "is a Params4bit"), or
+    None for plain floating-point values: a Tensor or Parameter of 16 bits or more, on any
+    device (meta included), or the fake and functional tensors that torch.export and
+    torch.compile trace with (never taken for a quantised subclass)."""
+    if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
+        return f"is {tensor.dtype}"
+    if type(tensor) not in (Tensor, nn.Parameter, *_traced_types()):
+        return f"is a {type(tensor).__name__}"
+    return None
+
+
 def unsupported_weights(module: nn.Module, layout: Layout) -> str | None:
     """Why moekit cannot read the module's expert weights, or None."""
     names = [layout.up_name, "down_proj"]
@@ -59,12 +81,9 @@ def unsupported_weights(module: nn.Module, layout: Layout) -> str | None:
         tensor = getattr(module, name, None)
         if not isinstance(tensor, Tensor):
             return f"no tensor {name!r} (layout {layout})"
-        if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
-            return f"{name} is {tensor.dtype}: quantised expert weights are not supported"
-        if type(tensor) not in (Tensor, nn.Parameter):
-            return (
-                f"{name} is a {type(tensor).__name__}: quantised expert weights are not supported"
-            )
+        reason = quantised_reason(tensor)
+        if reason is not None:
+            return f"{name} {reason}: quantised expert weights are not supported"
     up = getattr(module, layout.up_name)
     if up.dim() != 3 or module.down_proj.dim() != 3:
         return (
@@ -105,48 +124,22 @@ def fast_activation(module: nn.Module, layout: Layout) -> str | None:
     return "gelu" if _is_gelu(act) else None
 
 
-class HFExperts(ExpertBank):
-    """An `ExpertBank` over a transformers experts module's tensors, read in place at each
-    call: w1 [E, d, width] and w2 [E, h, d] are (transposed) views of the up and down
-    projections, b1 and b2 their biases. `activation` is moekit's name for the module's
-    activation (`fast_activation`); the bank is the module's, in the module's mode."""
+def bank_weights(experts: nn.Module, layout: Layout) -> BankWeights:
+    """The module's expert tensors as moekit's bank reads them, read now: w1 [E, d, width] and
+    w2 [E, h, d] (transposed) views of the up and down projections, b1 and b2 their biases.
+    Views, not copies: gradients land in the module's parameters, in their layout
+    (`ops/_layout.py`), and loads and `.to()` reach the next call."""
 
-    def __init__(self, experts: nn.Module, layout: Layout, activation: str) -> None:
-        nn.Module.__init__(self)
-        self.__dict__["source"] = experts  # not a submodule: the transformers model owns it
-        self.__dict__["layout"] = layout
-        down = experts.down_proj
-        self.num_experts = down.shape[0]
-        self.d_model, self.d_hidden = (
-            (down.shape[2], down.shape[1])
-            if layout.is_transposed
-            else (
-                down.shape[1],
-                down.shape[2],
-            )
-        )
-        self.activation, self.dropout, self.backend = activation, 0.0, "auto"
+    def view(weight: Tensor) -> Tensor:
+        return weight if layout.is_transposed else weight.transpose(1, 2)
 
-    def _view(self, weight: Tensor) -> Tensor:
-        return weight if self.layout.is_transposed else weight.transpose(1, 2)
-
-    @property
-    def w1(self) -> Tensor:
-        return self._view(getattr(self.source, self.layout.up_name))  # [E, d, width]
-
-    @property
-    def w2(self) -> Tensor:
-        return self._view(self.source.down_proj)  # [E, h, d]
-
-    @property
-    def b1(self) -> Tensor | None:
-        return getattr(self.source, f"{self.layout.up_name}_bias") if self.layout.has_bias else None
-
-    @property
-    def b2(self) -> Tensor | None:
-        return self.source.down_proj_bias if self.layout.has_bias else None
-
-    training = mode_of("source")
+    up = layout.up_name
+    return BankWeights(
+        view(getattr(experts, up)),  # [E, d, width]
+        getattr(experts, f"{up}_bias") if layout.has_bias else None,
+        view(experts.down_proj),  # [E, h, d]
+        experts.down_proj_bias if layout.has_bias else None,
+    )
 
 
 def row_experts(group_sizes: Tensor, num_rows: int) -> Tensor:

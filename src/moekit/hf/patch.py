@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from ..layers import MoE
+from .backend import NAME
 from .blocks import DbrxBlock, Experts, Llama4Block, LoraExperts, ModuleExperts
-from .experts import layout_of, unsupported_weights
+from .experts import layout_of, quantised_reason, unsupported_weights
 from .families import RULES, SKIPPED, FamilyRule
 from .routers import Router
 
@@ -106,12 +107,11 @@ def _dbrx_reason(experts: nn.Module) -> str | None:
     mlp = getattr(experts, "mlp", None)
     for name in ("w1", "v1", "w2"):
         tensor = getattr(mlp, name, None)
-        if not isinstance(tensor, torch.Tensor) or type(tensor) not in (torch.Tensor, nn.Parameter):
-            return f"no plain tensor experts.mlp.{name}: quantised expert weights are not supported"
-        if not tensor.is_floating_point() or tensor.dtype.itemsize == 1:
-            return (
-                f"experts.mlp.{name} is {tensor.dtype}: quantised expert weights are not supported"
-            )
+        if not isinstance(tensor, torch.Tensor):
+            return f"no tensor experts.mlp.{name}"
+        reason = quantised_reason(tensor)
+        if reason is not None:
+            return f"experts.mlp.{name} {reason}: quantised expert weights are not supported"
     return None
 
 
@@ -142,7 +142,13 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
     Blocks whose router class has a rule in `moekit.hf.families.RULES` get moekit's routing
     (the same choice and weights), dispatch plan and experts; their parameters, buffers and
     submodules stay as they are. Every other module that holds experts is left alone and
-    named, with its reason, in one warning. Patching twice is a no-op. Routing runs in
+    named, with its reason, in one warning. Patching twice is a no-op.
+
+    The config says what runs: a transformers model's experts implementation becomes
+    "moekit" (where moekit's backend can run all its experts, so the blocks left alone run
+    their experts there too), and its `set_experts_implementation(name)` with any other name
+    undoes the patch first (with a warning), so the config and the code never disagree.
+    `unpatch_model` restores the implementation the model had. Routing runs in
     float32 whatever the model's dtype: on a half-precision model, where transformers' router
     logits tie in that precision, the choice can differ from transformers' (a warning says so).
 
@@ -185,6 +191,8 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
         dtypes = {p.dtype for p in router.parameters()}
         half |= dtypes & {torch.float16, torch.bfloat16}
         patched += 1
+    if patched:
+        _guard_implementation(model)
     if skipped:
         lines = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
         message = f"moekit.hf.patch_model left these MoE blocks as they are: {lines}"
@@ -199,6 +207,72 @@ def patch_model(model: nn.Module, strict: bool = False) -> int:
             stacklevel=2,
         )
     return patched
+
+
+class SetExpertsImplementation:
+    """`set_experts_implementation` of a transformers model that `patch_model` patched, so that
+    its config and its code agree: "moekit" (what the patched experts run) keeps the patch;
+    any other implementation undoes the patch (`unpatch_model`, with a warning), then switches
+    as transformers does (a model whose implementation transformers cannot set, Llama 4's,
+    keeps both its config and its patch, as transformers leaves it). `previous`: the model's
+    implementations before the patch, restored by `unpatch_model`."""
+
+    def __init__(self, model: nn.Module, previous: dict | None) -> None:
+        self.model, self.previous = model, previous
+
+    def __call__(self, experts_implementation: str | dict) -> None:
+        model = self.model
+        requested = experts_implementation
+        names = set(requested.values()) if isinstance(requested, dict) else {requested}
+        if names - {NAME, None} and model._can_set_experts_implementation():
+            count = unpatch_model(model)
+            if count:
+                warnings.warn(
+                    f"set_experts_implementation({requested!r}) undid moekit.hf.patch_model on "
+                    f"{count} MoE blocks (their routers and experts run transformers' code "
+                    "again); patch_model(model) patches them again",
+                    stacklevel=2,
+                )
+        type(model).set_experts_implementation(model, requested)
+
+
+def _guard_implementation(model: nn.Module) -> None:
+    """Each transformers model in `model` (the outer one and its submodels) gets a
+    `SetExpertsImplementation`; its experts implementation becomes "moekit" where every
+    experts module on the interface can run there (a quantised one cannot: it keeps its own)."""
+    models = [
+        m
+        for m in model.modules()
+        if hasattr(type(m), "set_experts_implementation")
+        and not isinstance(m.__dict__.get("set_experts_implementation"), SetExpertsImplementation)
+    ]
+    switch = [m for m in models if m._can_set_experts_implementation() and _backend_runs_all(m)]
+    previous = {id(m): m.get_experts_implementation() for m in switch}  # before any switch
+    for module in models:
+        if id(module) in previous:
+            type(module).set_experts_implementation(module, NAME)
+        guard = SetExpertsImplementation(module, previous.get(id(module)))
+        module.set_experts_implementation = guard
+
+
+def _backend_runs_all(model: nn.Module) -> bool:
+    """Whether moekit's experts backend can run every experts module on the interface."""
+    return all(
+        unsupported_weights(m, layout_of(m)) is None
+        for m in model.modules()
+        if hasattr(m, "has_gate") and hasattr(m, "_is_expert_parallel")
+    )
+
+
+def _unguard_implementation(model: nn.Module) -> None:
+    """Remove the `SetExpertsImplementation`s of `patch_model`, restoring the implementations
+    the models had before it (parents first: a model's restore reaches its submodels)."""
+    for module in model.modules():
+        guard = module.__dict__.get("set_experts_implementation")
+        if isinstance(guard, SetExpertsImplementation):
+            del module.set_experts_implementation
+            if guard.previous is not None:
+                module.set_experts_implementation(guard.previous)
 
 
 _OURS = (Router, Experts, LoraExperts, ModuleExperts, Llama4Block, DbrxBlock)
@@ -230,7 +304,8 @@ def _no_rule_reason(module: nn.Module) -> str:
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Undo `patch_model`: the blocks run transformers' own forwards again. Returns how many."""
+    """Undo `patch_model`: the blocks run transformers' own forwards again, with the experts
+    implementation the model had before. Returns how many blocks."""
     count = 0
     for module in model.modules():
         if holds_experts(module) and is_patched(module):
@@ -238,4 +313,5 @@ def unpatch_model(model: nn.Module) -> int:
                 if isinstance(part.__dict__.get("forward"), _OURS):
                     del part.forward
             count += 1
+    _unguard_implementation(model)
     return count

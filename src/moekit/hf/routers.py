@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..routing import group_limited_top_k, router_dtype, softmax_top_k
 from .families import FamilyRule
+from .forward import PatchedForward
 
 __all__ = ["Router", "attribute", "flag", "route"]
 
@@ -136,7 +137,7 @@ def _choice(
     )
 
 
-class Router:
+class Router(PatchedForward):
     """A transformers router's patched forward: `route`, returned as the family's block
     reads it. A plain picklable object; the router is still called as a module, so
     transformers' output recorder still collects its logits for the auxiliary loss."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._triton import triton_module
 from .combine import combine_index_add, combine_reference, gather_rows, inverse_rows
 from .fused_cpu import fused_moe
-from .grouped import _GatheredGroupedLinear, grouped_linear, grouped_mm_supported
+from .grouped import _GatheredGroupedLinear, grouped_linear, grouped_mm_supported, row_bias
 from .segment_mlp import padded_capacity, segment_mlp
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "grouped_mm_supported",
     "inverse_rows",
     "padded_capacity",
+    "row_bias",
     "segment_mlp",
     "swiglu",
     "triton_available",

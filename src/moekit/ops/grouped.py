@@ -49,7 +49,37 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _segments(offsets: Tensor, *tensors: Tensor):
+    """(expert, its segment of each [M, .] tensor) per non-empty segment: one host read."""
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            yield expert, *(t[start:end] for t in tensors)
+        start = end
+
+
+def _loop_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """One matmul per segment: what `F.grouped_mm` does not take (float64, odd widths, no
+    rows); it reads the offsets on the host, inside the op where torch.compile cannot see."""
+    out = rows.new_zeros(rows.shape[0], weight.shape[2])  # [M, d_out]
+    for expert, rows_e, out_e in _segments(offsets, rows, out):
+        torch.mm(rows_e, weight[expert], out=out_e)
+    return out
+
+
+def _loop_backward(grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor, weight_grad: bool):
+    grad_rows = torch.zeros_like(rows)  # [M, d_in]
+    grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)  # its layout
+    for expert, grad_e, rows_e, grad_rows_e in _segments(offsets, grad, rows, grad_rows):
+        torch.mm(grad_e, weight[expert].t(), out=grad_rows_e)
+        if weight_grad:
+            grad_weight[expert].copy_(rows_e.t() @ grad_e)
+    return grad_rows, grad_weight
+
+
 def _torch_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    if not grouped_mm_supported(rows, weight):
+        return _loop_forward(rows, weight, offsets)
     return F.grouped_mm(rows, weight, offs=offsets).contiguous()  # the fake kernel's layout
 
 
@@ -57,6 +87,8 @@ def _torch_backward(
     grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor, weight_grad: bool = True
 ):
     grad = grad.contiguous()
+    if not grouped_mm_supported(rows, weight):
+        return _loop_backward(grad, rows, weight, offsets, weight_grad)
     grad_rows = F.grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)  # [M, d_in]
     if not weight_grad:  # a frozen weight (LoRA fine-tuning): no [E, d_in, d_out] GEMMs
         return grad_rows.contiguous(), weight.new_empty(0)
@@ -136,13 +168,15 @@ _grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _uses_custom_op(rows: Tensor, weight: Tensor) -> bool:
-    if transposed(weight):  # its gradient in its own layout
+    if transposed(weight) or not grouped_mm_supported(rows, weight):  # its layout; the loop
         return True
     return rows.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or rows.is_cuda)
 
 
 def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """rows [M, d_in] @ weight[e] for each expert's segment -> [M, d_out] in one grouped GEMM.
+    """rows [M, d_in] @ weight[e] for each expert's segment -> [M, d_out] in one grouped GEMM
+    (where `F.grouped_mm` takes neither the dtype nor the widths, one matmul per segment inside
+    the custom op: still one node for torch.compile and torch.export).
 
     Args:
         offsets: [E] int32 cumulative group sizes (end of each segment).
@@ -183,3 +217,48 @@ class _GatheredGroupedLinear(torch.autograd.Function):
                 grad_rows, token_index, row_of, ctx.top_k, x.shape[0], ctx.backend
             )
         return grad_x, grad_weight, None, None, None, None, None
+
+
+@torch.library.custom_op("moekit::row_bias", mutates_args=())
+def _row_bias(bias: Tensor, row_expert: Tensor) -> Tensor:
+    return bias.index_select(0, row_expert)
+
+
+@_row_bias.register_fake
+def _(bias, row_expert):
+    return bias.new_empty(row_expert.shape[0], bias.shape[1])
+
+
+@torch.library.custom_op("moekit::row_bias_backward", mutates_args=())
+def _row_bias_backward(grad: Tensor, row_expert: Tensor, num_experts: int) -> Tensor:
+    out = grad.new_zeros(num_experts, grad.shape[1])  # [E, n] each expert's rows summed
+    return out.index_add_(0, row_expert, grad)
+
+
+@_row_bias_backward.register_fake
+def _(grad, row_expert, num_experts):
+    return grad.new_empty(num_experts, grad.shape[1])
+
+
+def _row_bias_setup(ctx, inputs, output) -> None:
+    bias, row_expert = inputs
+    ctx.save_for_backward(row_expert)
+    ctx.num_experts = bias.shape[0]
+
+
+def _row_bias_grad(ctx, grad):
+    (row_expert,) = ctx.saved_tensors
+    return _row_bias_backward(grad.contiguous(), row_expert, ctx.num_experts), None
+
+
+_row_bias.register_autograd(_row_bias_grad, setup_context=_row_bias_setup)
+
+
+def row_bias(bias: Tensor, row_expert: Tensor) -> Tensor:
+    """bias [E, n] -> [M, n], each row its expert's bias (`row_expert` [M]); the backward sums
+    each expert's rows. Eager runs `index_select`; under torch.compile one opaque op each way:
+    inductor's CPU code for the fused scatter of this gradient (vectorised, several threads)
+    corrupted memory in torch 2.13 (gpt-oss's biased experts, two layers)."""
+    if torch.compiler.is_compiling():
+        return _row_bias(bias, row_expert)
+    return bias.index_select(0, row_expert)
