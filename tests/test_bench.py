@@ -234,6 +234,18 @@ def test_hf_backends_table_times_every_case():
     assert "gpt_oss" in table and "moekit/gmm" in table
 
 
+@pytest.mark.skipif(not hf_available(), reason="needs transformers")
+def test_hf_compiled_table_times_every_case():
+    from moekit.bench import format_hf_compiled_table
+    from moekit.bench.hf_backends import COMPILED_CASES, bench_hf_compiled
+
+    (result,) = bench_hf_compiled(("qwen3_moe",), rounds=1, warmup=1, batch=1, length=8)
+    assert tuple(result.ms) == COMPILED_CASES
+    assert all(ms > 0 for ms in result.ms.values())
+    table = format_hf_compiled_table([result])
+    assert "qwen3_moe" in table and "moekit eager/compiled" in table
+
+
 def test_cli_bench_quick_leaves_the_transformers_table_out(monkeypatch):
     """`--quick` keeps its preset's parts (no transformers backends table); `--no-*` flags turn
     parts off in either mode."""

@@ -205,6 +205,38 @@ def format_hf_backends_table(results: list) -> str:
     return _table(header, rows)
 
 
+def format_hf_compiled_table(results: list) -> str:
+    """ms of one compiled fwd+bwd per case, each / compiled grouped_mm, and what compiling
+    gains moekit (eager ms / compiled ms)."""
+    header = (
+        "family",
+        "grouped_mm ms",
+        "moekit ms",
+        "patched ms",
+        "moekit eager ms",
+        "moekit/gmm",
+        "patched/gmm",
+        "moekit eager/compiled",
+    )
+    rows = []
+    for r in results:
+        ms, base = r.ms, r.ms["grouped_mm"]
+
+        def cell(value, digits=1):
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        rows.append(
+            (
+                r.family,
+                *(cell(ms[c]) for c in ("grouped_mm", "moekit", "patched", "moekit eager")),
+                cell(ms["moekit"] / base, 2),
+                cell(None if ms["patched"] is None else ms["patched"] / base, 2),
+                cell(ms["moekit eager"] / ms["moekit"], 2),
+            )
+        )
+    return _table(header, rows)
+
+
 def format_finetune_table(results: list) -> str:
     """moekit vs transformers + PEFT: fwd+bwd (layer) or step ms, tokens/s, peak memory."""
     header = (
@@ -276,8 +308,9 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         )
         echo(format_lm_table(lm))
     hf: list = []
+    compiled: list = []
     if options.hf_backends and device.type == "cpu" and hf_available():
-        from .hf_backends import bench_hf_backends
+        from .hf_backends import COMPILED_FAMILIES, bench_hf_backends, bench_hf_compiled
 
         echo(
             "transformers backends: one fwd+bwd, d=256, 16 experts h=256, top-4, 2 layers, "
@@ -285,6 +318,12 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         )
         hf = bench_hf_backends(rounds=max(3, options.lm_rounds), warmup=1)
         echo(format_hf_backends_table(hf))
+        echo(
+            "compiled: torch.compile(model, fullgraph=True), inductor, the same step and "
+            f"sizes ({', '.join(COMPILED_FAMILIES)}); ratios against compiled grouped_mm"
+        )
+        compiled = bench_hf_compiled(rounds=max(3, options.lm_rounds))
+        echo(format_hf_compiled_table(compiled))
     tune: list = []
     if options.finetune and device.type == "cpu" and hf_available():
         from .finetune import LORA_LAYER, bench_expert_lora, bench_finetune_step
@@ -298,7 +337,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         rounds = max(3, options.lm_rounds)
         tune = [bench_expert_lora(rounds=rounds), *bench_finetune_step(rounds=rounds)]
         echo(format_finetune_table(tune))
-    return {"layer": layer, "lm": lm, "hf_backends": hf, "finetune": tune}
+    return {"layer": layer, "lm": lm, "hf_backends": hf, "hf_compiled": compiled, "finetune": tune}
 
 
 def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:
