@@ -139,6 +139,27 @@ def _assert_traces(module: nn.Module, args: tuple, kwargs: dict) -> None:
         torch.testing.assert_close(g, w)
 
 
+def test_fake_functional_and_meta_tensors_are_not_taken_for_quantised_ones():
+    """What export and compile trace with reads as plain weights; a quantised dtype or a
+    tensor subclass of another kind does not, fake or not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moekit.hf.experts import quantised_reason
+
+    with FakeTensorMode():
+        fake = torch.empty(4, 3)
+        fake8 = torch.empty(4, 3, dtype=torch.float8_e4m3fn)
+    meta = nn.Parameter(torch.empty(4, 3, device="meta"))
+    assert quantised_reason(fake) is None and quantised_reason(meta) is None
+    assert quantised_reason(fake8) == "is torch.float8_e4m3fn"
+    assert quantised_reason(torch.zeros(4, dtype=torch.int8)) == "is torch.int8"
+
+    class Packed(torch.Tensor):  # a stand-in for a quantised tensor subclass
+        pass
+
+    assert quantised_reason(torch.zeros(4).as_subclass(Packed)) == "is a Packed"
+
+
 @pytest.mark.parametrize("family", INTERFACE)
 def test_backend_exports_and_compiles_as_one_graph(family):
     """The experts module of every family on the interface, on moekit's backend: fake tensors

@@ -112,9 +112,7 @@ def bank_forward(
     if _use_grouped(rows, weights, backend):
         out = _grouped_forward(rows, weights, activation, group_sizes)
     else:
-        out = segment_mlp(
-            rows, *weights, group_sizes, activation, _segment_layout(backend)
-        )  # fmt: skip
+        out = segment_mlp(rows, *weights, group_sizes, activation, _segment_layout(backend))
     return dropout(out, dropout_p, training)
 
 
@@ -139,10 +137,10 @@ def bank_dispatch(
     if not uses_fused_cpu(x.device, backend):
         # x has rows (N > 0) iff the plan has (capacities are >= 1): a static test
         if not (x.shape[0] and _use_grouped(x, weights, backend)):
+            rows = permute(x, plan)  # [M, d]
             rows = bank_forward(
-                weights, permute(x, plan), plan.group_sizes, activation, backend, dropout_p,
-                training,
-            )  # fmt: skip
+                weights, rows, plan.group_sizes, activation, backend, dropout_p, training
+            )
             return unpermute(rows, plan, x.shape[0])
         rows = _grouped_forward(x, weights, activation, plan.group_sizes, plan)  # [M, d]
         return unpermute(dropout(rows, dropout_p, training), plan, x.shape[0])
@@ -150,10 +148,9 @@ def bank_dispatch(
     if training and dropout_p > 0 and plan.token_index.numel():
         keep, scale = keep_mask((plan.token_index.shape[0], x.shape[1]), dropout_p, x.device)
     w1, b1, w2, b2 = weights
-    return fused_moe(
-        x, plan.token_index, plan.slot_weight, plan.group_sizes, w1, b1, w2, b2, activation,
-        keep, scale, layout=_segment_layout(backend),
-    )  # fmt: skip
+    layout = _segment_layout(backend)
+    routed = (plan.token_index, plan.slot_weight, plan.group_sizes)
+    return fused_moe(x, *routed, w1, b1, w2, b2, activation, keep, scale, layout=layout)
 
 
 def _grouped_forward(
@@ -271,17 +268,14 @@ class ExpertBank(nn.Module):
         Returns:
             [M, d] in the compute dtype (the autocast dtype under autocast, else the weights').
         """
-        return bank_forward(
-            self.weights, rows, group_sizes, self.activation, self.backend, self.dropout,
-            self.training,
-        )  # fmt: skip
+        options = (self.activation, self.backend, self.dropout, self.training)
+        return bank_forward(self.weights, rows, group_sizes, *options)
 
     def dispatch(self, x: Tensor, plan: DispatchPlan) -> Tensor:
         """Tokens x [N, d] -> [N, d]: `unpermute(self(permute(x, plan)), plan)` as one op
         (`bank_dispatch`)."""
-        return bank_dispatch(
-            self.weights, x, plan, self.activation, self.backend, self.dropout, self.training
-        )
+        options = (self.activation, self.backend, self.dropout, self.training)
+        return bank_dispatch(self.weights, x, plan, *options)
 
     def gathered(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """A few tokens: x [N, d], indices [N, k], weights [N, k] -> [N, d], each (token, slot)
