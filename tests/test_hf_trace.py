@@ -14,7 +14,7 @@ upstream gradient); for the switch, transformers' own "eager" code.
   inductor's compiled loss and gradients equal eager's within float32 rounding; the export of
   the whole model equals eager.
 - PEFT: mixed adapter batches (`adapter_names=`) work, or fail with PEFT's own error, exactly
-  as without the patch.
+  as without the patch; moekit's expert LoRA compiles as one graph.
 - `set_experts_implementation` after `patch_model`: the config and the code agree.
 """
 
@@ -297,6 +297,27 @@ def test_patched_lora_experts_take_peft_s_arguments_by_keyword():
     want = wrapper(x, index, weights)
     got = wrapper(hidden_states=x, top_k_index=index, top_k_weights=weights, adapter_names=None)
     torch.testing.assert_close(got, want)
+
+
+def test_patched_expert_lora_compiles_as_one_graph():
+    """moekit's expert LoRA (PEFT `target_parameters`, after `patch_model`) inside
+    `torch.compile(fullgraph=True)`: no graph break; loss and every LoRA gradient equal eager."""
+    model = _lora(
+        _model("qwen3_moe").train(),
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    model.set_adapter("default")
+    patch_model(model, strict=True)
+    inputs = _inputs(model.base_model.model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got, got_grads = _step(model, compiled, inputs)
+    want, want_grads = _step(model, model, inputs)
+    lora = [n for n in want_grads if "lora" in n]
+    assert lora and got_grads.keys() == want_grads.keys()
+    torch.testing.assert_close(got, want)
+    for name in lora:
+        torch.testing.assert_close(got_grads[name], want_grads[name], msg=name)
 
 
 SWITCHABLE = sorted(f.name for f in FAMILIES if f.on_interface and f.name not in DATA_DEPENDENT)
