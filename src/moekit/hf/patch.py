@@ -217,14 +217,14 @@ class SetExpertsImplementation:
     keeps both its config and its patch, as transformers leaves it). `previous`: the model's
     implementations before the patch, restored by `unpatch_model`."""
 
-    def __init__(self, model: nn.Module, previous: dict | None) -> None:
+    def __init__(self, model: nn.Module, previous: str | dict | None) -> None:
         self.model, self.previous = model, previous
 
     def __call__(self, experts_implementation: str | dict) -> None:
         model = self.model
         requested = experts_implementation
         names = set(requested.values()) if isinstance(requested, dict) else {requested}
-        if names - {NAME, None} and model._can_set_experts_implementation():
+        if names - {NAME, None} and _settable(model):
             count = unpatch_model(model)
             if count:
                 warnings.warn(
@@ -246,13 +246,25 @@ def _guard_implementation(model: nn.Module) -> None:
         if hasattr(type(m), "set_experts_implementation")
         and not isinstance(m.__dict__.get("set_experts_implementation"), SetExpertsImplementation)
     ]
-    switch = [m for m in models if m._can_set_experts_implementation() and _backend_runs_all(m)]
-    previous = {id(m): m.get_experts_implementation() for m in switch}  # before any switch
+    switch = [m for m in models if _settable(m) and _backend_runs_all(m)]
+    previous = {id(m): _implementation(m) for m in switch}  # before any switch
     for module in models:
         if id(module) in previous:
             type(module).set_experts_implementation(module, NAME)
         guard = SetExpertsImplementation(module, previous.get(id(module)))
         module.set_experts_implementation = guard
+
+
+def _settable(model: nn.Module) -> bool:
+    """Whether transformers sets this model's experts implementation (it has MoE experts)."""
+    can = getattr(model, "_can_set_experts_implementation", None)
+    return bool(can()) if callable(can) else True
+
+
+def _implementation(model: nn.Module) -> str | dict:
+    """The model's experts implementation(s), as `set_experts_implementation` takes them back."""
+    get = getattr(model, "get_experts_implementation", None)  # with its sub-configs
+    return get() if callable(get) else model.config._experts_implementation
 
 
 def _backend_runs_all(model: nn.Module) -> bool:
