@@ -66,6 +66,23 @@ def test_grouped_mm_custom_op_registration():
     torch.library.opcheck(_grouped_mm, (rows, weight, offsets))
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_linear_takes_what_grouped_mm_refuses(transposed):
+    """float64 and odd widths (and an empty expert) run as one matmul per segment inside the
+    custom op: gradcheck, the weight's gradient in its layout, no rows at all."""
+    from moekit.ops.grouped import grouped_linear
+
+    rows = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 3, dtype=torch.float64) if transposed else torch.randn(3, 3, 5)
+    weight = (weight.transpose(1, 2) if transposed else weight.double()).requires_grad_(True)
+    offsets = torch.tensor([4, 4, 9], dtype=torch.int32)
+    assert torch.autograd.gradcheck(lambda r, w: grouped_linear(r, w, offsets), (rows, weight))
+    grad = torch.autograd.grad(grouped_linear(rows, weight, offsets).sum(), weight)[0]
+    assert grad.stride() == weight.stride()
+    empty = grouped_linear(rows[:0], weight, torch.zeros(3, dtype=torch.int32))
+    assert empty.shape == (0, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_language_model_equals_eager(dtype):
     torch._dynamo.reset()

@@ -160,13 +160,9 @@ def _grouped_forward(
     first GEMM gathers them itself (`gathered_grouped_linear`: the gathered [M, d] rows are
     not kept for the backward)."""
     w1, b1, w2, b2 = weights
-    ends = torch.cumsum(group_sizes, 0)  # [E] segment ends
-    offsets = ends.to(torch.int32)
+    offsets = torch.cumsum(group_sizes, 0).to(torch.int32)  # [E] segment ends
     num_rows = rows.shape[0] if plan is None else plan.token_index.shape[0]  # M
-    row_expert = None
-    if b1 is not None:  # [M] the expert of each row (fixed shapes: traceable by compile)
-        positions = torch.arange(num_rows, device=rows.device)
-        row_expert = torch.searchsorted(ends, positions, right=True)
+    row_expert = None if b1 is None else row_experts(group_sizes, num_rows)  # [M]
     if plan is None:
         hidden = grouped_linear(rows, w1, offsets)  # [M, h]
     else:
@@ -179,6 +175,13 @@ def _grouped_forward(
     if b2 is not None:
         out = out + row_bias(b2, row_expert)
     return out
+
+
+def row_experts(group_sizes: Tensor, num_rows: int) -> Tensor:
+    """[M] the expert of each row of rows grouped by expert (fixed shapes: no host sync,
+    traceable by compile)."""
+    ends = torch.cumsum(group_sizes, 0)  # [E]
+    return torch.searchsorted(ends, torch.arange(num_rows, device=ends.device), right=True)
 
 
 class ExpertBank(nn.Module):

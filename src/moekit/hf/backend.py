@@ -24,14 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch import DispatchPlan, make_plan
-from ..experts import bank_dispatch
+from ..experts import bank_dispatch, row_experts
 from ..ops import combine, gather, grouped_linear, row_bias
 from .experts import (
     Layout,
     bank_weights,
     fast_activation,
     layout_of,
-    row_experts,
     unsupported_weights,
 )
 

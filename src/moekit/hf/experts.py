@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -140,9 +139,3 @@ def bank_weights(experts: nn.Module, layout: Layout) -> BankWeights:
         view(experts.down_proj),  # [E, h, d]
         experts.down_proj_bias if layout.has_bias else None,
     )
-
-
-def row_experts(group_sizes: Tensor, num_rows: int) -> Tensor:
-    """[M] the expert of each row of rows grouped by expert (no host sync)."""
-    ends = torch.cumsum(group_sizes, 0)  # [E]
-    return torch.searchsorted(ends, torch.arange(num_rows, device=ends.device), right=True)

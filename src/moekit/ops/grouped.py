@@ -18,6 +18,7 @@ from torch import Tensor
 from ._layout import transposed
 from ._triton import triton_module
 from .combine import sum_token_rows
+from .segment_mlp import _input_grad, _linear_into, _weight_grads
 
 
 def grouped_mm_supported(rows: Tensor, weight: Tensor) -> bool:
@@ -49,32 +50,25 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def _segments(offsets: Tensor, *tensors: Tensor):
-    """(expert, its segment of each [M, .] tensor) per non-empty segment: one host read."""
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            yield expert, *(t[start:end] for t in tensors)
-        start = end
+def _sizes(offsets: Tensor) -> list[int]:
+    """[E] segment ends -> the segment lengths, on the host (inside the op: torch.compile and
+    torch.export never see the read)."""
+    return torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
 
 
 def _loop_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """One matmul per segment: what `F.grouped_mm` does not take (float64, odd widths, no
-    rows); it reads the offsets on the host, inside the op where torch.compile cannot see."""
-    out = rows.new_zeros(rows.shape[0], weight.shape[2])  # [M, d_out]
-    for expert, rows_e, out_e in _segments(offsets, rows, out):
-        torch.mm(rows_e, weight[expert], out=out_e)
-    return out
+    """One matmul per segment (`segment_mlp`'s loops): what `F.grouped_mm` does not take
+    (float64, odd widths, no rows)."""
+    out = rows.new_empty(rows.shape[0], weight.shape[2])  # [M, d_out]
+    return _linear_into(out, rows, weight, None, _sizes(offsets))
 
 
 def _loop_backward(grad: Tensor, rows: Tensor, weight: Tensor, offsets: Tensor, weight_grad: bool):
-    grad_rows = torch.zeros_like(rows)  # [M, d_in]
-    grad_weight = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)  # its layout
-    for expert, grad_e, rows_e, grad_rows_e in _segments(offsets, grad, rows, grad_rows):
-        torch.mm(grad_e, weight[expert].t(), out=grad_rows_e)
-        if weight_grad:
-            grad_weight[expert].copy_(rows_e.t() @ grad_e)
-    return grad_rows, grad_weight
+    sizes = _sizes(offsets)
+    grad_rows = _input_grad(grad, weight, sizes)  # [M, d_in]
+    if not weight_grad:
+        return grad_rows, weight.new_empty(0)
+    return grad_rows, _weight_grads(rows, grad, weight, False, sizes)[0]  # the weight's layout
 
 
 def _torch_forward(rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
