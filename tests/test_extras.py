@@ -19,9 +19,9 @@ from moekit.bench.hf_peer import mixtral_peer
 from moekit.cli import main
 from moekit.lm.config import build_config
 from moekit.lm.data import BPETokenizer
-from moekit.lm.tracking import make_tracker
+from moekit.train.tracking import make_tracker
 from moekit.lm.train import Trainer
-from moekit.plots import plot_losses
+from moekit.train.plots import plot_losses
 
 # what a plain `pip install moekit` must not bring in (the extras and MLflow's server stack)
 OPTIONAL = ("mlflow", "matplotlib", "tqdm", "tokenizers", "transformers", "pandas", "flask")
@@ -47,7 +47,7 @@ BLOCKED_CLI_SCRIPT = """
 import sys
 for name in sys.argv[3:]:
     sys.modules[name] = None
-import moekit.bench, moekit.lm.train, moekit.plots
+import moekit.bench, moekit.lm.train, moekit.train.plots
 from moekit.cli import main
 try:
     main(["train", "--help"])

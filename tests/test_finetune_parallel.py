@@ -31,8 +31,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from moekit.hf.catalog import tiny_model  # noqa: E402
 from moekit.hf.finetune import DTYPES, FinetuneConfig, finetune, load_model  # noqa: E402
-from moekit.lm.checkpoint import list_checkpoints, verify  # noqa: E402
-from moekit.parallel.checkpoint import REQUIRED  # noqa: E402
+from moekit.train.files import list_checkpoints, verify  # noqa: E402
+from moekit.train.sharded import REQUIRED  # noqa: E402
 from spawn import free_port, rank_0_of  # noqa: E402
 
 pytestmark = pytest.mark.distributed

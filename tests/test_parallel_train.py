@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.lm import checkpoint as ckpt
+from moekit.train import files as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.inference import load_model
 from moekit.lm.train import train

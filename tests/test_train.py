@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.lm import checkpoint as ckpt
+from moekit.train import files as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.train import NonFiniteError, Trainer, train
 
@@ -84,7 +84,8 @@ def test_save_load_resume_is_bitwise(tmp_path, reference_run):
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    from moekit.lm import checkpoint, train
+    from moekit.lm import train
+    from moekit.train import files as checkpoint
     from moekit.lm.config import build_config
     mode, at = sys.argv[1], int(sys.argv[2])
     cfg = build_config("tiny", None, data=sys.argv[3], out=sys.argv[4], track=False, progress=False,
@@ -328,7 +329,7 @@ def test_compiled_training_follows_eager(tmp_path):
 def test_a_rank_reads_only_its_rows_of_the_optimizer_state(tmp_path):
     """`Checkpoint.optimizer_slices`: an expert shard's Adam moments cut to its rows from the
     file (each expert-parallel rank reads its part); scalars and other parameters whole."""
-    from moekit.lm.checkpoint import load_checkpoint, save_checkpoint
+    from moekit.train.files import load_checkpoint, save_checkpoint
 
     experts, dense = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
     optimizer = torch.optim.AdamW([experts, dense])

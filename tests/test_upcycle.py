@@ -28,7 +28,7 @@ from moekit import (
     upcycle,
 )
 from moekit.cli import main
-from moekit.lm import checkpoint as ckpt
+from moekit.train import files as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.inference import load_model
 

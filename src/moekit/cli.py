@@ -94,7 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _saved_model_config(out: str):
     """The model config of the newest valid checkpoint in `out`, or None."""
-    from .lm.checkpoint import latest_checkpoint
+    from .train.files import latest_checkpoint
     from .lm.model import LMConfig
 
     checkpoint = latest_checkpoint(Path(out))

@@ -18,7 +18,7 @@ sampled as random windows of `seq_len` + 1 tokens (`lm.data.TokenData`). Per ste
 in a tqdm line; every `eval_interval` steps the held-out loss and, per MoE layer, the routing
 statistics the patched routers count (max/mean expert load, the entropy of the load, each
 expert's share), all in MLflow (`sqlite:///<out>/mlflow.db`), and an atomic checkpoint of the
-trained tensors, optimizer and random streams (`lm.checkpoint`): `resume` continues bitwise.
+trained tensors, optimizer and random streams (`train.files`): `resume` continues bitwise.
 
 Output in `<out>/final`: the PEFT adapter directory (`adapter_config.json`,
 `adapter_model.safetensors`; `PeftModel.from_pretrained` loads it without moekit), or with a
@@ -44,11 +44,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from .._extras import require
-from ..lm.checkpoint import decode_bytes, encode_bytes
+from ..train.files import decode_bytes, encode_bytes
 from ..lm.data import TokenData
-from ..lm.tracking import make_tracker
+from ..train.tracking import make_tracker
 from ..parallel import training as par
-from ..parallel.checkpoint import latest_sharded, load_sharded, save_sharded
+from ..train.sharded import latest_sharded, load_sharded, save_sharded
 from .aux import switch_loss
 from .distributed import Sharded, training_state
 from .patch import experts_of, holds_experts, patch_model, router_of
@@ -452,7 +452,7 @@ class Finetuner:
         return state.get("mlflow_run_id")
 
     def save(self) -> Path:
-        """A checkpoint (`parallel.checkpoint.save_sharded`): every rank its pieces."""
+        """A checkpoint (`train.sharded.save_sharded`): every rank its pieces."""
         self.tracker.flush()
         rng = encode_bytes(torch.get_rng_state())
         ranks = [rng] if self.topo is None else par.all_gather_objects(rng, self.topo)
@@ -673,7 +673,7 @@ class Finetuner:
         merged.save_pretrained(self.out / "merged")
 
     def write_reports(self) -> None:
-        from ..plots import plot_expert_load, plot_losses
+        from ..train.plots import plot_expert_load, plot_losses
 
         paths = []
         evals = [e for e in self.evals if "train_loss" in e]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..upcycle import upcycle
-from .checkpoint import encode_bytes, list_checkpoints, resolve_checkpoint, save_checkpoint
+from ..train.files import encode_bytes, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .config import TRAIN_FIELDS, TrainConfig
 from .data import build_tokenizer, load_text
 from .model import LMConfig, SparseMoELanguageModel

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import resolve_checkpoint
+from ..train.files import resolve_checkpoint
 from .data import TokenData, load_text, tokenizer_from_dict
 from .model import LMConfig, SparseMoELanguageModel
 

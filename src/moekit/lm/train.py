@@ -31,13 +31,13 @@ from .._device import fast_bfloat16
 from .._extras import require
 from ..parallel import expert_parallel, sharded_parameters
 from ..parallel import training as par
-from ..plots import plot_expert_load, plot_losses, pyplot
+from ..train.plots import plot_expert_load, plot_losses, pyplot
 from ..routing import update_router_biases
-from .checkpoint import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
+from ..train.files import decode_bytes, encode_bytes, latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import TokenData, build_tokenizer, load_text, tokenizer_from_dict
 from .model import LMConfig, SparseMoELanguageModel
-from .tracking import make_tracker
+from ..train.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 

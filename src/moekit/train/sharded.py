@@ -4,7 +4,7 @@ A checkpoint is a directory `ckpt-<step>` holding
   dcp/             DCP's files: each rank writes its pieces of the tensors (`__<rank>_0.distcp`),
                    `.metadata` maps every tensor's global shape to the pieces
   state.json       everything else (config, step, RNG states, history), written by rank 0
-  manifest.json    sha256 and size of every file, written last (`lm.checkpoint.publish`)
+  manifest.json    sha256 and size of every file, written last (`train.files.publish`)
 Every rank writes into `.tmp-ckpt-<step>-dcp`; after all have, rank 0 seals and renames it, so
 a job killed at any point leaves the previous checkpoints and no half-written `ckpt-` directory.
 The tensors are DTensors of their global shape (or plain tensors in one process), so a
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from ..lm.checkpoint import CheckpointError, list_checkpoints, publish, verify
-from .training import Topology
+from .files import CheckpointError, list_checkpoints, publish, verify
+from ..parallel.training import Topology
 
 log = logging.getLogger(__name__)
 

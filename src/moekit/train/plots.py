@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._extras import require
+from .._extras import require
 
 
 def pyplot():
