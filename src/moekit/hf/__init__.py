@@ -7,6 +7,8 @@
                                       and kernels, by the family rules of `families`
     moe_from_hf / moe_to_hf           a block's weights into a standalone `moekit.MoE` and back
     moe_families / tiny_model         the installed transformers' MoE families, tiny models
+    lora_path_calls(model)            how many grouped passes computed PEFT LoRA on the
+                                      experts in moekit (backend or patch), per model
 
 `import moekit` never imports transformers; `import moekit.hf` does where it is installed (to
 register the backend).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from .backend import lora_path_calls
 from .catalog import FamilyInfo, TinyModelError, moe_families, tiny_config, tiny_model
 from .convert import moe_from_hf, moe_to_hf
 from .families import RULES, SKIPPED, FamilyRule
@@ -28,6 +31,7 @@ __all__ = [
     "FamilyRule",
     "TinyModelError",
     "is_patched",
+    "lora_path_calls",
     "moe_families",
     "moe_from_hf",
     "moe_to_hf",

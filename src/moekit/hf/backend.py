@@ -14,6 +14,14 @@ transformers'. Here:
             around the module's own `_apply_gate` / `act_fn` / `post_expert_norm`, then
             moekit's combine
 
+PEFT LoRA on the stacked expert weights (`LoraConfig(target_parameters=[...])`, TRL's
+`SFTTrainer(peft_config=...)`) reaches the backend with no `patch_model`: PEFT's `ParamWrapper`
+parametrizes the weights it targets as W + scaling * lhs @ rhs while its forward runs, formed
+only when read; the backend reads W and the factors instead (`experts.peft_lora`) and adds
+the low-rank terms per expert in the general path, as `blocks.LoraExperts` does after the
+patch. Where PEFT forms W + delta itself (several active adapters) the backend runs on it.
+`lora_path_calls(model)` counts the grouped passes that computed LoRA terms.
+
 `register()` adds the backend to transformers' `ExpertsInterface` (its public `register`);
 `import moekit.hf` calls it when transformers is installed.
 """
@@ -31,12 +39,15 @@ from .experts import (
     bank_weights,
     fast_activation,
     layout_of,
+    peft_lora,
+    stored_weight,
     unsupported_weights,
 )
 
-__all__ = ["NAME", "experts_forward", "register", "run_experts"]
+__all__ = ["NAME", "experts_forward", "lora_path_calls", "register", "run_experts"]
 
 NAME = "moekit"
+_CALLS = "_moekit_lora_calls"  # an experts module's count of its `lora_path_calls`
 
 
 def register() -> None:
@@ -45,6 +56,21 @@ def register() -> None:
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(NAME, experts_forward)
+
+
+def lora_path_calls(model: nn.Module) -> int:
+    """How many times moekit's grouped pass computed PEFT LoRA terms for the experts of
+    `model`: PEFT's wrapped experts on the backend, `patch_model`'s `LoraExperts`, expert
+    parallel or not. Each experts module counts its own eager calls (calls traced by
+    torch.compile are not counted: a changing count would recompile the graph), so a count
+    that stays put says PEFT formed W + delta itself, or no adapter was active.
+
+    Raises:
+        TypeError: `model` is not a module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return sum(m.__dict__.get(_CALLS, 0) for m in model.modules())
 
 
 def experts_forward(
@@ -78,10 +104,11 @@ def _run(
             f"expected hidden_states [T, d], top_k_index and top_k_weights [T, k]; got "
             f"{tuple(x.shape)}, {tuple(indices.shape)}, {tuple(weights.shape)}"
         )
-    num_experts = module.down_proj.shape[0]
+    num_experts = stored_weight(module, "down_proj").shape[0]
     if getattr(module, "_is_expert_parallel", False):  # sentinels: weight 0, any expert
         weights = weights.masked_fill(indices >= num_experts, 0.0)
         indices = indices.clamp(max=num_experts - 1)
+    lora = {**peft_lora(module, layout), **(lora or {})}  # inside PEFT's forward: its factors
     return run_experts(module, layout, x, make_plan(indices, weights, num_experts), lora=lora)
 
 
@@ -99,6 +126,8 @@ def run_experts(
     not its output (Llama 4). `lora`: {parameter name: (lhs, rhs, scaling)}, low-rank deltas
     of the stacked weights in their own layout (W + scaling * lhs @ rhs, PEFT's factors),
     computed per expert on its rows. The block patch calls it too."""
+    if lora and not torch.compiler.is_compiling():  # `lora_path_calls`
+        setattr(module, _CALLS, module.__dict__.get(_CALLS, 0) + 1)
     activation = None if scale_input or lora else fast_activation(module, layout)
     if activation is not None:
         weights = bank_weights(module, layout)
@@ -146,10 +175,11 @@ def _general(
     module's gate or activation -> down (+ bias, + LoRA) -> the module's post-expert norm ->
     weighted combine; moekit's kernels, the module's functions."""
     lora = lora or {}
-    up = getattr(module, layout.up_name)
+    # W, not W + delta, where PEFT's wrapper keeps the factors (their terms are in `lora`)
+    up, down = stored_weight(module, layout.up_name), stored_weight(module, "down_proj")
     dtype = up.dtype
     w1 = up if layout.is_transposed else up.transpose(1, 2)  # [E, d, width]
-    w2 = module.down_proj if layout.is_transposed else module.down_proj.transpose(1, 2)  # [E, h, d]
+    w2 = down if layout.is_transposed else down.transpose(1, 2)  # [E, h, d]
     offsets = torch.cumsum(plan.group_sizes, 0).to(torch.int32)  # [E]
     rows = gather(x.to(dtype), plan.token_index, plan.pair_index, plan.top_k)  # [M, d]
     slot_weight = plan.slot_weight.to(dtype)  # [M]

@@ -14,6 +14,12 @@ back gradients in the parameters' layout (`ops/_layout.py`). No module is built 
 torch.compile and torch.export trace the backend whole.
 `fast_activation(module)` says whether moekit's fused kernels compute the module's
 activation exactly ("swiglu", "relu", "gelu") or the module's own functions must run (None).
+
+While a PEFT LoRA `ParamWrapper`'s forward runs (`LoraConfig(target_parameters=...)`), the
+weight it targets is parametrized (`torch.nn.utils.parametrize`) as W + scaling * lhs @ rhs,
+formed only when the attribute is read: `peft_lora(module, layout)` gives the factors and
+`stored_weight(module, name)` W, so the backend computes the low-rank terms per expert and
+never forms the sum.
 """
 
 from __future__ import annotations
@@ -22,10 +28,19 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..experts import BankWeights
 
-__all__ = ["Layout", "bank_weights", "fast_activation", "layout_of", "unsupported_weights"]
+__all__ = [
+    "Layout",
+    "bank_weights",
+    "fast_activation",
+    "layout_of",
+    "peft_lora",
+    "stored_weight",
+    "unsupported_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,42 @@ def layout_of(module: nn.Module, **defaults: bool) -> Layout:
     return Layout(
         **{n: bool(getattr(module, n, defaults.get(n, f.default))) for n, f in fields.items()}
     )
+
+
+def _lora_proxy(module: nn.Module, name: str) -> nn.Module | None:
+    """PEFT's parametrization of the module's weight `name` while a `ParamWrapper`'s forward
+    runs, where it keeps the low-rank factors (`_LoraFactorsProxy`: one active adapter, no
+    other parametrization under it); None for none or any other (PEFT's summed deltas of
+    several adapters, another library's), whose value is the attribute as it reads."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    try:
+        from peft.tuners.lora.layer import _LoraFactorsProxy
+    except ImportError:  # PEFT absent or changed: the attribute as it reads, PEFT's own sum
+        return None
+    chain = module.parametrizations[name]
+    return chain[0] if len(chain) == 1 and type(chain[0]) is _LoraFactorsProxy else None
+
+
+def stored_weight(module: nn.Module, name: str) -> Tensor | None:
+    """The module's tensor `name` (None where it has none): W itself where `peft_lora` gives
+    PEFT's factors for it (the parametrization's original), else the attribute as it reads."""
+    if _lora_proxy(module, name) is not None:
+        return module.parametrizations[name].original
+    return getattr(module, name, None)
+
+
+def peft_lora(module: nn.Module, layout: Layout) -> dict:
+    """{parameter name: (lhs, rhs, scaling)}: PEFT's LoRA on the stacked up and down weights
+    while its wrappers' forwards run, as factors of the weights' own layout [E, a, r] and
+    [E, r, b] (delta = scaling * lhs @ rhs, `ParamWrapper.get_delta_factors`); empty when
+    no wrapper's forward is running or PEFT formed W + delta itself (several adapters)."""
+    lora = {}
+    for name in (layout.up_name, "down_proj"):
+        proxy = _lora_proxy(module, name)
+        if proxy is not None:
+            lora[name] = (proxy.lhs, proxy.rhs, proxy.scaling)
+    return lora
 
 
 def _traced_types() -> tuple[type, ...]:
@@ -77,17 +128,15 @@ def unsupported_weights(module: nn.Module, layout: Layout) -> str | None:
     if layout.has_bias:
         names += [f"{layout.up_name}_bias", "down_proj_bias"]
     for name in names:
-        tensor = getattr(module, name, None)
+        tensor = stored_weight(module, name)
         if not isinstance(tensor, Tensor):
             return f"no tensor {name!r} (layout {layout})"
         reason = quantised_reason(tensor)
         if reason is not None:
             return f"{name} {reason}: quantised expert weights are not supported"
-    up = getattr(module, layout.up_name)
-    if up.dim() != 3 or module.down_proj.dim() != 3:
-        return (
-            f"expert weights of {up.dim()} and {module.down_proj.dim()} dims, expected stacked 3-D"
-        )
+    up, down = stored_weight(module, layout.up_name), stored_weight(module, "down_proj")
+    if up.dim() != 3 or down.dim() != 3:
+        return f"expert weights of {up.dim()} and {down.dim()} dims, expected stacked 3-D"
     return None
 
 
