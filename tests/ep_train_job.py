@@ -19,7 +19,8 @@ import sys
 import torch
 
 from moekit.lm.config import build_config
-from moekit.lm.train import Trainer
+from moekit.lm.train import LMJob
+from moekit.train.loop import Loop
 
 
 def main() -> int:
@@ -31,8 +32,9 @@ def main() -> int:
     parser.add_argument("--at", type=int, default=5)
     args = parser.parse_args()
     cfg = build_config("tiny", None, **json.loads(args.config))
-    trainer = Trainer(cfg, resume=args.resume)
-    if args.fault and trainer.topo.rank == 1:
+    job = LMJob(cfg, resume=args.resume)
+    trainer = Loop(job)
+    if args.fault and job.topo.rank == 1:
         step_fn = trainer.train_step
 
         def faulty_step():
@@ -49,11 +51,11 @@ def main() -> int:
         return 1
     if args.logits:
         gen = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, trainer.model_config.vocab_size, (4, 16), generator=gen)
-        trainer.model.eval()
+        idx = torch.randint(0, job.model_config.vocab_size, (4, 16), generator=gen)
+        job.model.eval()
         with torch.no_grad():
-            logits = trainer.model(idx)[0]
-        if trainer.is_main:
+            logits = job.model(idx)[0]
+        if job.is_main:
             torch.save({"idx": idx, "logits": logits}, args.logits)
     torch.distributed.destroy_process_group()
     return 0

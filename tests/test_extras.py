@@ -19,9 +19,9 @@ from moekit.bench.hf_peer import mixtral_peer
 from moekit.cli import main
 from moekit.lm.config import build_config
 from moekit.lm.data import BPETokenizer
-from moekit.train.tracking import make_tracker
-from moekit.lm.train import Trainer
+from moekit.lm.train import LMJob
 from moekit.train.plots import plot_losses
+from moekit.train.tracking import make_tracker
 
 # what a plain `pip install moekit` must not bring in (the extras and MLflow's server stack)
 OPTIONAL = ("mlflow", "matplotlib", "tqdm", "tokenizers", "transformers", "pandas", "flask")
@@ -99,7 +99,7 @@ def test_cli_help_and_train_without_the_train_extra(tmp_path):
         (
             ("tqdm", "tqdm.auto"),
             "train",
-            lambda tmp: Trainer(build_config("tiny", None, data=str(tmp / "x.txt"), out=str(tmp))),
+            lambda tmp: LMJob(build_config("tiny", None, data=str(tmp / "x.txt"), out=str(tmp))),
         ),
         (("tokenizers",), "train", lambda tmp: BPETokenizer.train("abc abc", 300)),
         (("transformers",), "hf", lambda tmp: mixtral_peer(MoE(16, 4, 2, 24, "swiglu"))),

@@ -196,7 +196,7 @@ def test_build_config_layers_preset_toml_and_flags(tmp_path):
         'max_iters = 7\nlearning_rate = 0.002\n[model]\nn_layer = 3\nrouter = "sigmoid"\n'
     )
     cfg = build_config("tiny", str(toml), learning_rate=0.005, top_k=1)
-    assert cfg.max_iters == 7 and cfg.learning_rate == 0.005
+    assert cfg.steps == 7 and cfg.lr == 0.005
     assert cfg.model.n_layer == 3 and cfg.model.router == "sigmoid" and cfg.model.top_k == 1
     assert cfg.model.n_embed == 32  # from the preset
     with pytest.raises(ValueError, match="unknown configuration keys"):
@@ -204,14 +204,14 @@ def test_build_config_layers_preset_toml_and_flags(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         build_config("huge")
     with pytest.raises(ValueError, match="schedule"):
-        build_config("tiny", None, schedule="linear")
+        build_config("tiny", None, schedule="step")
 
 
 def test_makemoe_preset_keeps_the_blogs_hyperparameters():
 
     cfg = build_config("makemoe")
-    assert (cfg.batch_size, cfg.model.block_size, cfg.learning_rate) == (16, 32, 1e-3)
-    assert (cfg.max_iters, cfg.eval_interval, cfg.eval_iters) == (5000, 500, 100)
+    assert (cfg.batch_size, cfg.model.block_size, cfg.lr) == (16, 32, 1e-3)
+    assert (cfg.steps, cfg.eval_interval, cfg.eval_batches) == (5000, 500, 100)
     exact = build_config(
         "makemoe",
         None,
@@ -223,7 +223,7 @@ def test_makemoe_preset_keeps_the_blogs_hyperparameters():
         eval_iters=400,
     )
     assert exact.model == LMConfig(init="kaiming", dropout=0.1)
-    assert (exact.eval_interval, exact.eval_iters, exact.schedule) == (100, 400, "constant")
+    assert (exact.eval_interval, exact.eval_batches, exact.schedule) == (100, 400, "constant")
 
 
 def test_stream_yields_generates_tokens_one_at_a_time_without_leaking_modes():

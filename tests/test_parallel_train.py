@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moekit.train import files as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.inference import load_model
 from moekit.lm.train import train
+from moekit.train import files as ckpt
 from spawn import rank_0_of
 
 pytestmark = pytest.mark.distributed
@@ -35,10 +35,10 @@ def config(out: Path, **kw) -> dict:
             out=str(out),
             track=False,
             progress=False,
-            max_iters=20,
+            steps=20,
             save_every=10,
             eval_interval=10,
-            eval_iters=2,
+            eval_batches=2,
             sample_tokens=8,
             dropout=0.0,
             router="softmax",
@@ -82,15 +82,15 @@ def ep2(tmp_path_factory):
 def test_two_ranks_train_like_one_process(ep2, single):
     final = ckpt.load_checkpoint(ep2 / "ckpt-00000020")
     assert_close_weights(final.path, single.checkpoint)
-    losses = final.state["history"]["train_losses"]
+    losses = final.state["loop"]["train_losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.train_losses))
-    evals = final.state["history"]["evals"]
+    evals = final.state["loop"]["evals"]
     assert [e["step"] for e in evals] == [e["step"] for e in single.evals]
     for got, want in zip(evals, single.evals, strict=True):
         assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     # the expert load is counted over all ranks' tokens: the single process's history
-    want = ckpt.load_checkpoint(single.checkpoint).state["history"]["expert_load"]
-    got = final.state["history"]["expert_load"]
+    want = ckpt.load_checkpoint(single.checkpoint).state["loop"]["health"]["history"]
+    got = final.state["loop"]["health"]["history"]
     assert [e["step"] for e in got] == [e["step"] for e in want]
     torch.testing.assert_close(torch.tensor(got[-1]["load"]), torch.tensor(want[-1]["load"]))
 
@@ -134,7 +134,7 @@ def test_a_dead_or_hung_rank_fails_the_others_then_resume(tmp_path, ep2, fault):
     resumed, uninterrupted = (ckpt.load_checkpoint(p / "ckpt-00000020") for p in (tmp_path, ep2))
     for name, value in uninterrupted.model.items():
         assert torch.equal(resumed.model[name], value), name
-    history = [c.state["history"]["train_losses"] for c in (resumed, uninterrupted)]
+    history = [c.state["loop"]["train_losses"] for c in (resumed, uninterrupted)]
     assert history[0] == history[1]
 
 

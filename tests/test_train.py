@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from moekit.cli import main
-from moekit.train import files as ckpt
 from moekit.lm.config import build_config
-from moekit.lm.train import NonFiniteError, Trainer, train
+from moekit.lm.train import LMJob, NonFiniteError, train
+from moekit.train import files as ckpt
+from moekit.train.loop import Loop
 
 CORPUS = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
 
@@ -32,10 +33,10 @@ def cfg_for(out: Path, **kw):
         out=str(out),
         track=False,
         progress=False,
-        max_iters=30,
+        steps=30,
         save_every=10,
         eval_interval=10,
-        eval_iters=2,
+        eval_batches=2,
         sample_tokens=8,
     )
     return build_config("tiny", None, **(base | kw))
@@ -63,7 +64,7 @@ def test_tiny_training_lowers_the_loss(reference_run):
     evals = reference_run.evals
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     assert sum(reference_run.train_losses[-5:]) < sum(reference_run.train_losses[:5])
-    assert [e["step"] for e in evals] == [0, 10, 20, 29]
+    assert [e["step"] for e in evals] == [0, 10, 20, 30]
     assert len(reference_run.train_losses) == 30
     out = reference_run.out
     assert {p.name for p in ckpt.list_checkpoints(out)} == {
@@ -74,7 +75,7 @@ def test_tiny_training_lowers_the_loss(reference_run):
 
 
 def test_save_load_resume_is_bitwise(tmp_path, reference_run):
-    first = train(cfg_for(tmp_path, max_iters=20))
+    first = train(cfg_for(tmp_path, steps=20))
     assert first.step == 20
     resumed = train(cfg_for(tmp_path), resume=True)
     assert resumed.train_losses == reference_run.train_losses
@@ -85,18 +86,18 @@ SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from moekit.lm import train
-    from moekit.train import files as checkpoint
+    from moekit.train import files as checkpoint, loop
     from moekit.lm.config import build_config
     mode, at = sys.argv[1], int(sys.argv[2])
     cfg = build_config("tiny", None, data=sys.argv[3], out=sys.argv[4], track=False, progress=False,
-                       max_iters=30, save_every=10, eval_interval=10, eval_iters=2, sample_tokens=8)
+                       steps=30, save_every=10, eval_interval=10, eval_batches=2, sample_tokens=8)
     if mode == "step":  # SIGKILL when step `at` begins
-        original = train.Trainer.train_step
+        original = loop.Loop.train_step
         def step(self):
             if self.step == at:
                 os.kill(os.getpid(), signal.SIGKILL)
             return original(self)
-        train.Trainer.train_step = step
+        loop.Loop.train_step = step
     else:  # SIGKILL in the middle of a checkpoint write: files written, not yet published
         calls = {"n": 0}
         original = checkpoint._fsync
@@ -131,7 +132,7 @@ def test_kill_9_then_resume_is_bitwise(tmp_path, reference_run, mode):
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip", "manifest"])
 def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path, damage):
-    run = train(cfg_for(tmp_path, max_iters=20))
+    run = train(cfg_for(tmp_path, steps=20))
     newest, older = ckpt.list_checkpoints(tmp_path)[-1], ckpt.list_checkpoints(tmp_path)[0]
     if damage == "truncate":
         target = newest / "model.safetensors"
@@ -147,14 +148,15 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(tmp_path, damage):
         ckpt.load_checkpoint(newest)
     assert ckpt.latest_checkpoint(tmp_path).path == older
     assert run.step == 20
-    resumed = Trainer(cfg_for(tmp_path), resume=True)
+    resumed = Loop(LMJob(cfg_for(tmp_path), resume=True))
     assert resumed.step == 10  # continued from the older, intact checkpoint
     assert main(["generate", "--checkpoint", str(newest)]) == 1  # a clear error, not a traceback
 
 
 def test_non_finite_loss_stops_before_the_optimizer(tmp_path, monkeypatch):
-    trainer = Trainer(cfg_for(tmp_path, max_iters=12))
-    original = type(trainer.model).forward
+    job = LMJob(cfg_for(tmp_path, steps=12))
+    trainer = Loop(job)
+    original = type(job.model).forward
 
     def poisoned(self, idx, targets=None, cache=None):
         logits, loss = original(self, idx, targets, cache)
@@ -162,18 +164,18 @@ def test_non_finite_loss_stops_before_the_optimizer(tmp_path, monkeypatch):
             loss = loss * float("nan")
         return logits, loss
 
-    monkeypatch.setattr(type(trainer.model), "forward", poisoned)
+    monkeypatch.setattr(type(job.model), "forward", poisoned)
     before = {}
 
     def snapshot_then_step(step=trainer.train_step):
         if trainer.step == 11:
-            before.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+            before.update({k: v.clone() for k, v in job.model.state_dict().items()})
         return step()
 
     trainer.train_step = snapshot_then_step
     with pytest.raises(NonFiniteError, match="step 11"):
         trainer.run()
-    for name, value in trainer.model.state_dict().items():
+    for name, value in job.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     kept = ckpt.latest_checkpoint(tmp_path)
     assert kept is not None and kept.step == 10
@@ -205,11 +207,17 @@ def test_cli_train_generate_eval_in_process(tmp_path, capsys):
     assert text.startswith("ROMEO:") and len(text.rstrip("\n")) == len("ROMEO:") + 12
     assert main(["eval", "--checkpoint", str(out), "--eval-iters", "2"]) == 0
     assert "perplexity" in capsys.readouterr().out
+    fresh = str(tmp_path / "fresh")
     assert (
-        main(["train", "--preset", "tiny", "--data", str(tmp_path / "none.txt"), "--out", str(out)])
+        main(["train", "--preset", "tiny", "--data", str(tmp_path / "none.txt"), "--out", fresh])
         == 1
     )
     assert "--data" in capsys.readouterr().err
+    # an OUT holding a run: refused without --resume or --overwrite, its checkpoint kept
+    again = ["train", "--preset", "tiny", "--data", CORPUS, "--out", str(out), "--no-track"]
+    assert main(again) == 1
+    assert "holds a run (ckpt-00000006): pass --resume" in capsys.readouterr().err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["ckpt-00000006"]
 
 
 def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
@@ -228,8 +236,8 @@ def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
     )
     assert runs[0].data.params["batch_size"] == "8"
     client = mlflow.MlflowClient()
-    history = client.get_metric_history(runs[0].info.run_id, "step_loss")  # every step, batched
-    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2, 3]
+    history = client.get_metric_history(runs[0].info.run_id, "loss")  # every step, batched
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4]
     assert all(math.isfinite(m.value) for m in history)
     assert len(client.get_metric_history(runs[0].info.run_id, "learning_rate")) == 4
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
@@ -237,29 +245,30 @@ def test_installed_command_trains_with_mlflow_and_plots(tmp_path):
 
 
 def test_learning_rate_schedule():
-    from moekit.lm.train import learning_rate
+    from moekit.train.config import learning_rate
 
     cfg = build_config(
         "tiny",
         None,
-        learning_rate=1e-3,
+        learning_rate=1e-3,  # the old name: an alias
         min_lr=1e-4,
-        warmup_iters=10,
-        max_iters=110,
+        warmup_steps=10,
+        steps=110,
         schedule="cosine",
     )
-    assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warmup: (step + 1) / warmup
-    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 60) == pytest.approx(5.5e-4)  # half way down the cosine
-    assert learning_rate(cfg, 110) == pytest.approx(1e-4)
-    constant = build_config("tiny", None, learning_rate=2e-3)
-    assert learning_rate(constant, 0) == learning_rate(constant, 50) == 2e-3
+    assert learning_rate(cfg, 0, 110) == pytest.approx(1e-4)  # warmup: (step + 1) / warmup
+    assert learning_rate(cfg, 9, 110) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 60, 110) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert learning_rate(cfg, 110, 110) == pytest.approx(1e-4)
+    linear = build_config("tiny", None, lr=1e-3, min_lr=0.0, steps=100, schedule="linear")
+    assert learning_rate(linear, 50, 100) == pytest.approx(5e-4)
+    assert learning_rate(linear, 100, 100) == 0.0
+    constant = build_config("tiny", None, lr=2e-3)
+    assert learning_rate(constant, 0, 60) == learning_rate(constant, 50, 60) == 2e-3
 
 
 def test_bf16_autocast_training_runs(tmp_path):
-    result = train(
-        cfg_for(tmp_path, dtype="bfloat16", max_iters=12, eval_interval=6, sample_tokens=0)
-    )
+    result = train(cfg_for(tmp_path, dtype="bfloat16", steps=12, eval_interval=6, sample_tokens=0))
     assert all(torch.isfinite(torch.tensor(result.train_losses)))
     assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"]
 
@@ -269,23 +278,24 @@ def test_bf16_without_a_native_gemm_warns(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(train_module, "fast_bfloat16", lambda device: False)
     with caplog.at_level("WARNING", logger="moekit.lm.train"):
-        Trainer(cfg_for(tmp_path / "bf16", dtype="bfloat16"))
+        LMJob(cfg_for(tmp_path / "bf16", dtype="bfloat16"))
         assert "--dtype bfloat16" in caplog.text and "native bf16 GEMM" in caplog.text
         caplog.clear()
-        Trainer(cfg_for(tmp_path / "fp32"))
+        LMJob(cfg_for(tmp_path / "fp32"))
         assert not caplog.text
 
 
 def test_estimate_loss_equals_makemoe_per_batch_loop(tmp_path):
     """Chunked evaluation = makeMoE's loop: the mean over `eval_iters` separate batch losses."""
-    trainer = Trainer(cfg_for(tmp_path, eval_iters=11))  # 11: a partial last chunk
+    trainer = LMJob(cfg_for(tmp_path, eval_batches=11))  # 11: a partial last chunk
     trainer.step = 7
     got = trainer.estimate_loss()
     gen = torch.Generator().manual_seed(trainer.cfg.seed * 1_000_003 + trainer.step)
     trainer.model.eval()
     with torch.no_grad():
         for split in ("train", "val"):
-            losses = [trainer.model(*trainer._batch(split, gen))[1].item() for _ in range(11)]
+            batches = [trainer.data.batch(split, 8, 16, gen) for _ in range(11)]
+            losses = [trainer.model(*batch)[1].item() for batch in batches]
             assert got[split] == pytest.approx(sum(losses) / 11, rel=1e-5)
 
 
@@ -294,11 +304,14 @@ def test_estimate_loss_equals_makemoe_per_batch_loop(tmp_path):
     [
         (["--device", "cuda"], None, "--device cuda: this torch"),
         (["--out", "{tmp}/file/run"], None, "--out .*cannot create the run directory"),
-        ([], 'max_iters = "ten"', r"max_iters must be int, got str 'ten'"),
+        ([], 'max_iters = "ten"', r"steps must be int, got str 'ten'"),
         ([], "[model]\ndropout = true", "dropout must be float, got bool"),
         ([], "model = 3", "model must be a table"),
         (["--expert-parallel", "2"], None, "needs 2 or more processes: launch with torchrun"),
-        (["--dist-timeout", "0"], None, "dist_timeout=0.0 must be > 0"),
+        (["--dist-timeout", "0"], None, "--dist-timeout must be > 0 seconds"),
+        (["--grad-accum", "3"], None, "--grad-accum 3 must divide --batch-size 8"),
+        ([], "no_such_key = 1", "no_such_key is no flag of this command"),
+        (["--out", "{tmp}/file"], None, "--out .*file: is a file, not a run directory"),
     ],
 )
 def test_bad_train_inputs_get_one_line_errors(tmp_path, capsys, monkeypatch, flags, toml, match):
@@ -318,7 +331,7 @@ def test_bad_train_inputs_get_one_line_errors(tmp_path, capsys, monkeypatch, fla
 
 def test_compiled_training_follows_eager(tmp_path):
     """--compile: the same losses as eager (dropout 0, no routing noise: no RNG in the step)."""
-    kw = dict(max_iters=6, eval_interval=100, sample_tokens=0, save_every=0, dropout=0.0)
+    kw = dict(steps=6, eval_interval=100, sample_tokens=0, save_every=0, dropout=0.0)
     kw |= dict(router="softmax")
     eager = train(cfg_for(tmp_path / "eager", **kw))
     torch._dynamo.reset()

@@ -28,9 +28,9 @@ from moekit import (
     upcycle,
 )
 from moekit.cli import main
-from moekit.train import files as ckpt
 from moekit.lm.config import build_config
 from moekit.lm.inference import load_model
+from moekit.train import files as ckpt
 
 
 class Net(nn.Module):
@@ -289,9 +289,9 @@ def test_cli_upcycle_equals_dense_then_resumes(dense_run, text_file, tmp_path, c
     assert main(_train_flags(text_file, out, 9, "--resume")) == 0
     resumed = ckpt.latest_checkpoint(out)
     assert resumed.step == 9
-    history = resumed.state["history"]
+    history = resumed.state["loop"]
     assert len(history["train_losses"]) == 9  # the dense run's 6, then 3 upcycled
-    assert [e["step"] for e in history["evals"]] == [0, 4, 5, 8]
+    assert [e["step"] for e in history["evals"]] == [0, 4, 6, 8, 9]
     assert json.loads((out / "config.json").read_text())["model"]["num_experts"] == 4
     # a model flag that contradicts the checkpoint is an error, not a silent change
     assert main(_train_flags(text_file, out, 10, "--resume", "--num-experts", "2")) != 0

@@ -35,16 +35,20 @@ def _flag_type(annotation: str):
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> None:
     """One kebab-case flag per dataclass field, with its help; unset flags stay unset."""
+    from .train.config import ALIASES
+
     for f in fields(cls):
         if f.name in skip or "help" not in f.metadata:
             continue
         kind, optional = _flag_type(f.type if isinstance(f.type, str) else f.type.__name__)
         flag = "--" + f.name.replace("_", "-")
+        aliases = ["--" + old.replace("_", "-") for old, new in ALIASES.items() if new == f.name]
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata['help']} (default: {default})"
         if kind is bool:
             parser.add_argument(
                 flag,
+                *aliases,
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
@@ -52,6 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> No
         else:
             parser.add_argument(
                 flag,
+                *aliases,
                 type=kind,
                 default=argparse.SUPPRESS,
                 help=help_text,
@@ -71,11 +76,11 @@ def _train(args: argparse.Namespace) -> int:
             cfg = build_config(args.preset, args.config, model_base=saved, **overrides)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
     if main_rank:
-        print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.max_iters} steps")
+        print(f"moekit train: preset {args.preset}, out {cfg.out}, {cfg.steps} steps")
 
-    def on_eval(record: dict) -> None:
+    def on_eval(record: dict) -> None:  # makeMoE's line: both splits' estimates
         line = (
-            f"step {record['step']}: train loss {record['train_loss']:.4f}, "
+            f"step {record['step']}: train loss {record['train_split_loss']:.4f}, "
             f"val loss {record['val_loss']:.4f}"
         )
         if record.get("sample"):
@@ -94,8 +99,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _saved_model_config(out: str):
     """The model config of the newest valid checkpoint in `out`, or None."""
-    from .train.files import latest_checkpoint
     from .lm.model import LMConfig
+    from .train.files import latest_checkpoint
 
     checkpoint = latest_checkpoint(Path(out))
     return None if checkpoint is None else LMConfig.from_dict(checkpoint.state["model_config"])
@@ -314,7 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="validation loss and perplexity of a checkpoint")
     _checkpoint_args(evaluate, seed_help="seed of the evaluation batches")
     evaluate.add_argument("--data", default=None, help="text file (default: the run's data)")
-    evaluate.add_argument("--eval-iters", type=int, default=None, help="batches (default: run's)")
+    evaluate.add_argument(
+        "--eval-batches",
+        "--eval-iters",
+        dest="eval_iters",
+        type=int,
+        default=None,
+        help="batches (default: the run's)",
+    )
     evaluate.set_defaults(run=_eval)
 
     upcycle = commands.add_parser(

@@ -44,11 +44,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from .._extras import require
-from ..train.files import decode_bytes, encode_bytes
 from ..lm.data import TokenData
-from ..train.tracking import make_tracker
 from ..parallel import training as par
+from ..train.files import decode_bytes, encode_bytes
 from ..train.sharded import latest_sharded, load_sharded, save_sharded
+from ..train.tracking import make_tracker
 from .aux import switch_loss
 from .distributed import Sharded, training_state
 from .patch import experts_of, holds_experts, patch_model, router_of

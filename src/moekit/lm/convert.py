@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..upcycle import upcycle
 from ..train.files import encode_bytes, list_checkpoints, resolve_checkpoint, save_checkpoint
+from ..train.loop import start_state
+from ..upcycle import upcycle
 from .config import TRAIN_FIELDS, TrainConfig
 from .data import build_tokenizer, load_text
 from .model import LMConfig, SparseMoELanguageModel
@@ -200,16 +201,16 @@ def _save_run(out: Path, step: int, model, train_cfg: TrainConfig, state: dict) 
     state = {
         "train_config": train_cfg.to_dict(),
         "model_config": model.config.to_dict(),
-        "mlflow_run_id": None,  # the next run starts its own in the new directory's store
         **state,
     }
     model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
     return save_checkpoint(out, step, model_state, optimizer_state, state, train_cfg.keep)
 
 
-def _empty_history(config: LMConfig) -> dict:
+def _job_state(data_rng: str, config: LMConfig) -> dict:
+    """`LMJob.state()` of a run that has not stepped: its batch stream, no load counted."""
     zeros = [[0.0] * config.num_experts for _ in range(config.n_layer)]  # [L][E]
-    return {"evals": [], "train_losses": [], "expert_load": [], "load_since_eval": zeros}
+    return {"data": data_rng, "load_since_eval": zeros}
 
 
 def load_makemoe(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -261,12 +262,14 @@ def import_makemoe(
     _check_new_run_dir(out)
     data = None if data is None else str(Path(data).resolve())
     train_cfg = replace(TrainConfig(), model=model.config, data=data, out=str(out))
-    rng = {
-        "torch": encode_bytes(torch.Generator().manual_seed(seed).get_state()),
-        "data": encode_bytes(torch.Generator().manual_seed(seed + 1).get_state()),
+    torch_rng = encode_bytes(torch.Generator().manual_seed(seed).get_state())
+    data_rng = encode_bytes(torch.Generator().manual_seed(seed + 1).get_state())
+    state = {
+        "tokenizer": tokenizer.to_dict(),
+        "loop": start_state(0, torch_rng, _job_state(data_rng, model.config)),
+        "imported_from": str(Path(path).resolve()),
     }
-    state = {"tokenizer": tokenizer.to_dict(), "rng": rng, "history": _empty_history(model.config)}
-    return _save_run(out, 0, model, train_cfg, state | {"imported_from": str(Path(path).resolve())})
+    return _save_run(out, 0, model, train_cfg, state)
 
 
 def upcycle_checkpoint(
@@ -323,12 +326,17 @@ def upcycle_checkpoint(
         model=config,
         out=str(out),
     )
-    history = ckpt.state["history"]
+    loop = ckpt.state.get("loop")
+    if not isinstance(loop, dict):
+        raise ValueError(
+            f"--checkpoint {ckpt.path}: written by an older moekit train (no run state of the "
+            "shared training runtime); retrain the dense run with this moekit"
+        )
+    job = _job_state(loop["job"]["data"], config)  # the dense run's streams go on
+    rng = loop["rng"]["torch_ranks"][0]
     state = {
         "tokenizer": ckpt.state["tokenizer"],
-        "rng": ckpt.state["rng"],  # the dense run's streams go on
-        "history": _empty_history(config)
-        | {"evals": history["evals"], "train_losses": history["train_losses"]},
+        "loop": start_state(ckpt.step, rng, job, loop["evals"], loop["train_losses"]),
         "upcycled_from": {"checkpoint": str(ckpt.path), "step": ckpt.step},
     }
     return _save_run(out, ckpt.step, upcycled, train_cfg, state)

@@ -78,7 +78,7 @@ def evaluate(
     text = load_text(data if data is not None else train_cfg["data"])
     config = loaded.model.config
     split = TokenData.from_ids(loaded.tokenizer.encode(text), config.block_size)
-    iters = eval_iters or train_cfg["eval_iters"]
+    iters = eval_iters or train_cfg.get("eval_batches", train_cfg.get("eval_iters"))
     gen = torch.Generator().manual_seed(seed)
     device = next(loaded.model.parameters()).device
     total = 0.0

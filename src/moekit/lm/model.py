@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .._checks import (
@@ -351,6 +352,8 @@ class SparseMoELanguageModel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embed)
         self.lm_head = nn.Linear(cfg.n_embed, cfg.vocab_size)
+        # recompute each block's activations in the backward (training forwards only)
+        self.activation_checkpointing = False
         if cfg.init == "kaiming":  # makeMoE: kaiming_normal_ on every nn.Linear weight
             for module in self.modules():
                 if isinstance(module, nn.Linear):
@@ -410,9 +413,22 @@ class SparseMoELanguageModel(nn.Module):
             positions = position
         x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # [B, T, d]
         last = len(self.blocks) - 1
+        recompute = self.activation_checkpointing and self.training and cache is None
         for layer, block in enumerate(self.blocks):
             last_block = last_only and layer == last
-            x = block(x, cache, layer, last_block, aux_losses=not last_only, position=position)
+            if recompute:  # the same noise draws in the recomputation (RNG state preserved)
+                x = torch.utils.checkpoint.checkpoint(
+                    block,
+                    x,
+                    None,
+                    layer,
+                    last_block,
+                    use_reentrant=False,
+                    aux_losses=not last_only,
+                    position=position,
+                )
+            else:
+                x = block(x, cache, layer, last_block, aux_losses=not last_only, position=position)
         return x
 
     def aux_loss(self) -> Tensor:

@@ -28,41 +28,67 @@ from .expert_parallel import sharded_parameters
 
 @dataclass(frozen=True)
 class Topology:
-    """This process's place among the ranks of a run."""
+    """This process's place among the ranks of a run; one process is a topology of size 1
+    (`Topology.single`: no groups, every collective below a no-op)."""
 
     rank: int
     world_size: int  # N
     expert_parallel: int  # R
     device: torch.device
-    ep_group: ProcessGroup  # the R consecutive ranks that share out the experts
+    ep_group: ProcessGroup | None  # the R consecutive ranks that share out the experts
     replica_group: ProcessGroup | None  # ranks holding the same experts (None when N == R)
-    data_group: ProcessGroup  # all N ranks, for counts and losses (its own communicator)
+    data_group: ProcessGroup | None  # all N ranks, for counts and losses (its own communicator)
     # all N ranks on gloo with the I/O timeout: waiting while rank 0 writes (tracking,
     # checkpoints, the final model), small objects (RNG states)
     control_group: ProcessGroup | None = None
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> Topology:
+        """One process: rank 0 of 1."""
+        return cls(0, 1, 1, torch.device(device), None, None, None, None)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
     def wait(self) -> None:
         """Wait for every rank, under the I/O timeout: after work one rank does alone (rank
         0's MLflow setup, a checkpoint's manifest) that may take longer than --dist-timeout,
         which bounds the steps' collectives."""
-        dist.barrier(group=self.control_group)
+        if self.distributed:
+            dist.barrier(group=self.control_group)
 
 
 IO_TIMEOUT_S = 1800.0  # the least time rank 0 gets for what it writes alone (Topology.wait)
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> cuda where torch sees a GPU, else cpu; "cuda" without one is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+            "use --device cpu, or install a CUDA build of torch on a GPU machine"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
 def init_distributed(
     expert_parallel: int, device: str, timeout_s: float, command: str = "train"
-) -> Topology | None:
-    """Join the torchrun job this process belongs to; None for a single process.
+) -> Topology:
+    """Join the torchrun job this process belongs to; `Topology.single` for one process.
 
     Args:
         expert_parallel: R, the expert-parallel group size; divides the number of ranks.
-        device: "auto", "cpu" or "cuda" (each rank uses its LOCAL_RANK GPU, with NCCL).
+        device: "auto", "cpu" or "cuda" (each rank uses its LOCAL_RANK GPU, with NCCL; one
+            process: the first GPU).
         timeout_s: Process-group timeout of the steps' collectives: one waiting longer (a
             peer died or hung) raises instead of hanging. Waits for rank 0's I/O
             (`Topology.wait`) get max(timeout_s, IO_TIMEOUT_S); a dead peer fails them at once.
@@ -71,18 +97,18 @@ def init_distributed(
         ValueError: R > 1 without torchrun, or R not dividing the number of ranks.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = resolve_device(device).type == "cuda"
     if world_size == 1:
         if expert_parallel != 1:
             raise ValueError(
                 f"--expert-parallel {expert_parallel} needs {expert_parallel} or more processes: "
                 f"launch with torchrun --nproc-per-node {expert_parallel} -m moekit {command} ..."
             )
-        return None
+        return Topology.single("cuda" if use_cuda else "cpu")
     if expert_parallel < 1 or world_size % expert_parallel:
         raise ValueError(
             f"--expert-parallel {expert_parallel} must divide the number of processes {world_size}"
         )
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -121,6 +147,8 @@ def sync_expert_grads(
 ) -> None:
     """Sum each expert shard's gradient over its replicas and divide by N, in one collective.
     `sharded`: {name: (first expert, E)} of the shards (default: the model's MoE layers')."""
+    if not topo.distributed:
+        return
     sharded = sharded_parameters(model) if sharded is None else sharded
     params = dict(model.named_parameters())
     grads = [params[name].grad for name in sharded if params[name].grad is not None]
@@ -140,11 +168,14 @@ def average_grads(grads: list[Tensor], group: ProcessGroup | None, divisor: int)
         grad.copy_(synced)
 
 
-def all_reduce_sum(tensors: list[Tensor], group: ProcessGroup) -> list[Tensor]:
-    """Each tensor (as float32) summed over `group`'s ranks, in one collective (new tensors)."""
+def all_reduce_sum(tensors: list[Tensor], group: ProcessGroup | None) -> list[Tensor]:
+    """Each tensor (as float32) summed over `group`'s ranks, in one collective (new tensors;
+    None: one process, copies)."""
     if not tensors:
         return []
     tensors = [t.float() for t in tensors]
+    if group is None:  # one process
+        return [t.clone() for t in tensors]
     flat = _flatten_dense_tensors(tensors)
     dist.all_reduce(flat, group=group)
     return list(_unflatten_dense_tensors(flat, tensors))
@@ -162,6 +193,9 @@ def rank_failure(topo: Topology, step: int, err: Exception, timeout_s: float, ou
 
 def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
     """The L2 norm of the whole model's gradient, equal on every rank (after the syncs)."""
+    if not topo.distributed:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
     sharded = sharded_parameters(model)
     dense, experts = [], []
     for name, param in model.named_parameters():
@@ -240,6 +274,8 @@ def _per_expert(v: object) -> bool:
 
 def all_gather_objects(obj: object, topo: Topology) -> list:
     """`obj` of every rank, in rank order (pickled; for small things such as RNG states)."""
+    if not topo.distributed:
+        return [obj]
     out = [None] * topo.world_size
     dist.all_gather_object(out, obj, group=topo.control_group)
     return out
@@ -248,5 +284,7 @@ def all_gather_objects(obj: object, topo: Topology) -> list:
 def all_reduce_mean(t: Tensor, topo: Topology) -> Tensor:
     """The mean of `t` over all ranks (a new tensor, no gradient)."""
     t = t.detach().clone()
+    if not topo.distributed:
+        return t
     dist.all_reduce(t, group=topo.data_group)
     return t / topo.world_size

@@ -173,6 +173,27 @@ def _prune(run_dir: Path, keep: int) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool = False) -> None:
+    """Create the run directory `out`, refusing what would lose or mix up a run: a path that
+    is a file or cannot be created, and a directory holding another run's checkpoints
+    without --resume (or --overwrite, which removes them first)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a run directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the run directory ({err})") from err
+    found = list_checkpoints(out)
+    if found and not resume:
+        if not overwrite:
+            raise ValueError(
+                f"--out {out} holds a run ({found[-1].name}): pass --resume to continue it, "
+                "or --overwrite to start over there"
+            )
+        for path in found:
+            shutil.rmtree(path)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Published checkpoint directories of a run, oldest first."""
     if not run_dir.is_dir():

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from .files import CheckpointError, list_checkpoints, publish, verify
 from ..parallel.training import Topology
+from .files import CheckpointError, list_checkpoints, publish, verify
 
 log = logging.getLogger(__name__)
 
