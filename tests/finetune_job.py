@@ -22,25 +22,26 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from moekit.hf.finetune import FinetuneConfig, Finetuner
+from moekit.hf.finetune import FinetuneConfig, FinetuneJob
+from moekit.train.loop import Loop
 
 
-def write_shards(tuner: Finetuner) -> None:
-    experts = tuner.sharded.experts if tuner.sharded is not None else {}
+def write_shards(tuner: FinetuneJob) -> None:
+    experts = tuner.sharded.experts
     params = dict(tuner.model.named_parameters())
     tensors = {name: params[name].detach().contiguous() for name in experts}
     firsts = {name: str(first) for name, (first, _) in experts.items()}
     save_file(tensors, f"{tuner.out}/shards-{tuner.topo.rank}.safetensors", metadata=firsts)
 
 
-def inject(tuner: Finetuner, fault: dict) -> None:
+def inject(tuner: Loop, fault: dict) -> None:
     if tuner.topo.rank != fault["rank"]:
         return
     step_fn = tuner.train_step
 
     def faulty_step():
         if tuner.step == fault["at"]:
-            (tuner.out / "fault-time").write_text(repr(time.time()))
+            (tuner.job.out / "fault-time").write_text(repr(time.time()))
             sig = signal.SIGKILL if fault["kind"] == "kill" else signal.SIGSTOP
             os.kill(os.getpid(), sig)
         return step_fn()
@@ -51,12 +52,13 @@ def inject(tuner: Finetuner, fault: dict) -> None:
 def main() -> int:
     torch.set_num_threads(1)
     for run in json.loads(sys.argv[1]):
-        fields = run["config"] | {
-            "lora_targets": tuple(run["config"].get("lora_targets", ["experts"]))
-        }
-        tuner = Finetuner(FinetuneConfig(**fields), resume=run.get("resume", False))
+        fields = dict(run["config"])
+        if "lora_targets" in fields:
+            fields["lora_targets"] = tuple(fields["lora_targets"])
+        job = FinetuneJob(FinetuneConfig(**fields), resume=run.get("resume", False))
         if run.get("shards"):
-            write_shards(tuner)
+            write_shards(job)
+        tuner = Loop(job)
         if run.get("fault"):
             inject(tuner, run["fault"])
         try:

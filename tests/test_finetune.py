@@ -115,7 +115,7 @@ def test_lora_finetune_trains_every_expert_and_loads_without_moekit(saved, tmp_p
         timeout=300,
         capture_output=True,
     )
-    from moekit.hf.finetune import load_model
+    from moekit.hf.load import load_model
 
     model = peft.PeftModel.from_pretrained(load_model(saved / family, torch.float32), final).eval()
     ids = torch.arange(24).reshape(2, 12) * 7 % 200
@@ -158,17 +158,21 @@ def test_resume_continues_bitwise(saved, tmp_path):
 
 
 def test_router_health_is_counted_per_layer(saved, tmp_path):
-    from moekit.hf.finetune import Finetuner
+    from moekit.hf.finetune import FinetuneJob
+    from moekit.train.loop import Loop
 
-    cfg = _config(saved, tmp_path)
-    tuner = Finetuner(cfg)
-    tuner.train_step()
-    record = tuner.evaluate()  # the training step's and the evaluation's tokens
+    loop = Loop(FinetuneJob(_config(saved, tmp_path)))
+    loop.train_step()
+    record = loop.evaluate()  # the training step's tokens (the evaluation's are not counted)
     for layer in (0, 1):
         assert 1.0 <= record[f"layer{layer}_load_max_over_mean"] <= 8.0
         assert 0.0 < record[f"layer{layer}_load_entropy"] <= 1.0
-    (load,) = [entry["load"] for entry in tuner.load_history]
+    (load,) = [entry["load"] for entry in loop.health.history]
     assert len(load) == 2 and all(abs(sum(row) - 1.0) < 1e-9 for row in load)
+    # 2 rows x 16 tokens x top-k routed pairs per layer, nothing from the evaluation
+    top_k = loop.job.model.config.num_experts_per_tok
+    shares = torch.tensor(load[0]) * 2 * 16 * top_k
+    assert torch.allclose(shares, shares.round(), atol=1e-6)
 
 
 def test_bad_input_gets_one_clear_line(saved, tmp_path, capsys):
@@ -185,13 +189,14 @@ def test_bad_input_gets_one_clear_line(saved, tmp_path, capsys):
     assert "--dtype must be one of float32, bfloat16" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n')
     assert _run(*args, "--data", str(tmp_path / "bad.jsonl")) == 1
-    assert "line 2 is not JSON" in capsys.readouterr().err
+    assert "bad.jsonl line 2: not JSON" in capsys.readouterr().err
 
 
 def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
     """--router-bias-update: DeepSeek-V3's correction biases move by the sign rule after every
-    step, are checkpointed (bitwise resume) and written beside a LoRA adapter; a model whose
-    routers have no correction bias is refused in one line."""
+    step, are checkpointed (bitwise resume) and saved in the fine-tuned model; with LoRA
+    (an adapter cannot carry buffers) and on a model whose routers have no correction bias it
+    is refused in one line."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tiny_model("deepseek_v3", vocab_size=256).save_pretrained(tmp_path / "dsv3")
@@ -200,11 +205,16 @@ def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
         "--model",
         str(tmp_path / "dsv3"),
     ]
-    lora = ["--lora-rank", "2", "--router-bias-update", "0.01"]
+    lora = ["--router-bias-update", "0.01"]
+
+    def biases(run: str) -> dict:
+        tensors = load_file(tmp_path / run / "final" / "model.safetensors")
+        return {k: v for k, v in tensors.items() if k.endswith("e_score_correction_bias")}
+
     assert _run(*common, *lora) == 0
-    biases = load_file(tmp_path / "a" / "final" / "router_biases.safetensors")
-    assert biases and all(b.abs().max() > 0 for b in biases.values())  # moved from zero
-    assert all(b.abs().max() <= 0.04 + 1e-6 for b in biases.values())  # 4 steps of 0.01
+    first = biases("a")
+    assert first and all(b.abs().max() > 0 for b in first.values())  # moved from zero
+    assert all(b.abs().max() <= 0.04 + 1e-6 for b in first.values())  # 4 steps of 0.01
     resumed = [
         *_common(saved, "qwen3_moe", tmp_path / "b", steps=2),
         "--model",
@@ -213,8 +223,10 @@ def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
     assert _run(*resumed, *lora) == 0
     resumed[resumed.index("--steps") + 1] = "4"
     assert _run(*resumed, *lora, "--resume") == 0
-    again = load_file(tmp_path / "b" / "final" / "router_biases.safetensors")
-    assert all(torch.equal(again[k], biases[k]) for k in biases)
+    again = biases("b")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert _run(*common, "--lora-rank", "2", "--router-bias-update", "0.01") == 1
+    assert "a PEFT adapter cannot carry the routers' correction biases" in capsys.readouterr().err
     assert _run(*_common(saved, "qwen3_moe", tmp_path / "c", steps=1), "--router-bias-update") == 1
     assert "no router of this model chooses with a correction bias" in capsys.readouterr().err
 
@@ -222,11 +234,12 @@ def test_router_bias_update_balances_and_resumes(saved, tmp_path, capsys):
 def test_moekit_aux_loss_trains_the_routers_on_their_own_choices(saved, tmp_path):
     """--aux-loss moekit: the Switch loss over the step's router logits and the experts the
     routers chose (`moekit.hf.aux.switch_loss`), transformers' own off; it reaches the routers."""
-    from moekit.hf.finetune import Finetuner
+    from moekit.hf.finetune import FinetuneJob
+    from moekit.train.loop import Loop
 
     cfg = _config(saved, tmp_path, aux_loss="moekit", aux_loss_coef=1.0, lr=1e-2)
-    tuner = Finetuner(cfg)
-    gate = next(p for n, p in tuner.model.named_parameters() if n.endswith("mlp.gate.weight"))
+    tuner = Loop(FinetuneJob(cfg))
+    gate = next(p for n, p in tuner.job.model.named_parameters() if n.endswith("mlp.gate.weight"))
     before = gate.detach().clone()
     metrics = tuner.train_step()
     assert 1.0 <= metrics["aux_loss"] <= 8.0  # E * sum f P: 1 when balanced, at most E
@@ -297,7 +310,8 @@ def test_resume_after_kill_9_is_bitwise(saved, tmp_path):
     def args(out: Path) -> list[str]:
         common = _common(saved, "qwen3_moe", out, steps=30)
         common[common.index("--eval-interval") + 1] = "5"
-        return ["finetune", "--no-progress", "--no-track", *common, "--lora-rank", "2"]
+        flags = ["--lora-rank", "2", "--save-every", "5"]
+        return ["finetune", "--no-progress", "--no-track", *common, *flags]
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(args(straight)) == 0
@@ -313,7 +327,7 @@ def test_resume_after_kill_9_is_bitwise(saved, tmp_path):
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
-    print("killed run exit code", process.returncode)  # -9 when the kill landed mid-run
+    assert process.returncode == -9, "the run ended before the kill"
     assert main([*args(killed), "--resume"]) == 0
     a = load_file(straight / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")

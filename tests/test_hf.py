@@ -506,7 +506,7 @@ def test_expert_lora_in_the_engine_equals_peft(family):
     Llama 4's block reads its experts itself: PEFT-wrapped, it is left alone with the reason."""
     peft = pytest.importorskip("peft")
     from moekit.hf.catalog import TinyModelError, dummy_inputs, tiny_model
-    from moekit.hf.finetune import lora_targets
+    from moekit.hf.lora import lora_targets
 
     try:
         base = tiny_model(family).train()

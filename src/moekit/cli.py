@@ -221,37 +221,36 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .hf.finetune import FinetuneConfig, finetune
+    from .hf.finetune import finetune
+    from .train.config import read_toml
+    from .train.finetune_config import FinetuneConfig
 
-    cfg = FinetuneConfig(
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        steps=args.steps,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-        aux_loss=args.aux_loss,
-        aux_loss_coef=args.aux_loss_coef,
-        router_bias_update=args.router_bias_update,
-        dtype=args.dtype,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        merge=args.merge,
-        track=not args.no_track,
-        tracking_uri=args.tracking_uri,
-        progress=not args.no_progress,
-        expert_parallel=args.expert_parallel,
-        fsdp=args.fsdp,
-        dist_timeout=args.dist_timeout,
-    )
-    result = finetune(cfg, resume=args.resume)
-    if result.is_main:
-        print(f"fine-tuned {result.step} steps; {result.final}")
+    names = {f.name for f in fields(FinetuneConfig)}
+    values = read_toml(args.config, (FinetuneConfig,)) if args.config else {}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = values["lora_targets"].split(",")
+    values |= {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(values.get("lora_targets"), str):
+        values["lora_targets"] = tuple(t for t in values["lora_targets"].split(",") if t)
+    elif values.get("lora_targets") is not None:
+        values["lora_targets"] = tuple(values["lora_targets"])
+    missing = [f"--{n}" for n in ("model", "data", "out") if n not in values]
+    if missing:
+        raise ValueError(f"moekit finetune needs {', '.join(missing)} (flags or --config)")
+    cfg = FinetuneConfig(**values)
+    main_rank = os.environ.get("RANK", "0") == "0"
+
+    def on_eval(record: dict) -> None:  # printed with or without the progress bar
+        line = f"step {record['step']}: val loss {record['val_loss']:.4f}"
+        if "train_loss" in record:
+            line += f" (train {record['train_loss']:.4f})"
+        (print if not cfg.progress else _tqdm_write)(line)
+
+    result = finetune(cfg, resume=args.resume, on_eval=on_eval)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if main_rank and result.is_main:
+        print(f"fine-tuned {result.step} steps; {', '.join(map(str, result.final))}")
     return 0
 
 
@@ -290,6 +289,7 @@ def _checkpoint_args(parser: argparse.ArgumentParser, seed_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .lm.config import PRESETS, TrainConfig
     from .lm.model import LMConfig
+    from .train.finetune_config import FinetuneConfig
 
     parser = argparse.ArgumentParser(prog="moekit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
@@ -414,70 +414,26 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="fine-tune a saved transformers MoE model on moekit's engine (LoRA or full)",
     )
-    tune.add_argument("--model", required=True, help="a saved transformers model directory")
-    tune.add_argument("--data", required=True, help='a UTF-8 text file or a JSONL of {"text": ...}')
-    tune.add_argument("--out", required=True, help="the run directory")
-    tune.add_argument("--steps", type=int, default=100)
-    tune.add_argument("--seq-len", type=int, default=128, help="tokens a window")
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--lr", type=float, default=1e-4)
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--config", help="a TOML file of flags (keys: flag names, _ for -)")
     tune.add_argument(
-        "--lora-rank", type=int, help="train a LoRA adapter of this rank (else: full)"
-    )
-    tune.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    tune.add_argument(
-        "--lora-targets", default="experts", help="comma-separated: experts, attention, router"
+        "--resume", action="store_true", help="continue from the newest valid checkpoint in --out"
     )
     tune.add_argument(
-        "--aux-loss",
-        default="family",
-        help="family: transformers' own auxiliary loss; moekit: the Switch loss on the routers' "
-        "own choices (right where a correction bias or sigmoid scores route, docs/hf.md)",
-    )
-    tune.add_argument(
-        "--aux-loss-coef",
-        type=float,
-        help="the auxiliary loss coefficient (0: off; default: the config's, moekit's 0.01)",
+        "--lora-targets",
+        default=argparse.SUPPRESS,
+        help="with --lora-rank, comma-separated: experts, attention, router (default: experts)",
     )
     tune.add_argument(
         "--router-bias-update",
         type=float,
         nargs="?",
         const=1e-3,
+        default=argparse.SUPPRESS,
         metavar="RATE",
-        help="aux-loss-free balancing: move each router's correction bias by RATE (1e-3) "
-        "toward equal load after every step (routers with a correction bias)",
+        help="aux-loss-free balancing (full fine-tunes): move each router's correction bias by "
+        "RATE (1e-3) toward equal load after every step (routers with a correction bias)",
     )
-    tune.add_argument("--dtype", default="float32", help="float32, bfloat16 or float64")
-    tune.add_argument(
-        "--expert-parallel",
-        type=int,
-        default=1,
-        metavar="R",
-        help="under torchrun: shard each MoE block's experts over groups of R ranks (R divides "
-        "the number of processes and the expert count)",
-    )
-    tune.add_argument(
-        "--fsdp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="under torchrun: shard the dense parameters with FSDP2 (default); --no-fsdp "
-        "replicates them with DDP",
-    )
-    tune.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=300.0,
-        help="seconds a step's collective waits for a dead or hung rank before every rank exits",
-    )
-    tune.add_argument("--eval-interval", type=int, default=50, help="steps between evaluations")
-    tune.add_argument("--eval-batches", type=int, default=4, help="held-out batches an evaluation")
-    tune.add_argument("--merge", action="store_true", help="also write <out>/merged")
-    tune.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    tune.add_argument("--no-track", action="store_true", help="no MLflow tracking")
-    tune.add_argument("--tracking-uri", help="an MLflow server (default: sqlite in --out)")
-    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(tune, FinetuneConfig, skip=set())
     tune.set_defaults(run=_finetune)
 
     info = commands.add_parser("info", help="print versions, threads and available kernels")

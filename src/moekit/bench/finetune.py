@@ -47,7 +47,7 @@ class FinetuneResult(NamedTuple):
 def _lora(model, rank: int):
     import peft
 
-    from ..hf.finetune import lora_targets
+    from ..hf.lora import lora_targets
 
     parameters, _ = lora_targets(model, ("experts",))
     torch.manual_seed(0)

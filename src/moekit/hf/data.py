@@ -346,11 +346,30 @@ def _stat(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
+_TEXT_CHUNK = 1 << 20  # bytes of a text file tokenised at once (cut after a newline)
+
+
 def _text_record(path: Path, tokenizer, flag: str):
-    text = _utf8(path.read_bytes(), f"{flag} {path}")
-    if not text.strip():
-        raise ValueError(f"{flag} {path}: the text file is empty")
-    yield _encode(tokenizer, text, False), None  # one document, every token supervised
+    """A text file as one token stream, tokenised a ~1 MB piece at a time (cut after a
+    newline): the pieces are records end to end, read as one document by `Windows`; memory
+    stays that of a piece, never the whole file's ids as Python ints."""
+    name, line, empty = f"{flag} {path}", 1, True
+    with path.open("rb") as f:
+        rest = b""
+        while True:
+            block = f.read(_TEXT_CHUNK)
+            data = rest + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            piece, rest = (data[:cut], data[cut:]) if cut else (b"", data)
+            if piece:
+                text = _utf8(piece, name, line)
+                line += text.count("\n")
+                empty = empty and not text.strip()
+                yield _encode(tokenizer, text, False), None  # every token supervised
+            if not block:
+                break
+    if empty:
+        raise ValueError(f"{name}: the text file is empty")
 
 
 def _encoded(path: Path, tokenizer, train_on_prompt: bool, flag: str):

@@ -4,6 +4,8 @@ torchrun): N ranks, expert-parallel groups of R consecutive ranks (`parallel.tra
     Sharded(model, topo, fsdp=True)   shard the model in place
       .step_model                     what the training forward calls (the model, or its DDP)
       .finish_grads()                 after backward: the expert shards' gradients synced
+      .grad_norm()                    the global gradient norm (equal on every rank)
+      .no_sync(sync)                  a micro-batch's backward without the gradient reduction
       .state(optimizer) / .load(...)  the training state for torch.distributed.checkpoint
       .full_state()                   the model's whole state dict, gathered (rank 0 writes it)
 
@@ -16,6 +18,8 @@ dense   every other parameter (with R = 1 every parameter) sharded by FSDP2 (`fu
         gradients. LoRA factors are dense: FSDP2 shards those of layers it calls (attention);
         the experts' (PEFT's ParamWrapper, read rather than called) stay whole on each rank,
         their gradients averaged over the N ranks after the backward (`finish_grads`).
+
+One process (`Topology.single`): nothing sharded, `step_model` is the model.
 
 Checkpoints: each tensor as a DTensor of its global shape: FSDP2's as they are, an expert shard
 Shard(0) over the EP group and Replicate over the replicas (a [N/R, R] mesh), so DCP writes each
@@ -94,6 +98,10 @@ class Sharded:
     def __init__(self, model: nn.Module, topo: par.Topology, fsdp: bool = True) -> None:
         self.model, self.topo, self.fsdp = model, topo, fsdp
         self.experts: dict[str, tuple[int, int]] = {}  # {name: (first expert, E)} EP shards
+        self.replicated: dict[str, nn.Parameter] = {}
+        self.step_model = model
+        if not topo.distributed:  # one process: nothing to shard
+            return
         if topo.expert_parallel > 1:
             expert_parallel(model, topo.ep_group, data_group=topo.data_group)
             self.experts = sharded_parameters(model)
@@ -127,6 +135,41 @@ class Sharded:
         grads = [p.grad for p in self.replicated.values() if p.grad is not None]
         par.average_grads(grads, self.topo.data_group, self.topo.world_size)
 
+    def grad_norm(self) -> Tensor:
+        """The L2 norm of the whole model's gradient, equal on every rank (after
+        `finish_grads`): FSDP2's shards reduced as DTensors, expert shards over the EP group,
+        the rest (replicated, synced) as they are."""
+        from torch.distributed.tensor import DTensor
+
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        sharded = [g for _, g in named if isinstance(g, DTensor)]
+        experts = [g for n, g in named if n in self.experts]
+        rest = [g for n, g in named if n not in self.experts and not isinstance(g, DTensor)]
+        device = self.topo.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        if rest:
+            total = total + torch.nn.utils.get_total_norm(rest, foreach=True).float().square()
+        if sharded:
+            norm = torch.nn.utils.get_total_norm(sharded)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            total = total + norm.float().square().to(device)
+        if experts:
+            squared = torch.nn.utils.get_total_norm(experts, foreach=True).float().square()
+            torch.distributed.all_reduce(squared, group=self.topo.ep_group)
+            total = total + squared
+        return total.sqrt()
+
+    def no_sync(self, sync: bool):
+        """A context for one micro-batch's backward: gradient reduction waits for the last
+        micro-batch of a step (DDP's no_sync, FSDP2's requires_gradient_sync)."""
+        import contextlib
+
+        if sync or not self.topo.distributed:
+            return contextlib.nullcontext()
+        if not self.fsdp:
+            return self.step_model.no_sync()
+        return _fsdp_no_sync(self.model)
+
     # --- checkpoints ----------------------------------------------------------------------
     def _global(self, name: str, t: Tensor) -> Tensor:
         """An expert shard (or its optimizer state) as the DTensor of all E experts."""
@@ -154,10 +197,13 @@ class Sharded:
         }
         set_optimizer_state_dict(self.model, optimizer, optim)
 
-    def full_state(self, trainable_only: bool = False) -> dict[str, Tensor]:
+    def full_state(self, trainable_only: bool = False) -> dict[str, Tensor] | None:
         """The model's state dict with every tensor whole, on the CPU (a collective: every
         rank calls it; rank 0 gets the tensors, the others an empty dict); `trainable_only`:
-        without the frozen parameters (an adapter's run)."""
+        without the frozen parameters (an adapter's run). One process: None (the model's own
+        `save_pretrained` reads them)."""
+        if not self.topo.distributed:
+            return None
         options = StateDictOptions(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
         )
@@ -169,6 +215,19 @@ class Sharded:
                 if whole is not None:
                     state[name] = whole.cpu()
         return state if self.topo.is_main else {}
+
+
+class _fsdp_no_sync:
+    """FSDP2: no reduce-scatter until the last micro-batch (set back after the backward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc) -> None:
+        self.model.set_requires_gradient_sync(True)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,343 +1,228 @@
-"""`moekit finetune`: fine-tune a saved transformers MoE model on moekit's engine.
+"""`moekit finetune`: fine-tune a saved transformers MoE model on moekit's engine, a job of
+the shared loop (`train.loop`).
 
-    finetune(FinetuneConfig(model=DIR, data=FILE, out=DIR, ...)) -> FinetuneResult
+    finetune(FinetuneConfig(model=DIR, data=FILE, out=DIR, ...)) -> RunResult
 
 The model is loaded with transformers (`experts_implementation="moekit"` where its family is
-on the ExpertsInterface) and patched (`patch_model`: moekit's routing and experts); the log
-says which blocks run on which. With `lora_rank` a PEFT LoRA adapter is trained on the parts
-named by `lora_targets` (the experts' fused weights and the routers through PEFT's
-`target_parameters`, the attention projections through `target_modules`); the experts' LoRA
-runs inside moekit's grouped pass (`blocks.LoraExperts`: per expert x @ A_e @ B_e on its rows,
-never W + BA for the whole stack). Without `lora_rank` every parameter trains (a full
-fine-tune).
+on the ExpertsInterface) and patched (`patch_model`: moekit's routing and experts). With
+`lora_rank` a PEFT LoRA adapter trains on `lora_targets` (`hf.lora`); the experts' LoRA runs
+inside moekit's grouped pass. Without it every parameter trains.
 
-Data: a UTF-8 text file, or a JSONL of {"text": ...}, tokenised with the model directory's own
-tokenizer (bytes as ids where it has none: a vocabulary of at least 256), split 90/10 and
-sampled as random windows of `seq_len` + 1 tokens (`lm.data.TokenData`). Per step: the loss
-(the family's auxiliary loss included where `aux_loss_coef` or the config turns it on), tokens/s
-in a tqdm line; every `eval_interval` steps the held-out loss and, per MoE layer, the routing
-statistics the patched routers count (max/mean expert load, the entropy of the load, each
-expert's share), all in MLflow (`sqlite:///<out>/mlflow.db`), and an atomic checkpoint of the
-trained tensors, optimizer and random streams (`train.files`): `resume` continues bitwise.
+Data (`hf.data`, `train.data`): a text file is one document, random windows of `seq_len`
+tokens; records (.jsonl/.ndjson/.json/.parquet/a `datasets` directory) of {"text"},
+{"prompt", "completion"} or {"messages"} are tokenised once into a memory-mapped cache beside
+the run, the loss on the supervised tokens only (assistant turns, completions), packed into
+rows of `seq_len` with each document attending to itself alone (position ids restart; no
+attention mask, so transformers builds the block-diagonal mask), or padded (`packing=False`).
+Padding is never routed into the statistics: the patched routers count real tokens only, and
+the family's auxiliary loss sees a mask of them.
 
-Output in `<out>/final`: the PEFT adapter directory (`adapter_config.json`,
-`adapter_model.safetensors`; `PeftModel.from_pretrained` loads it without moekit), or with a
-full fine-tune a transformers model directory; `merge` also writes `<out>/merged`, the base
-model with the adapter merged in. `router_bias_update` moves each correction bias toward equal
-load after every step (DeepSeek-V3's aux-loss-free balancing); with LoRA the biases are written
-beside the adapter (`router_biases.safetensors`; the merged model holds them).
-`<out>/expert_load.png` and `<out>/loss.png` plot the run.
+A step's loss is the sum of the token losses over the supervised tokens of the global batch
+over their number (`train.loop`). `val_loss` is the token-weighted mean over the whole eval
+file (`eval_data`), or over the held-out 10% of the records (of the text's tokens: as many
+windows as `eval_batches`). `dtype="bfloat16"`: the frozen weights in bfloat16, the trained
+ones float32 (master weights and optimizer state), the forward under autocast.
+
+Output in `<out>/final`: the PEFT adapter (`PeftModel.from_pretrained` loads it without
+moekit), or with a full fine-tune a transformers model directory, with the tokenizer; `merge`
+also writes `<out>/merged`. Checkpoints are DCP (`train.sharded`), resumed bitwise; a run
+directory of another model or adapter is refused by its fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
-import time
+import sys
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from .._extras import require
-from ..lm.data import TokenData
 from ..parallel import training as par
-from ..train.files import decode_bytes, encode_bytes
+from ..train import batches
+from ..train.data import Rows, Windows
+from ..train.files import prepare_run_dir
+from ..train.finetune_config import FinetuneConfig
+from ..train.health import stack_loads
+from ..train.loop import RunResult, check_batch, run
 from ..train.sharded import latest_sharded, load_sharded, save_sharded
-from ..train.tracking import make_tracker
-from .aux import switch_loss
-from .distributed import Sharded, training_state
-from .patch import experts_of, holds_experts, patch_model, router_of
-from .routers import Router, attribute
+from .aux import routers, switch_loss
+from .balance import correction_biases, update_biases
+from .data import tokenize_file
+from .distributed import Sharded
+from .load import load_config, load_model, load_tokenizer
+from .lora import add_lora
+from .patch import experts_of, holds_experts
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
+__all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("experts", "attention", "router")
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_HELD_OUT = 0.1  # the records (or text) held out when there is no --eval-data
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    model: str  # a saved transformers model directory
-    data: str  # a UTF-8 text file or a JSONL of {"text": ...}
-    out: str
-    steps: int = 100
-    seq_len: int = 128
-    batch_size: int = 8
-    lr: float = 1e-4
-    seed: int = 0
-    lora_rank: int | None = None  # None: a full fine-tune
-    lora_alpha: float | None = None  # default 2 * rank
-    lora_targets: tuple[str, ...] = ("experts",)
-    aux_loss: str = "family"  # "family": transformers' own; "moekit": `aux.switch_loss`
-    aux_loss_coef: float | None = None  # None: the model config's (moekit's: 0.01)
-    router_bias_update: float | None = None  # aux-loss-free balancing: the bias step size
-    dtype: str = "float32"
-    eval_interval: int = 50
-    eval_batches: int = 4
-    merge: bool = False
-    track: bool = True
-    tracking_uri: str | None = None
-    progress: bool = True
-    collapse_ratio: float = 4.0  # warn when a layer's max/mean expert load stays above this
-    collapse_evals: int = 3  # ... for this many evaluations in a row
-    expert_parallel: int = 1  # R under torchrun: each group of R ranks shares out the experts
-    fsdp: bool = True  # under torchrun: FSDP2 for the dense parameters (False: DDP)
-    dist_timeout: float = 300.0  # seconds a step's collective waits for a dead or hung rank
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "eval_interval", "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
-                )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"--lora-rank must be a positive integer, got {self.lora_rank}")
-        unknown = [t for t in self.lora_targets if t not in TARGETS]
-        if unknown or not self.lora_targets:
-            raise ValueError(
-                f"--lora-targets must name some of {', '.join(TARGETS)}, got "
-                f"{','.join(self.lora_targets) or 'nothing'}"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.aux_loss not in ("family", "moekit"):
-            raise ValueError(f"--aux-loss must be family or moekit, got {self.aux_loss!r}")
-        if self.router_bias_update is not None and not self.router_bias_update > 0:
-            raise ValueError(f"--router-bias-update must be > 0, got {self.router_bias_update}")
-        if not isinstance(self.expert_parallel, int) or self.expert_parallel < 1:
-            raise ValueError(
-                f"--expert-parallel must be a positive integer, got {self.expert_parallel!r}"
-            )
-        if not self.dist_timeout > 0:
-            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-
-
-@dataclass
-class FinetuneResult:
-    out: Path
-    step: int
-    evals: list[dict] = field(default_factory=list)
-    final: Path | None = None
-    is_main: bool = True  # rank 0 (or one process): the rank that reports
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids, for model directories without a tokenizer."""
-
-    def __init__(self, vocab_size: int) -> None:
-        if vocab_size < 256:
-            raise ValueError(
-                f"the model directory has no tokenizer and its vocabulary ({vocab_size}) is too "
-                "small for bytes (256): save a tokenizer with the model"
-            )
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-def load_tokenizer(model_dir: Path, vocab_size: int):
-    """The directory's (or hub repository's) own tokenizer, else bytes."""
-    names = ("tokenizer.json", "tokenizer_config.json")
-    local = model_dir.exists()
-    if not local or any((model_dir / name).is_file() for name in names):
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local)
-        except (OSError, ValueError):
-            if local:
-                raise
-            return ByteTokenizer(vocab_size)  # a hub model without a tokenizer
-        tokenizer.model_max_length = 1 << 30  # windows are cut here, not by the tokenizer
-        return tokenizer
-    return ByteTokenizer(vocab_size)
-
-
-def load_corpus(path: Path) -> str:
-    """A UTF-8 text file, or the "text" fields of a JSONL file joined by blank lines."""
-    if not path.is_file():
-        raise ValueError(f"--data: {path} is not a file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
-        return text
-    texts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--data: {path} line {number} is not JSON: {error}") from error
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f'--data: {path} line {number} has no "text" string')
-        texts.append(record["text"])
-    return "\n\n".join(texts)
-
-
-def load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
-    """A saved transformers causal LM, its experts on moekit's backend where its family is
-    on the ExpertsInterface, then patched; logs what runs where."""
-    transformers = require("transformers", "hf", "moekit finetune")
-    local = model_dir.exists()
-    if local and not (model_dir / "config.json").is_file():
-        raise ValueError(f"--model: {model_dir} is not a saved transformers model (no config.json)")
-    if not local and str(model_dir).count("/") != 1:
-        raise ValueError(f"--model: {model_dir} is neither a model directory nor a hub id")
-    options = dict(dtype=dtype, local_files_only=local)  # a hub id: fetched, when online
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        auto = transformers.AutoModelForCausalLM
-        try:
-            try:
-                model = auto.from_pretrained(
-                    str(model_dir), experts_implementation="moekit", **options
-                )
-            except (ValueError, TypeError):  # a family off the interface takes no backend name
-                model = auto.from_pretrained(str(model_dir), **options)
-        except OSError as error:  # a hub id offline, a corrupt checkpoint
-            raise ValueError(f"--model: cannot load {model_dir}: {error}") from error
-    blocks = [m for m in model.modules() if holds_experts(m)]
-    if not blocks:
-        log.warning("%s has no MoE blocks: fine-tuning it anyway, as a dense model", model_dir)
-        return model
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        patched = patch_model(model)
-    for warning in record:
-        log.warning("%s", warning.message)
-    backend = getattr(model.config, "_experts_implementation", None) == "moekit"
-    log.warning(
-        "moekit engine: %d of %d MoE blocks patched (moekit's routing and experts)%s",
-        patched,
-        len(blocks),
-        "; the others' experts on moekit's backend" if backend and patched < len(blocks) else "",
-    )
-    return model
-
-
-def _suffix(model: nn.Module, module: nn.Module) -> str:
-    """`module`'s name below its decoder layer: "mlp.experts" of "model.layers.0.mlp.experts"."""
-    name = next(n for n, m in model.named_modules() if m is module)
-    parts = name.split(".")
-    digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    return ".".join(parts[digits[-1] + 1 :] if digits else parts[-2:])
-
-
-def lora_targets(model: nn.Module, targets: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """(target_parameters, target_modules) of PEFT for the named parts of the model."""
-    parameters, modules = set(), set()
-    for block in (m for m in model.modules() if holds_experts(m)):
-        if "experts" in targets and (experts := experts_of(block)) is not None:
-            prefix = _suffix(model, experts)
-            for name, param in experts.named_parameters(recurse=False):
-                if param.dim() == 3:
-                    parameters.add(f"{prefix}.{name}")
-        router, rule = router_of(block)
-        if "router" in targets and router is not None:
-            parameters.add(f"{_suffix(model, router)}.{rule.weight}")
-    if "attention" in targets:
-        modules = {
-            name.rsplit(".", 1)[-1]
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in _ATTENTION
-        }
-    if not parameters and not modules:
-        raise ValueError(
-            f"--lora-targets {','.join(targets)} names nothing in this model (its MoE blocks' "
-            "experts and routers, or attention q/k/v/o projections)"
-        )
-    return sorted(parameters), sorted(modules)
-
-
-class Finetuner:
-    """One run: the model, its adapter or parameters, the optimizer, data and streams; under
-    torchrun one rank's part of it (`hf.distributed.Sharded`)."""
+class FinetuneJob:
+    """One fine-tune (`train.loop.Job`): model, adapter, optimizer, data streams; under
+    torchrun one rank's part (`hf.distributed.Sharded`)."""
 
     def __init__(self, cfg: FinetuneConfig, resume: bool = False) -> None:
         self.cfg, self.out = cfg, Path(cfg.out)
+        require("tqdm", "train", "moekit finetune's progress")
         self.topo = par.init_distributed(
-            cfg.expert_parallel, "auto", cfg.dist_timeout, command="finetune"
+            cfg.expert_parallel, cfg.device, cfg.dist_timeout, command="finetune"
         )
-        self.is_main = self.topo is None or self.topo.is_main
+        self.is_main = self.topo.is_main
         if not self.is_main:  # rank 0 reports for all
             logging.getLogger("moekit").setLevel(logging.ERROR)
             require("transformers", "hf", "moekit finetune").utils.logging.disable_progress_bar()
-        world = 1 if self.topo is None else self.topo.world_size
-        if cfg.batch_size % world:
-            raise ValueError(
-                f"--batch-size {cfg.batch_size} must be divisible by the number of processes "
-                f"{world} (each rank takes an equal slice of the global batch)"
-            )
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        check_batch(cfg, self.topo)
+        prepare_run_dir(self.out, resume, cfg.overwrite)
         model_dir = Path(cfg.model)
-        checkpoint = latest_sharded(self.out) if resume and self.is_main else None
-        if resume and self.topo is not None:  # rank 0 verified it: every rank takes its pick
-            checkpoint = par.all_gather_objects(checkpoint, self.topo)[0]
-        if resume and checkpoint is None and self.is_main:
-            log.warning("--resume: no valid checkpoint in %s, starting from scratch", self.out)
-        torch.manual_seed(cfg.seed)
-        self.model = load_model(model_dir, DTYPES[cfg.dtype])
-        config = self.model.config
-        self.aux_coef = 0.0
-        if cfg.aux_loss == "moekit":  # the routers' logits out, transformers' own loss off
-            config.output_router_logits, config.router_aux_loss_coef = True, 0.0
-            self.aux_coef = 0.01 if cfg.aux_loss_coef is None else cfg.aux_loss_coef
-        elif cfg.aux_loss_coef is not None:
-            config.output_router_logits = cfg.aux_loss_coef > 0
-            config.router_aux_loss_coef = cfg.aux_loss_coef
+        # 1. what can be wrong with the data, before the weights are read
+        config = load_config(model_dir)
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and cfg.seq_len > limit:
+            raise ValueError(
+                f"--seq-len {cfg.seq_len} is beyond the model's position limit "
+                f"(max_position_embeddings {limit})"
+            )
         self.tokenizer = load_tokenizer(model_dir, config.vocab_size)
-        ids = self.tokenizer.encode(load_corpus(Path(cfg.data)))
-        try:
-            self.data = TokenData.from_ids(ids, cfg.seq_len)
-        except ValueError as error:
-            raise ValueError(f"{error} (--seq-len {cfg.seq_len}: give more data)") from error
+        self._build_data()
+        checkpoint = latest_sharded(self.out) if resume and self.is_main else None
+        if resume:  # rank 0 verified it: every rank takes its pick
+            checkpoint = par.all_gather_objects(checkpoint, self.topo)[0]
+            if checkpoint is None and self.is_main:
+                log.warning("--resume: no valid checkpoint in %s, starting from scratch", self.out)
+        self.fingerprint = self._fingerprint(model_dir, config)
+        if checkpoint is not None:
+            _check_fingerprint(checkpoint[1], self.fingerprint, self.out)
+        # 2. the model, its adapter, its shards, the optimizer
+        torch.manual_seed(cfg.seed)
+        self.model = load_model(model_dir, getattr(torch, cfg.dtype))
+        self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:
-            self.model = self._adapted(self.model)
-        self.device = torch.device("cpu") if self.topo is None else self.topo.device
+            self.model = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+        self.trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if cfg.dtype == "bfloat16":  # master weights: the trained tensors in float32
+            for param in self.trained.values():
+                param.data = param.data.float()
+        if cfg.activation_checkpointing:
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.device = self.topo.device
         self.model.to(self.device).train()
-        self.routers = [
-            m.__dict__["forward"]
-            for m in self.model.modules()
-            if isinstance(m.__dict__.get("forward"), Router)
-        ]
+        self.routers = routers(self.model)
         for router in self.routers:
             router.counts = torch.zeros(0)
-        self.biases = self._correction_biases() if cfg.router_bias_update else {}
-        self.sharded = None if self.topo is None else Sharded(self.model, self.topo, cfg.fsdp)
-        if self.topo is not None:  # the model (and adapter) alike everywhere: now each its own
+        self.biases = correction_biases(self.model) if cfg.router_bias_update else {}
+        self.sharded = Sharded(self.model, self.topo, cfg.fsdp)
+        if self.topo.distributed:  # the model alike everywhere: now each rank its own stream
             torch.manual_seed(par.rank_seed(cfg.seed, self.topo.rank))  # dropout, router noise
-        self.step_model = self.model if self.sharded is None else self.sharded.step_model
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=0.0)
-        self.data_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.step, self.evals, self.load_history, self._collapsed = 0, [], [], {}
-        self._losses: list[float] = []  # the step losses since the last evaluation
-        run_id = self._restore(*checkpoint) if checkpoint is not None else None
-        self.tracker = make_tracker(
-            cfg.track and self.is_main, self.out, "moekit-finetune", cfg.tracking_uri, run_id
+        self.step_model = self.sharded.step_model
+        self.trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay
         )
-        self._wait()  # rank 0's MLflow setup is not a step: no --dist-timeout on it
+        self.stream = batches.TrainStream(self.train_source, cfg.batch_size, cfg.seed)
+        self.step, self._step_counts = 0, []
+        self.resumed = None
+        if checkpoint is not None:
+            self._restore(*checkpoint)
+        self.topo.wait()
 
-    def _wait(self) -> None:
-        if self.topo is not None:
+    # --- setup --------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        """Token caches (rank 0 builds, the others open them) -> the training source and the
+        evaluation source."""
+        cfg, cache_dir = self.cfg, self.out / "data"
+
+        def tokenized(path: str, flag: str):
+            def build():
+                args = (cfg.seq_len, cfg.train_on_prompt, flag)
+                return tokenize_file(path, self.tokenizer, cache_dir, *args)
+
+            cache = build() if self.is_main else None  # rank 0 builds, the others open it
             self.topo.wait()
+            cache = cache or build()
+            if cache.truncated:
+                log.warning(
+                    "%s: %d of %d records longer than --seq-len %d were truncated",
+                    flag,
+                    cache.truncated,
+                    len(cache),
+                    cfg.seq_len,
+                )
+            return cache
+
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        train = tokenized(cfg.data, "--data")
+        text = _is_text(cfg.data)
+        if text:
+            self.train_source = Windows.from_cache(train, cfg.seq_len, "--data")
+        if cfg.eval_data is not None:
+            held = tokenized(cfg.eval_data, "--eval-data")
+            if _is_text(cfg.eval_data):
+                self.eval_source = Windows(held.ids, cfg.seq_len, held.mask, "--eval-data")
+                self.eval_source.ids["val"] = held.ids  # the whole file is held out
+            else:
+                self.eval_source = Rows(held, cfg.seq_len, cfg.packing, pad)
+        elif text:
+            self.eval_source = self.train_source
+        if not text:
+            records = len(train)
+            held_out = max(1, int(records * _HELD_OUT)) if cfg.eval_data is None else 0
+            if records - held_out < 1:
+                raise ValueError(
+                    f"--data {cfg.data}: {records} record(s), too few to hold out "
+                    f"{_HELD_OUT:.0%} for evaluation; give --eval-data"
+                )
+            import numpy as np
+
+            split = np.arange(records - held_out)
+            self.train_source = Rows(train, cfg.seq_len, cfg.packing, pad, records=split)
+            if cfg.eval_data is None:
+                rest = np.arange(records - held_out, records)
+                self.eval_source = Rows(train, cfg.seq_len, cfg.packing, pad, records=rest)
+        for name, source in (("--data", self.train_source), ("eval", self.eval_source)):
+            if isinstance(source, Rows) and len(source) == 0:
+                raise ValueError(
+                    f"{name}: no record has a supervised token left within --seq-len "
+                    f"{cfg.seq_len} (raise --seq-len, or --train-on-prompt)"
+                )
+
+    def _aux_setup(self, config) -> float:
+        """The routers' logits out where an auxiliary loss trains; returns moekit's coefficient
+        (0 where the family's own loss, if any, is used)."""
+        cfg = self.cfg
+        if cfg.aux_loss == "moekit":
+            config.output_router_logits, config.router_aux_loss_coef = True, 0.0
+            return 0.01 if cfg.aux_loss_coef is None else cfg.aux_loss_coef
+        if cfg.aux_loss_coef is not None:
+            config.output_router_logits = cfg.aux_loss_coef > 0
+            config.router_aux_loss_coef = cfg.aux_loss_coef
+        return 0.0
+
+    def _fingerprint(self, model_dir: Path, config) -> dict:
+        """What a checkpoint of this run must agree with to be resumed."""
+        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        cfg = self.cfg
+        return {
+            "model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir),
+            "model_config": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_targets": list(cfg.targets) if cfg.lora_rank is not None else None,
+            "dtype": cfg.dtype,
+        }
 
     def _param_groups(self) -> list[dict]:
-        """The trainable parameters: the stacked experts' (sharded under expert parallelism:
-        plain tensors) in a group apart from the others (FSDP2's DTensors), the same at any
-        world size, so a checkpoint's optimizer state fits any run."""
+        """The stacked experts' parameters (plain tensors under expert parallelism) in a group
+        apart from the others (FSDP2's DTensors), the same at any world size."""
         experts = {
             id(p)
             for m in self.model.modules()
@@ -345,82 +230,172 @@ class Finetuner:
             for p in e.parameters(recurse=False)
         }
         groups = [
-            [p for p in self.params.values() if (id(p) in experts) == kind]
+            [p for p in self.trained.values() if (id(p) in experts) == kind]
             for kind in (False, True)
         ]
         return [{"params": group} for group in groups if group]
 
-    def _correction_biases(self) -> dict[str, tuple[Router, torch.Tensor]]:
-        """{buffer name: (patched router, its correction bias [E])} for the aux-loss-free
-        update: the rule's `choice_bias` on the router, or on the block where the block passes
-        it in (`"arg"`)."""
-        names = {id(t): n for n, t in self.model.named_buffers()}
-        names |= {id(t): n for n, t in self.model.named_parameters()}
-        found = {}
-        for block in (m for m in self.model.modules() if holds_experts(m)):
-            router, rule = router_of(block)
-            if router is None or not isinstance(router.__dict__.get("forward"), Router):
-                continue
-            if rule.choice_bias == "arg":
-                candidates = [
-                    getattr(block, n, None) for n in ("e_score_correction_bias", "expert_bias")
-                ]
-            else:
-                candidates = [attribute(router, rule.choice_bias)]
-            bias = next((c for c in candidates if isinstance(c, torch.Tensor)), None)
-            if bias is not None and id(bias) in names:
-                found[names[id(bias)]] = (router.__dict__["forward"], bias)
-        if not found:
-            raise ValueError(
-                "--router-bias-update: no router of this model chooses with a correction bias "
-                "(DeepSeek-V3-style sigmoid routers do)"
+    # --- the job's steps ----------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return self.stream.steps_per_epoch()
+
+    def params(self) -> dict:
+        return {k: v for k, v in self.cfg.to_dict().items()}
+
+    def _autocast(self):
+        enabled = self.cfg.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def micro_batches(self, k: int) -> tuple[list, int]:
+        """This rank's rows of the next global batch in `k` micro-batches; the global count of
+        supervised tokens (every rank draws the whole global batch)."""
+        self._step_counts = self._counts()
+        batch = self.stream.next()
+        mine = batches.contiguous_part(batch, self.topo.rank, self.topo.world_size)
+        return batches.chunks(mine, k), batch.num_targets()
+
+    def _forward(self, batch):
+        """The model's output on `batch` (on the device), the routers told the real tokens."""
+        batch = batch.to(self.device)
+        valid = batch.attention_mask.reshape(-1).bool()  # [N]
+        for router in self.routers:
+            router.valid = valid
+        # packed rows: no mask, transformers finds the documents from the restarting position
+        # ids (their padding reads as the last document's tail, which nothing attends to)
+        padded = not self.cfg.packing and not bool(valid.all())
+        mask = batch.attention_mask if padded else None
+        try:
+            with self._autocast():
+                out = self.step_model(
+                    input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask
+                )
+        finally:
+            for router in self.routers:
+                router.valid = None
+        return batch, out
+
+    def forward_backward(self, micro, scale: float, aux_scale: float, sync: bool) -> torch.Tensor:
+        with self.sharded.no_sync(sync):
+            before = self._counts() if self.cfg.aux_loss == "moekit" else None
+            batch, out = self._forward(micro)
+            logits = out.logits  # [b, T, V]
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                batch.targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
-        return found
+            aux = self._aux(out, batch, before)
+            total = loss * scale + (0.0 if aux is None else aux * aux_scale)
+            total.backward()
+        aux_value = torch.zeros(()) if aux is None else aux.detach().float().cpu()
+        return torch.stack([loss.detach().float().cpu(), aux_value])
+
+    def _aux(self, out, batch, before) -> torch.Tensor | None:
+        """The auxiliary loss of a micro-batch, with its coefficient, over real tokens only."""
+        valid = batch.attention_mask.reshape(-1).bool()  # [N]
+        if self.cfg.aux_loss == "moekit":
+            logits = getattr(out, "router_logits", None)
+            if not logits or len(logits) != len(self.routers):
+                raise ValueError(
+                    "--aux-loss moekit: this model does not return one router-logits tensor per "
+                    "patched router (use --aux-loss family)"
+                )
+            counts = [
+                _since(r.counts, b, self.device) for r, b in zip(self.routers, before, strict=True)
+            ]
+            real = valid.sum().float().reshape(1).to(self.device)
+            *counts, real = par.all_reduce_sum([*counts, real], self.topo.data_group)
+            layers = [layer.reshape(-1, layer.shape[-1])[valid] for layer in logits]  # [N', E]
+            # f_e over the global batch's real tokens, P_e over this rank's (DDP averages)
+            shares = [c * (layers[0].shape[0] / real.clamp_min(1)) for c in counts]
+            return self.aux_coef * switch_loss(layers, shares)
+        aux = getattr(out, "aux_loss", None)
+        if aux is None:
+            return None
+        config, base = self.model.config, _base(self.model)
+        loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+        if not bool(valid.all()) and loss_fn is not None:  # the family's loss, real tokens only
+            experts = getattr(base, "num_experts", None) or getattr(
+                config, "num_local_experts", None
+            )
+            aux = loss_fn(
+                out.router_logits, experts, config.num_experts_per_tok, batch.attention_mask
+            )
+        return (getattr(config, "router_aux_loss_coef", 0.0) or 0.0) * aux
+
+    def finish_grads(self) -> torch.Tensor:
+        self.sharded.finish_grads()
+        return self.sharded.grad_norm()
+
+    def after_step(self) -> None:
+        if self.biases:
+            counts = self._counts()
+            since = [
+                _since(now, then, self.device)
+                for now, then in zip(counts, self._step_counts, strict=True)
+            ]
+            loads = par.all_reduce_sum(since, self.topo.data_group)
+            update_biases([b for _, b in self.biases.values()], loads, self.cfg.router_bias_update)
+        self.step += 1
+
+    def _counts(self) -> list[torch.Tensor]:
+        """Each patched router's token counts so far [E] ([0] before its first forward)."""
+        return [r.counts.float().clone().to(self.device) for r in self.routers]
+
+    def router_load(self) -> torch.Tensor | None:
+        counts = par.all_reduce_sum(
+            [r.counts.float().to(self.device) for r in self.routers], self.topo.data_group
+        )
+        for router in self.routers:
+            router.counts = torch.zeros(0)
+        return stack_loads([c for c in counts if c.numel()]) if counts else None
 
     @torch.no_grad()
-    def _update_biases(self, before: dict[str, torch.Tensor]) -> None:
-        """DeepSeek-V3's aux-loss-free balancing: bias_e += rate * sign(mean load - load_e)
-        with the step's token counts of each router (over the global batch)."""
-        loads = self._summed(
-            [router.counts.float() - before[name] for name, (router, _) in self.biases.items()]
-        )
-        for (_, bias), load in zip(self.biases.values(), loads, strict=True):
-            load = load.to(bias.device)
-            if load.numel() == bias.numel():
-                bias.add_(
-                    torch.sign(load.mean() - load).to(bias.dtype).view_as(bias),
-                    alpha=self.cfg.router_bias_update,
+    def evaluate(self) -> dict[str, float]:
+        """`val_loss`: the token-weighted mean over the eval set's supervised tokens; the
+        routers' counts are left as the training made them."""
+        cfg = self.cfg
+        saved = [r.counts for r in self.routers]
+        seed = cfg.seed * 1_000_003 + self.step
+        sums = torch.zeros(2, dtype=torch.float64)
+        self.model.eval()
+        try:
+            for batch in batches.eval_pass(
+                self.eval_source, cfg.batch_size, cfg.eval_batches, seed
+            ):
+                mine, out = self._forward(batches.part(batch, self.topo.rank, self.topo.world_size))
+                logits = out.logits
+                loss = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(),
+                    mine.targets.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
                 )
-
-    def _adapted(self, model: nn.Module) -> nn.Module:
-        peft = require("peft", "hf", "moekit finetune --lora-rank")
-        parameters, modules = lora_targets(model, self.cfg.lora_targets)
-        rank = self.cfg.lora_rank
-        config = peft.LoraConfig(
-            r=rank,
-            lora_alpha=self.cfg.lora_alpha or 2 * rank,
-            target_parameters=parameters or None,
-            target_modules=modules or None,
-        )
-        log.warning("LoRA rank %d on %s", rank, ", ".join(parameters + modules))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = peft.get_peft_model(model, config)
-            patch_model(model)  # the experts' LoRA inside moekit's grouped pass (`LoraExperts`)
-        return model
+                count = (mine.targets != -100).sum()
+                sums += torch.stack([loss.double().cpu(), count.double().cpu()])
+        finally:
+            self.model.train()
+            for router, counts in zip(self.routers, saved, strict=True):
+                router.counts = counts
+        total = par.all_reduce_sum([sums.to(self.device)], self.topo.data_group)[0].double()
+        loss, count = total.tolist()
+        return {"val_loss": loss / max(count, 1.0), "val_tokens": count}
 
     # --- checkpoints --------------------------------------------------------------------
     def _tensors(self) -> dict:
         """The training state for DCP: the trained tensors and correction biases, the
         optimizer's state; the live tensors (DCP loads in place)."""
-        names = set(self.params) | set(self.biases)
-        if self.sharded is not None:
-            return self.sharded.state(self.optimizer, names)
-        return training_state(self.model, self.optimizer, names)
+        return self.sharded.state(self.optimizer, set(self.trained) | set(self.biases))
 
-    def _restore(self, path: Path, state: dict) -> str | None:
-        saved = set(state.get("tensors", ()))
-        mine = set(self.params) | set(self.biases)
+    def _restore(self, path: Path, state: dict) -> None:
+        loop = state.get("loop")
+        if not isinstance(loop, dict):
+            raise ValueError(
+                f"--resume: {path} was written by an older moekit finetune (no run state of "
+                "the shared training runtime); start a new --out"
+            )
+        saved, mine = set(state.get("tensors", ())), set(self.trained) | set(self.biases)
         if saved != mine:
             raise ValueError(
                 f"--resume: the checkpoint in {self.out} trains other tensors than this run "
@@ -428,263 +403,107 @@ class Finetuner:
             )
         tensors = self._tensors()
         load_sharded(path, tensors, self.topo)
-        if self.sharded is not None:
+        if self.topo.distributed:
             self.sharded.load(tensors, self.optimizer)
         else:
             set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
-        self.step, self.evals = state["step"], state["evals"]
-        self.load_history = state["expert_load"]
-        ranks = state["rng"]["torch_ranks"]
-        rank = 0 if self.topo is None else self.topo.rank
-        if len(ranks) == (1 if self.topo is None else self.topo.world_size):
-            torch.set_rng_state(decode_bytes(ranks[rank]))  # bitwise: each rank its own stream
-        else:  # another world size: a fresh stream per rank and step
-            torch.manual_seed(par.rank_seed(self.cfg.seed, rank, state["step"]))
-        self.data_gen.set_state(decode_bytes(state["rng"]["data"]))
+        self.stream.restore(loop["job"]["stream"])
+        self.step, self.resumed = loop["step"], loop
         if self.is_main:
             log.warning(
                 "resumed from %s at step %d (saved by %d ranks, expert-parallel %d)",
                 path,
                 self.step,
-                state.get("world_size", 1),
-                state.get("expert_parallel", 1),
+                loop.get("world_size", 1),
+                loop.get("expert_parallel", 1),
             )
-        return state.get("mlflow_run_id")
 
-    def save(self) -> Path:
-        """A checkpoint (`train.sharded.save_sharded`): every rank its pieces."""
-        self.tracker.flush()
-        rng = encode_bytes(torch.get_rng_state())
-        ranks = [rng] if self.topo is None else par.all_gather_objects(rng, self.topo)
-        state = {
-            "config": asdict(self.cfg),
-            "evals": self.evals,
-            "expert_load": self.load_history,
-            "rng": {"torch_ranks": ranks, "data": encode_bytes(self.data_gen.get_state())},
-            "mlflow_run_id": self.tracker.run_id,
-            "tensors": sorted(set(self.params) | set(self.biases)),
-            "world_size": 1 if self.topo is None else self.topo.world_size,
-            "expert_parallel": self.cfg.expert_parallel,
+    def state(self) -> dict:
+        return {"stream": self.stream.state()}
+
+    def save(self, step: int, state: dict) -> Path:
+        saved = {
+            "config": self.cfg.to_dict(),
+            "fingerprint": self.fingerprint,
+            "tensors": sorted(set(self.trained) | set(self.biases)),
+            "loop": state,
         }
-        return save_sharded(self.out, self.step, self._tensors(), state, self.topo)
+        return save_sharded(self.out, step, self._tensors(), saved, self.topo, self.cfg.keep)
 
-    # --- steps --------------------------------------------------------------------------
-    def _batch(self, split: str, generator: torch.Generator) -> torch.Tensor:
-        """This rank's rows [B/N, T + 1] of the global batch every rank draws alike."""
-        x, y = self.data.batch(split, self.cfg.batch_size, self.cfg.seq_len, generator)
-        ids = torch.cat([x, y[:, -1:]], dim=1)  # [B, T + 1]: the model shifts its labels
-        if self.topo is not None:
-            rows = ids.shape[0] // self.topo.world_size
-            ids = ids[self.topo.rank * rows : (self.topo.rank + 1) * rows]
-        return ids.to(self.device)
-
-    def _summed(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Token counts of this rank -> of the global batch (one collective)."""
-        if self.topo is None:
-            return tensors
-        return par.all_reduce_sum([t.to(self.device) for t in tensors], self.topo.data_group)
-
-    def _mean(self, values: list[float]) -> list[float]:
-        """Per-rank means (of equal-sized slices) -> the global batch's."""
-        if self.topo is None:
-            return values
-        values = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL: on the GPU
-        return par.all_reduce_mean(values, self.topo).tolist()
-
-    def _counts(self) -> dict[str, torch.Tensor]:
-        return {
-            name: (c.float().clone() if (c := router.counts).numel() else torch.zeros(bias.numel()))
-            for name, (router, bias) in self.biases.items()
-        }
-
-    def _moekit_aux(self, out, before: list[torch.Tensor]) -> torch.Tensor:
-        """`aux.switch_loss` over the step's router logits and the routers' own choices."""
-        logits = getattr(out, "router_logits", None)
-        if not logits or len(logits) != len(self.routers):
-            raise ValueError(
-                "--aux-loss moekit: this model does not return one router-logits tensor per "
-                "patched router (use --aux-loss family)"
-            )
-        counts = self._summed(
-            [
-                r.counts.float() - b if b.numel() else r.counts.float()
-                for r, b in zip(self.routers, before, strict=True)
-            ]
-        )
-        return switch_loss([layer.reshape(-1, layer.shape[-1]) for layer in logits], counts)
-
-    def train_step(self) -> dict[str, float]:
-        before = self._counts()
-        router_counts = [r.counts.float().clone() for r in self.routers]
-        ids = self._batch("train", self.data_gen)
-        out = self.step_model(input_ids=ids, labels=ids)
-        total, aux = out.loss, getattr(out, "aux_loss", None)
-        if self.cfg.aux_loss == "moekit":
-            aux = self._moekit_aux(out, router_counts)
-            total = total + self.aux_coef * aux
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if self.sharded is not None:
-            self.sharded.finish_grads()
-        values = self._mean([out.loss.item()] + ([] if aux is None else [aux.detach().item()]))
-        if not math.isfinite(values[0]):  # the same on every rank: all stop together
-            raise FloatingPointError(f"step {self.step}: non-finite loss {values[0]}")
-        self.optimizer.step()
-        if self.biases:
-            self._update_biases(before)
-        metrics = {"loss": values[0]}
-        if aux is not None:
-            metrics["aux_loss"] = values[1]
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        self.model.eval()
-        try:
-            losses = self._mean(
-                [
-                    self.step_model(
-                        input_ids=(ids := self._batch("val", generator)), labels=ids
-                    ).loss.item()
-                    for _ in range(self.cfg.eval_batches)
-                ]
-            )
-        finally:
-            self.model.train()
-        train, self._losses = self._losses, []
-        record = {"step": self.step, "val_loss": sum(losses) / len(losses)}
-        if train:
-            record["train_loss"] = sum(train) / len(train)
-        record.update(self._router_health())
-        self.evals.append(record)
-        return record
-
-    def _router_health(self) -> dict[str, float]:
-        """Per MoE layer, from the tokens the patched routers counted since the last call:
-        max/mean expert load, the load's entropy over log E; a warning on collapse."""
-        metrics, loads = {}, []
-        summed = self._summed([router.counts for router in self.routers])
-        for layer, (router, counts) in enumerate(zip(self.routers, summed, strict=True)):
-            router.counts = torch.zeros(0)
-            if counts.numel() == 0 or counts.sum() == 0:
-                continue
-            share = counts.double() / counts.sum()  # [E]
-            entropy = -(share * share.clamp_min(1e-12).log()).sum() / math.log(len(share))
-            ratio = float(share.max() * len(share))
-            metrics[f"layer{layer}_load_max_over_mean"] = ratio
-            metrics[f"layer{layer}_load_entropy"] = float(entropy)
-            loads.append(share.tolist())
-            run = self._collapsed.get(layer, 0) + 1 if ratio > self.cfg.collapse_ratio else 0
-            self._collapsed[layer] = run
-            if run == self.cfg.collapse_evals:
-                log.warning(
-                    "MoE layer %d is collapsing: max/mean expert load %.1f > %.1f at %d "
-                    "evaluations in a row (raise --aux-loss-coef)",
-                    layer,
-                    ratio,
-                    self.cfg.collapse_ratio,
-                    run,
-                )
-        if loads and len({len(load) for load in loads}) == 1:
-            self.load_history.append({"step": self.step, "load": loads})
-        return metrics
-
-    def run(self) -> FinetuneResult:
-        cfg = self.cfg
-        tqdm = require("tqdm", "train", "moekit finetune's progress").tqdm
-        if self.step == 0:
-            self.tracker.log_params({k: v for k, v in asdict(cfg).items()})
-        tokens = cfg.batch_size * cfg.seq_len
-        show = cfg.progress and self.is_main
-        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not show)
-        status = "FAILED"
-        try:
-            self._wait()
-            while self.step < cfg.steps:
-                tic = time.perf_counter()
-                metrics = self.train_step()
-                self._losses.append(metrics["loss"])
-                metrics["tokens_per_s"] = tokens / (time.perf_counter() - tic)
-                self.step += 1
-                self.tracker.log_metrics(metrics, step=self.step)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
-                )
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.steps:
-                    record = self.evaluate()
-                    self.tracker.log_metrics(record, step=self.step)
-                    if show:
-                        bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}")
-                    self.save()
-            final = self.write_final()
-            if self.is_main:
-                self.write_reports()
-            self._wait()
-            status = "FINISHED"
-        except RuntimeError as err:
-            if self.topo is None:
-                raise
-            raise par.rank_failure(self.topo, self.step, err, cfg.dist_timeout, self.out) from err
-        finally:
-            bar.close()
-            self.tracker.close(status)
-        return FinetuneResult(self.out, self.step, self.evals, final, self.is_main)
-
-    def write_final(self) -> Path:
+    def finish(self) -> list[Path]:
         """`<out>/final` (and `<out>/merged`) by rank 0: the PEFT adapter or the whole model,
         its tensors gathered from the ranks (a collective under torchrun)."""
         final, lora = self.out / "final", self.cfg.lora_rank is not None
-        state = None if self.sharded is None else self.sharded.full_state(trainable_only=lora)
+        state = self.sharded.full_state(trainable_only=lora)
         if not self.is_main:
-            return final
-        self.model.save_pretrained(final, **({} if state is None else {"state_dict": state}))
-        if not lora and self.sharded is not None:  # FSDP2 renames the class: the config's name
-            self.model.config.architectures = [_plain_class(self.model).__name__]
-            self.model.config.save_pretrained(final)
-        if self.biases and lora:  # buffers: not in a PEFT adapter
-            from safetensors.torch import save_file
-
-            biases = {n: b.detach().contiguous().cpu() for n, (_, b) in self.biases.items()}
-            save_file(biases, final / "router_biases.safetensors")
+            return [final]
+        model = self.model
+        if self.cfg.dtype == "bfloat16" and not lora:  # master weights back to bfloat16
+            state = dict(model.state_dict() if state is None else state)
+            for name in self.trained:
+                state[name] = state[name].to(torch.bfloat16)
+        model.save_pretrained(final, **({} if state is None else {"state_dict": state}))
+        if not lora and self.topo.distributed and self.cfg.fsdp:  # FSDP2 renames the class
+            model.config.architectures = [_plain_class(model).__name__]
+            model.config.save_pretrained(final)
         if hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(final)
+        paths = [final]
         if self.cfg.merge and lora:
-            self._write_merged(final)
-        return final
+            paths.append(self._write_merged(final))
+        return paths
 
-    def _write_merged(self, final: Path) -> None:
-        """`<out>/merged`: the base model reloaded with the saved adapter (and router biases)
-        merged in, so it needs no tensor of this run's sharded model."""
+    def _write_merged(self, final: Path) -> Path:
+        """`<out>/merged`: the base model reloaded with the saved adapter merged in (no tensor
+        of this run's sharded model needed), with the tokenizer."""
         from peft import PeftModel
-        from safetensors.torch import load_file
 
-        base = load_model(Path(self.cfg.model), DTYPES[self.cfg.dtype])
+        base = load_model(Path(self.cfg.model), getattr(torch, self.cfg.dtype))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()
-        biases = final / "router_biases.safetensors"
-        if biases.is_file():
-            with torch.no_grad():
-                for name, value in load_file(biases).items():
-                    name = name.removeprefix("base_model.model.")
-                    merged.get_buffer(name).copy_(value)
         merged.save_pretrained(self.out / "merged")
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(self.out / "merged")
+        return self.out / "merged"
 
-    def write_reports(self) -> None:
-        from ..train.plots import plot_expert_load, plot_losses
+    def reports(self) -> list[Path]:
+        return []
 
-        paths = []
-        evals = [e for e in self.evals if "train_loss" in e]
-        if evals:
-            paths.append(plot_losses(evals, self.out / "loss.png"))
-        if self.load_history:
-            steps = [entry["step"] for entry in self.load_history]
-            loads = [entry["load"] for entry in self.load_history]
-            paths.append(plot_expert_load(steps, loads, self.out / "expert_load.png"))
-        for path in paths:
-            self.tracker.log_artifact(path)
+
+def _since(now: torch.Tensor, then: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token counts [E] added since `then` (an empty `then`: none counted before)."""
+    now = now.float().to(device)
+    return now - then.to(device) if then.numel() else now
+
+
+def _is_text(path: str) -> bool:
+    from .data import RECORD_SUFFIXES
+
+    p = Path(path)
+    return not p.is_dir() and p.suffix.lower() not in RECORD_SUFFIXES
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel."""
+    getter = getattr(model, "get_base_model", None)
+    return getter() if getter is not None else model
+
+
+def _check_fingerprint(state: dict, mine: dict, out: Path) -> None:
+    saved = state.get("fingerprint")
+    if not isinstance(saved, dict):
+        return
+    differs = [
+        f"{key} {saved.get(key)!r} there, {mine.get(key)!r} here"
+        for key in mine
+        if saved.get(key) != mine.get(key)
+    ]
+    if differs:
+        raise ValueError(
+            f"--resume: {out} holds a run of another model or adapter ({'; '.join(differs)}); "
+            "give another --out, or --overwrite without --resume to start over there"
+        )
 
 
 def _plain_class(model: nn.Module) -> type:
@@ -694,6 +513,6 @@ def _plain_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False) -> FinetuneResult:
+def finetune(cfg: FinetuneConfig, resume: bool = False, on_eval=None) -> RunResult:
     """Fine-tune `cfg.model` on `cfg.data` (see the module docstring)."""
-    return Finetuner(cfg, resume).run()
+    return run(FinetuneJob(cfg, resume), on_eval)

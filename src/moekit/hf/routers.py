@@ -145,12 +145,16 @@ class Router(PatchedForward):
     def __init__(self, router: nn.Module, rule: FamilyRule) -> None:
         self.router, self.rule = router, rule
         self.counts: Tensor | None = None  # [E] tokens routed to each expert, once set
+        # [N] bool, set by a trainer around a forward: the real tokens (padding not counted)
+        self.valid: Tensor | None = None
 
     def __call__(self, hidden_states: Tensor, *args: Tensor):
         router, rule = self.router, self.rule
         if rule.block == "switch":
             mask, probs, logits = _switch(router, rule, hidden_states)
-            self._count(mask.reshape(-1, mask.shape[-1]).sum(0))
+            if self.counts is not None:
+                flat = mask.reshape(-1, mask.shape[-1])  # [N, E]
+                self._count((flat if self.valid is None else flat[self.valid]).sum(0))
             return mask, probs, logits
         if rule.block == "dbrx":  # the logits alone: the block routes and counts (`DbrxBlock`)
             return _jittered_logits(router, rule, hidden_states, "moe_jitter_eps")
@@ -164,6 +168,8 @@ class Router(PatchedForward):
         return logits, weights, indices
 
     def _count_ids(self, indices: Tensor, logits: Tensor) -> None:
+        if self.valid is not None and self.valid.numel() == indices.shape[0]:
+            indices = indices[self.valid.to(indices.device)]  # [N', k] real tokens only
         ids = indices.reshape(-1)  # ids >= E: transformers' zero experts, not counted
         self._count(torch.bincount(ids[ids < logits.shape[-1]], minlength=logits.shape[-1]))
 

@@ -338,9 +338,17 @@ class Rows:
         seq_len: Tokens per row, T.
         packing: Several records a row (position ids restart per record) or one a row.
         pad_id: The input id on padding (never a target).
+        records: Record indices to take (a held-out split); None: every record.
     """
 
-    def __init__(self, cache: TokenCache, seq_len: int, packing: bool = True, pad_id: int = 0):
+    def __init__(
+        self,
+        cache: TokenCache,
+        seq_len: int,
+        packing: bool = True,
+        pad_id: int = 0,
+        records: np.ndarray | None = None,
+    ):
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} must be >= 2")
         lengths = cache.lengths  # [R]
@@ -349,7 +357,10 @@ class Rows:
                 f"{cache.path} holds records of {lengths.max()} tokens, longer than "
                 f"--seq-len {seq_len}: build the cache with max_len={seq_len}"
             )
-        kept = np.flatnonzero(cache.targets() > 0)  # [R'] records with something to learn
+        targets = cache.targets()  # [R]
+        kept = np.flatnonzero(targets > 0)  # [R'] records with something to learn
+        if records is not None:  # a subset (a held-out split)
+            kept = np.intersect1d(kept, records)
         if len(kept) < len(cache):
             log.info("%d records have no supervised target: left out", len(cache) - len(kept))
         if packing:
@@ -359,6 +370,7 @@ class Rows:
         self.cache, self.seq_len, self.packing, self.pad_id = cache, seq_len, packing, pad_id
         self.rows: list[list[int]] = rows  # record indices per row
         self.row_lengths = np.array([lengths[row].sum() for row in rows], np.int64)  # [rows]
+        self.row_targets = np.array([targets[row].sum() for row in rows], np.int64)  # [rows]
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -199,9 +199,12 @@ class Loop:
             raise NonFiniteError(f"step {self.step}: non-finite loss {loss + aux}")
         if not math.isfinite(norm_value):
             raise NonFiniteError(f"step {self.step}: non-finite gradient norm {norm_value}")
-        if cfg.grad_clip > 0:
-            params = [p for g in job.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm, foreach=True)
+        if cfg.grad_clip > 0 and norm_value > cfg.grad_clip:  # a host number: DTensors too
+            coef = cfg.grad_clip / (norm_value + 1e-6)
+            for group in job.optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.mul_(coef)
         job.optimizer.step()
         job.after_step()
         metrics = {"loss": loss, "grad_norm": norm_value, "learning_rate": lr}
@@ -215,7 +218,9 @@ class Loop:
             record["train_loss"] = sum(self._since_eval) / len(self._since_eval)
             self._since_eval = []
         metrics = {k: v for k, v in record.items() if k not in ("step", "sample")}
-        metrics |= self.health.report(self.job.router_load(), self.step)
+        health = self.health.report(self.job.router_load(), self.step)
+        metrics |= health
+        record |= {k: v for k, v in health.items() if "_expert" not in k}  # per layer
         self.evals.append(record)
         self.tracker.log_metrics(metrics, step=self.step)
         self.tracker.flush()
