@@ -80,6 +80,7 @@ class FinetuneJob:
         self.is_main = self.topo.is_main
         if not self.is_main:  # rank 0 reports for all
             logging.getLogger("moekit").setLevel(logging.ERROR)
+        if not (self.is_main and cfg.progress):  # transformers' loading and saving bars too
             require("transformers", "hf", "moekit finetune").utils.logging.disable_progress_bar()
         check_batch(cfg, self.topo)
         prepare_run_dir(self.out, resume, cfg.overwrite)
@@ -266,8 +267,11 @@ class FinetuneJob:
         mask = batch.attention_mask if padded else None
         try:
             with self._autocast():
-                out = self.step_model(
-                    input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask
+                out = self.step_model(  # no cache: with one, transformers ignores the packing
+                    input_ids=batch.input_ids,
+                    position_ids=batch.position_ids,
+                    attention_mask=mask,
+                    use_cache=False,
                 )
         finally:
             for router in self.routers:
@@ -278,18 +282,12 @@ class FinetuneJob:
         with self.sharded.no_sync(sync):
             before = self._counts() if self.cfg.aux_loss == "moekit" else None
             batch, out = self._forward(micro)
-            logits = out.logits  # [b, T, V]
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                batch.targets.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            loss = _summed_loss(out.logits, batch.targets)
             aux = self._aux(out, batch, before)
             total = loss * scale + (0.0 if aux is None else aux * aux_scale)
             total.backward()
-        aux_value = torch.zeros(()) if aux is None else aux.detach().float().cpu()
-        return torch.stack([loss.detach().float().cpu(), aux_value])
+        aux_value = torch.zeros((), dtype=torch.float64) if aux is None else aux.detach().double()
+        return torch.stack([loss.detach().double().cpu(), aux_value.cpu()])
 
     def _aux(self, out, batch, before) -> torch.Tensor | None:
         """The auxiliary loss of a micro-batch, with its coefficient, over real tokens only."""
@@ -365,13 +363,7 @@ class FinetuneJob:
                 self.eval_source, cfg.batch_size, cfg.eval_batches, seed
             ):
                 mine, out = self._forward(batches.part(batch, self.topo.rank, self.topo.world_size))
-                logits = out.logits
-                loss = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(),
-                    mine.targets.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
+                loss = _summed_loss(out.logits, mine.targets)
                 count = (mine.targets != -100).sum()
                 sums += torch.stack([loss.double().cpu(), count.double().cpu()])
         finally:
@@ -469,6 +461,15 @@ class FinetuneJob:
 
     def reports(self) -> list[Path]:
         return []
+
+
+def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The sum of the token cross-entropies over the supervised targets: logits [b, T, V]
+    (at least float32: a bf16 softmax over V loses the small probabilities), targets [b, T]
+    (-100: not learnt)."""
+    logits = logits.reshape(-1, logits.shape[-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [N, V]
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def _since(now: torch.Tensor, then: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -169,11 +169,12 @@ def average_grads(grads: list[Tensor], group: ProcessGroup | None, divisor: int)
 
 
 def all_reduce_sum(tensors: list[Tensor], group: ProcessGroup | None) -> list[Tensor]:
-    """Each tensor (as float32) summed over `group`'s ranks, in one collective (new tensors;
-    None: one process, copies)."""
+    """Each tensor (as float32, or float64 where one is) summed over `group`'s ranks, in one
+    collective (new tensors; None: one process, copies)."""
     if not tensors:
         return []
-    tensors = [t.float() for t in tensors]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    tensors = [t.to(dtype) for t in tensors]
     if group is None:  # one process
         return [t.clone() for t in tensors]
     flat = _flatten_dense_tensors(tensors)
