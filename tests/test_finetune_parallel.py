@@ -34,6 +34,7 @@ from moekit.hf.finetune import FinetuneConfig, finetune  # noqa: E402
 from moekit.hf.load import load_model  # noqa: E402
 from moekit.train.files import list_checkpoints, verify  # noqa: E402
 from moekit.train.sharded import REQUIRED  # noqa: E402
+from chat_fixtures import save_chat_model  # noqa: E402
 from spawn import free_port, rank_0_of  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -46,6 +47,9 @@ CASES = {  # name: (model, changes to the config)
     "qwen-lora": ("qwen3_moe", {"lora_rank": 2, "lora_targets": ["experts", "attention"]}),
     "deepseek": ("deepseek_v3", {}),
     "deepseek-lora": ("deepseek_v3", {"lora_rank": 2}),
+    # chat records, supervised lengths differing tenfold (`chat_fixtures`): the loss is the
+    # sum over the global batch's supervised tokens / their number at any ranks and grad-accum
+    "qwen-chat": ("qwen3_moe-chat", {"data": "chat.jsonl", "seq_len": 128}),
 }
 
 
@@ -62,6 +66,7 @@ def root(tmp_path_factory) -> Path:
             bias.copy_(torch.tensor([10.0] * 4 + [-10.0] * 4))
         deepseek.save_pretrained(root / "deepseek_v3")
     (root / "data.txt").write_text(SHAKESPEARE.read_text(encoding="utf-8")[:20_000])
+    save_chat_model(root)
     return root
 
 
@@ -70,10 +75,10 @@ BF16 = {"dtype": "bfloat16", "lr": 1e-3}
 
 def config(root: Path, case: str, out: Path, **changes) -> dict:
     model, options = CASES[case]
+    options = options | {"data": str(root / options.get("data", "data.txt"))}
     return (
         dict(
             model=str(root / model),
-            data=str(root / "data.txt"),
             out=str(out),
             steps=6,
             seq_len=16,
@@ -150,6 +155,11 @@ def world2(root, tmp_path_factory) -> Path:
         {"config": config(root, "qwen-lora", base / "qwen-lora-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek", base / "deepseek-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek-lora", base / "deepseek-lora-ep2", expert_parallel=2)},
+        {
+            "config": config(
+                root, "qwen-chat", base / "qwen-chat-ep2", expert_parallel=2, grad_accum=2
+            )
+        },
         # bf16 base, fp32 LoRA factors (PEFT's default): FSDP2 units of one dtype
         {
             "config": config(
@@ -202,7 +212,15 @@ def world4(root, world2, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "run",
-    ["qwen-ep2", "qwen-ep1", "qwen-ep2-ddp", "qwen-lora-ep2", "deepseek-ep2", "deepseek-lora-ep2"],
+    [
+        "qwen-ep2",
+        "qwen-ep1",
+        "qwen-ep2-ddp",
+        "qwen-lora-ep2",
+        "deepseek-ep2",
+        "deepseek-lora-ep2",
+        "qwen-chat-ep2",  # EP 2 x FSDP2, --grad-accum 2 against one process, --grad-accum 1
+    ],
 )
 def test_two_ranks_train_like_one_process(world2, single, run):
     assert_same_run(world2 / run, single[run.rsplit("-ep", 1)[0]])
