@@ -19,10 +19,7 @@ TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-WORDS = (
-    "the king and queen of england went to war with france over a cup of tea while the "
-    "people of london sang songs about the weather and the price of bread"
-).split()
+WORDS = ["the", "king", "and", "queen", "of", "england", "went", "to", "war", "with", "france", "over", "a", "cup", "of", "tea", "while", "the", "people", "of", "london", "sang", "songs", "about", "the", "weather", "and", "the", "price", "of", "bread"]
 
 
 def tokenizer():

@@ -29,12 +29,12 @@ pytest.importorskip("peft")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from chat_fixtures import save_chat_model  # noqa: E402
 from moekit.hf.catalog import tiny_model  # noqa: E402
 from moekit.hf.finetune import FinetuneConfig, finetune  # noqa: E402
 from moekit.hf.load import load_model  # noqa: E402
 from moekit.train.files import list_checkpoints, verify  # noqa: E402
 from moekit.train.sharded import REQUIRED  # noqa: E402
-from chat_fixtures import save_chat_model  # noqa: E402
 from spawn import free_port, rank_0_of  # noqa: E402
 
 pytestmark = pytest.mark.distributed

@@ -465,3 +465,16 @@ def test_windows_shifted_targets_and_split():
     assert int(windows.batch("val", 4, torch.Generator()).input_ids.min()) >= 90
     with pytest.raises(ValueError, match="val split has 10 tokens.*--seq-len 10"):
         Windows(ids.numpy(), 10)
+
+
+@pytest.mark.parametrize("n", [18, 161, 177, 200])
+def test_consecutive_windows_make_every_token_a_target_once(n):
+    """An --eval-data text file is evaluated whole: every token but the first is a target of
+    exactly one window (the tail window masks what the regular ones covered)."""
+    windows = Windows(np.arange(400), 16)
+    windows.ids["val"], windows.mask = np.arange(n), None
+    seen = []
+    for batch in windows.consecutive("val", 3):
+        assert batch.input_ids.shape[1] == 16
+        seen += batch.targets[batch.targets != IGNORE].tolist()
+    assert sorted(seen) == list(range(1, n))

@@ -14,7 +14,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from chat_fixtures import save_chat_model  # noqa: E402
-
 from moekit.train.finetune_config import FinetuneConfig  # noqa: E402
 
 

@@ -169,7 +169,9 @@ class FinetuneJob:
             held = tokenized(cfg.eval_data, "--eval-data")
             if _is_text(cfg.eval_data):
                 self.eval_source = Windows(held.ids, cfg.seq_len, held.mask, "--eval-data")
-                self.eval_source.ids["val"] = held.ids  # the whole file is held out
+                self.eval_source.ids["val"] = held.ids  # the whole file is held out,
+                self.eval_source.mask = None  # every token of it evaluated
+                self.eval_source.whole = True
             else:
                 self.eval_source = Rows(held, cfg.seq_len, cfg.packing, pad)
         elif text:

@@ -66,8 +66,12 @@ class TrainStream:
 def eval_pass(
     source: Rows | Windows, batch_size: int, eval_batches: int, seed: int
 ) -> Iterator[Batch]:
-    """An evaluation's batches: every row of `source` (Rows), or `eval_batches` windows of the
-    val split from a generator seeded by `seed` (Windows: never moves the training stream)."""
+    """An evaluation's batches: every row of `source` (Rows), every token of an eval file's
+    windows (Windows with `whole`), or `eval_batches` windows of the val split from a
+    generator seeded by `seed` (a held-out split: never moves the training stream)."""
+    if isinstance(source, Windows) and getattr(source, "whole", False):
+        yield from source.consecutive("val", batch_size)
+        return
     if isinstance(source, Windows):
         generator = torch.Generator().manual_seed(seed)
         for _ in range(eval_batches):

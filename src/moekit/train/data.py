@@ -17,7 +17,7 @@ import os
 import shutil
 import uuid
 from bisect import bisect_left, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -446,7 +446,31 @@ class Windows:
         """`batch_size` random windows of the `split` ("train" or "val") as a `Batch` [B, T]."""
         ids, seq_len = self.ids[split], self.seq_len
         starts = torch.randint(len(ids) - seq_len, (batch_size,), generator=generator)  # [B]
-        where = starts.numpy()[:, None] + np.arange(seq_len + 1)  # [B, T + 1]
+        return self._windows(split, starts.numpy())
+
+    def consecutive(self, split: str, batch_size: int) -> Iterator[Batch]:
+        """Every token of `split` (but the first) once as a target: windows starting every
+        `seq_len` tokens, then one ending at the split's end whose targets already seen are
+        masked; `batch_size` windows to a Batch."""
+        n, seq_len = len(self.ids[split]), self.seq_len
+        starts = list(range(0, n - seq_len, seq_len))  # window s: targets s + 1 .. s + T
+        covered = starts[-1] + seq_len  # the last target index they cover
+        tail = None
+        if covered < n - 1:
+            starts.append(n - 1 - seq_len)
+            tail = len(starts) - 1
+        for first in range(0, len(starts), batch_size):
+            chunk = np.asarray(starts[first : first + batch_size])  # [B]
+            batch = self._windows(split, chunk)
+            if tail is not None and first <= tail < first + len(chunk):
+                seen = covered - chunk[tail - first]  # its first `seen` targets are covered
+                batch.targets[tail - first, :seen] = IGNORE
+            yield batch
+
+    def _windows(self, split: str, starts: np.ndarray) -> Batch:
+        """Windows at `starts` [B] of `split` as a `Batch` [B, T]."""
+        ids, seq_len, batch_size = self.ids[split], self.seq_len, len(starts)
+        where = starts[:, None] + np.arange(seq_len + 1)  # [B, T + 1]
         window = torch.from_numpy(ids[where].astype(np.int64))  # [B, T + 1]
         targets = window[:, 1:].clone()  # [B, T]
         if self.mask is not None:
