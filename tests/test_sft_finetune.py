@@ -169,3 +169,18 @@ def test_bfloat16_keeps_float32_master_weights(chat, tmp_path):
         state = full.optimizer.state[next(iter(full.trained.values()))]
         assert state["exp_avg"].dtype == torch.float32
     assert moved["bfloat16"] > 0.8 and moved["float32"] > 0.8, moved
+
+
+def test_activation_checkpointing_and_epochs(chat, tmp_path):
+    """--activation-checkpointing: the same step in float64 (recomputed layers); --epochs E:
+    E passes over the packed rows."""
+    from moekit.train.loop import total_steps
+
+    plain = _one_step(_job(chat, tmp_path / "plain", dtype="float64", lora_rank=2))
+    job = _job(chat, tmp_path / "ckpt", dtype="float64", lora_rank=2, activation_checkpointing=True)
+    recomputed = _one_step(job)
+    assert recomputed[1]["loss"] == pytest.approx(plain[1]["loss"], rel=1e-12)
+    for name, value in plain[0].items():
+        torch.testing.assert_close(recomputed[0][name], value, rtol=1e-10, atol=1e-12)
+    job = _job(chat, tmp_path / "epochs", epochs=2.0, batch_size=2)
+    assert total_steps(job.cfg, job) == 2 * -(-len(job.train_source) // 2)

@@ -356,3 +356,27 @@ def test_a_rank_reads_only_its_rows_of_the_optimizer_state(tmp_path):
         torch.testing.assert_close(mine["state"][1][key], whole["state"][1][key])
     assert mine["state"][0]["step"] == whole["state"][0]["step"] == 1
     assert mine["param_groups"] == whole["param_groups"]
+
+
+def test_activation_checkpointing_and_grad_accum_keep_the_losses(tmp_path):
+    """--activation-checkpointing recomputes each block (the same noise draws) and
+    --grad-accum splits the batch: the same training losses as the plain run."""
+    kw = dict(steps=4, eval_interval=100, sample_tokens=0, save_every=0)
+    plain = train(cfg_for(tmp_path / "plain", **kw))
+    recomputed = train(cfg_for(tmp_path / "ckpt", activation_checkpointing=True, **kw))
+    assert recomputed.train_losses == pytest.approx(plain.train_losses, rel=1e-6)
+    kw |= dict(dropout=0.0, router="softmax")  # no random draws whose shapes differ
+    accumulated = train(cfg_for(tmp_path / "accum", grad_accum=4, **kw))
+    reference = train(cfg_for(tmp_path / "ref", **kw))
+    assert accumulated.train_losses[0] == pytest.approx(reference.train_losses[0], rel=1e-6)
+    # later steps differ by the auxiliary loss alone, a mean over the micro-batches
+    assert accumulated.train_losses == pytest.approx(reference.train_losses, rel=1e-2)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    """--epochs E: E passes over the training split's tokens (windows of B x T a step)."""
+    from moekit.train.loop import total_steps
+
+    job = LMJob(cfg_for(tmp_path, epochs=0.01))
+    tokens = len(job.data.train)
+    assert total_steps(job.cfg, job) == math.ceil(0.01 * (tokens // (8 * 16)))
