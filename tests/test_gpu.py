@@ -220,12 +220,7 @@ def test_finetune_trains_on_the_gpu_in_one_process(tmp_path, dtype):
     """`moekit finetune --device cuda` (and `auto`) in one process, no torchrun: chat records,
     packed, LoRA on the experts; the model and the batches live on the GPU; the loss falls."""
     pytest.importorskip("transformers")
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from chat_fixtures import save_chat_model
-
     from moekit.hf.finetune import FinetuneJob
     from moekit.train.finetune_config import FinetuneConfig
     from moekit.train.loop import Loop
