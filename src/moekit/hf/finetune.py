@@ -46,7 +46,6 @@ from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 from .._extras import require
 from ..parallel import training as par
 from ..train import batches
-from ..train.data import Rows, Windows
 from ..train.files import prepare_run_dir
 from ..train.finetune_config import FinetuneConfig
 from ..train.health import stack_loads
@@ -54,17 +53,15 @@ from ..train.loop import RunResult, check_batch, run
 from ..train.sharded import latest_sharded, load_sharded, save_sharded
 from .aux import routers, switch_loss
 from .balance import correction_biases, update_biases
-from .data import tokenize_file
 from .distributed import Sharded
 from .load import load_config, load_model, load_tokenizer
 from .lora import add_lora
 from .patch import experts_of, holds_experts
+from .sources import sources
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
 
 log = logging.getLogger(__name__)
-
-_HELD_OUT = 0.1  # the records (or text) held out when there is no --eval-data
 
 
 class FinetuneJob:
@@ -94,7 +91,7 @@ class FinetuneJob:
                 f"(max_position_embeddings {limit})"
             )
         self.tokenizer = load_tokenizer(model_dir, config.vocab_size)
-        self._build_data()
+        self.train_source, self.eval_source = sources(cfg, self.tokenizer, self.topo)
         checkpoint = latest_sharded(self.out) if resume and self.is_main else None
         if resume:  # rank 0 verified it: every rank takes its pick
             checkpoint = par.all_gather_objects(checkpoint, self.topo)[0]
@@ -137,67 +134,6 @@ class FinetuneJob:
         self.topo.wait()
 
     # --- setup --------------------------------------------------------------------------
-    def _build_data(self) -> None:
-        """Token caches (rank 0 builds, the others open them) -> the training source and the
-        evaluation source."""
-        cfg, cache_dir = self.cfg, self.out / "data"
-
-        def tokenized(path: str, flag: str):
-            def build():
-                args = (cfg.seq_len, cfg.train_on_prompt, flag)
-                return tokenize_file(path, self.tokenizer, cache_dir, *args)
-
-            cache = build() if self.is_main else None  # rank 0 builds, the others open it
-            self.topo.wait()
-            cache = cache or build()
-            if cache.truncated:
-                log.warning(
-                    "%s: %d of %d records longer than --seq-len %d were truncated",
-                    flag,
-                    cache.truncated,
-                    len(cache),
-                    cfg.seq_len,
-                )
-            return cache
-
-        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        train = tokenized(cfg.data, "--data")
-        text = _is_text(cfg.data)
-        if text:
-            self.train_source = Windows.from_cache(train, cfg.seq_len, "--data")
-        if cfg.eval_data is not None:
-            held = tokenized(cfg.eval_data, "--eval-data")
-            if _is_text(cfg.eval_data):
-                self.eval_source = Windows(held.ids, cfg.seq_len, held.mask, "--eval-data")
-                self.eval_source.ids["val"] = held.ids  # the whole file is held out,
-                self.eval_source.mask = None  # every token of it evaluated
-                self.eval_source.whole = True
-            else:
-                self.eval_source = Rows(held, cfg.seq_len, cfg.packing, pad)
-        elif text:
-            self.eval_source = self.train_source
-        if not text:
-            records = len(train)
-            held_out = max(1, int(records * _HELD_OUT)) if cfg.eval_data is None else 0
-            if records - held_out < 1:
-                raise ValueError(
-                    f"--data {cfg.data}: {records} record(s), too few to hold out "
-                    f"{_HELD_OUT:.0%} for evaluation; give --eval-data"
-                )
-            import numpy as np
-
-            split = np.arange(records - held_out)
-            self.train_source = Rows(train, cfg.seq_len, cfg.packing, pad, records=split)
-            if cfg.eval_data is None:
-                rest = np.arange(records - held_out, records)
-                self.eval_source = Rows(train, cfg.seq_len, cfg.packing, pad, records=rest)
-        for name, source in (("--data", self.train_source), ("eval", self.eval_source)):
-            if isinstance(source, Rows) and len(source) == 0:
-                raise ValueError(
-                    f"{name}: no record has a supervised token left within --seq-len "
-                    f"{cfg.seq_len} (raise --seq-len, or --train-on-prompt)"
-                )
-
     def _aux_setup(self, config) -> float:
         """The routers' logits out where an auxiliary loss trains; returns moekit's coefficient
         (0 where the family's own loss, if any, is used)."""
@@ -478,13 +414,6 @@ def _since(now: torch.Tensor, then: torch.Tensor, device: torch.device) -> torch
     """Token counts [E] added since `then` (an empty `then`: none counted before)."""
     now = now.float().to(device)
     return now - then.to(device) if then.numel() else now
-
-
-def _is_text(path: str) -> bool:
-    from .data import RECORD_SUFFIXES
-
-    p = Path(path)
-    return not p.is_dir() and p.suffix.lower() not in RECORD_SUFFIXES
 
 
 def _base(model: nn.Module) -> nn.Module:
