@@ -194,7 +194,7 @@ class Loop:
         host = torch.cat([summed.double().cpu(), norm.reshape(1).double().cpu()])
         loss_sum, aux_sum, norm_value = host.tolist()
         loss = loss_sum / max(targets, 1)
-        aux = aux_sum / topo.world_size
+        aux = aux_sum / (topo.world_size * len(micros))  # the mean over micro-batches, ranks
         if not math.isfinite(loss + aux):
             raise NonFiniteError(f"step {self.step}: non-finite loss {loss + aux}")
         if not math.isfinite(norm_value):
