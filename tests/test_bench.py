@@ -93,6 +93,7 @@ def test_run_bench_measures_every_case(capsys):
         rounds=1,
         lm=False,
         hf_backends=False,
+        finetune=False,  # its tables have their own tests
     )
     results = run_bench(options)["layer"]
     cases = {r.case: r for r in results}
@@ -276,3 +277,20 @@ def test_finetune_table_times_and_weighs_both_sides():
     assert all(v > 0 for v in (*result.ms.values(), *result.peak_bytes.values()))
     table = format_finetune_table([result])
     assert "expert LoRA layer" in table and "memory moekit/tf" in table
+
+
+@pytest.mark.skipif(not hf_available(), reason="needs transformers")
+def test_sft_table_times_moekit_packed_padded_and_trl():
+    for module in ("peft", "tokenizers", "datasets", "trl"):
+        pytest.importorskip(module)
+    from moekit.bench.sft import CASES, bench_sft, format_sft_table
+
+    results = bench_sft(rounds=1, records=16, seq_len=256, steps=1)
+    assert [r.case for r in results] == list(CASES)
+    assert all(min(r.tokens_per_s, r.total_tokens_per_s, r.real_tokens) > 0 for r in results)
+    packed, padded, trl = results
+    assert (packed.rows, packed.width) == (4, 256)  # fixed rows of seq_len
+    assert padded.width <= 256 and 0.0 <= padded.padding < 1.0
+    assert trl.rows == 1 and trl.padding == 0.0  # padding-free: the rows flattened, no padding
+    table = format_sft_table(results)
+    assert all(case in table for case in CASES) and "x moekit packed" in table

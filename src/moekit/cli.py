@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-finetune",
         action="store_true",
-        help="skip the fine-tuning table (expert LoRA and fine-tune steps vs transformers + PEFT)",
+        help="skip the fine-tuning tables (expert LoRA and fine-tune steps vs transformers + "
+        "PEFT; SFT packed vs padded vs TRL)",
     )
     bench.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -456,5 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, RuntimeError, FloatingPointError, MissingExtraError) as err:
+        from .parallel.training import defer_to_rank_0
+
+        if not isinstance(err, RuntimeError):  # a RuntimeError is this rank's own failure
+            defer_to_rank_0()  # the rest every rank meets alike: rank 0 alone says it
         print(f"moekit {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -57,7 +57,7 @@ class BenchOptions:
     memory: bool = True
     hf_peer: bool = True  # transformers' Mixtral block at SwiGLU shapes, when installed
     hf_backends: bool = True  # the "transformers backends" table, when installed
-    finetune: bool = True  # the "fine-tuning" table (expert LoRA, fine-tune steps) vs PEFT
+    finetune: bool = True  # the "fine-tuning" table vs PEFT, and the SFT table vs TRL
     device: str = "cpu"
 
     @classmethod
@@ -72,7 +72,7 @@ class BenchOptions:
             lm_steps=2,
             generate_tokens=40,
             hf_backends=False,  # a minute more; `moekit bench` (not --quick) prints it
-            finetune=False,  # half a minute more
+            finetune=False,  # a minute and a half more (fine-tuning and SFT tables)
         )
         return cls(**(base | overrides))
 
@@ -275,6 +275,25 @@ def _table(header: tuple, rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _sft_table(rounds: int, echo=print) -> list:
+    """The SFT table (`bench.sft`): moekit packed and padded, and TRL where installed."""
+    from .sft import bench_sft, format_sft_table, trl_available
+
+    steps = 2  # a case's optimizer steps a round
+    echo(
+        "SFT on short chat records (~200 tokens): the tiny Qwen3-MoE above with a 320-id chat "
+        'tokenizer, experts_implementation="moekit", LoRA r=16 on the experts, AdamW, float32; '
+        "moekit packed (4 x 2048) and padded (~8k real tokens a step) vs TRL's SFTTrainer "
+        f"(packing, padding-free, 4 x 2048); {rounds} interleaved rounds of {steps} steps a case; "
+        "tokens/s: real tokens a step over the median step"
+    )
+    if not trl_available():
+        echo("TRL is not installed (pip install trl): moekit's rows only")
+    results = bench_sft(rounds=rounds, steps=steps)
+    echo(format_sft_table(results))
+    return results
+
+
 def run_bench(options: BenchOptions, echo=print) -> dict:
     """Run the benchmark, printing each table as it completes; returns the results."""
     device = torch.device(options.device)
@@ -325,6 +344,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         compiled = bench_hf_compiled(rounds=max(3, options.lm_rounds))
         echo(format_hf_compiled_table(compiled))
     tune: list = []
+    sft: list = []
     if options.finetune and device.type == "cpu" and hf_available():
         from .finetune import LORA_LAYER, bench_expert_lora, bench_finetune_step
 
@@ -337,7 +357,15 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         rounds = max(3, options.lm_rounds)
         tune = [bench_expert_lora(rounds=rounds), *bench_finetune_step(rounds=rounds)]
         echo(format_finetune_table(tune))
-    return {"layer": layer, "lm": lm, "hf_backends": hf, "hf_compiled": compiled, "finetune": tune}
+        sft = _sft_table(rounds, echo)
+    return {
+        "layer": layer,
+        "lm": lm,
+        "hf_backends": hf,
+        "hf_compiled": compiled,
+        "finetune": tune,
+        "sft": sft,
+    }
 
 
 def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:
