@@ -380,3 +380,22 @@ def test_epochs_set_the_number_of_steps(tmp_path):
     job = LMJob(cfg_for(tmp_path, epochs=0.01))
     tokens = len(job.data.train)
     assert total_steps(job.cfg, job) == math.ceil(0.01 * (tokens // (8 * 16)))
+
+
+def test_a_checkpoint_from_before_the_shared_runtime_is_refused_with_why(tmp_path, capsys):
+    """A run directory written by the old trainer (no loop state) is refused on --resume with
+    one line saying why; `moekit generate` still reads it."""
+    run = train(cfg_for(tmp_path, steps=2, save_every=0))
+    path = run.checkpoint
+    state = json.loads((path / "state.json").read_text())
+    loop = state.pop("loop")
+    state["history"] = {"evals": loop["evals"], "train_losses": loop["train_losses"]}
+    groups = state.pop("param_groups")
+    model = ckpt.load_checkpoint(path).model
+    optimizer = ckpt.load_checkpoint(path).optimizer
+    ckpt.save_checkpoint(tmp_path, 2, model, optimizer | {"param_groups": groups}, state)
+    flags = ["--data", CORPUS, "--out", str(tmp_path), "--no-track", "--no-progress"]
+    assert main(["train", "--preset", "tiny", *flags, "--steps", "4", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "written by an older moekit train" in err and err.count("\n") == 1, err
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "4"]) == 0
