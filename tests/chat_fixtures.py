@@ -19,7 +19,10 @@ TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-WORDS = ["the", "king", "and", "queen", "of", "england", "went", "to", "war", "with", "france", "over", "a", "cup", "of", "tea", "while", "the", "people", "of", "london", "sang", "songs", "about", "the", "weather", "and", "the", "price", "of", "bread"]
+WORDS = (  # noqa: SIM905 - a sentence reads better than a list of its words
+    "the king and queen of england went to war with france over a cup of tea while the "
+    "people of london sang songs about the weather and the price of bread"
+).split()
 
 
 def tokenizer():

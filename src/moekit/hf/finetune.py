@@ -51,6 +51,7 @@ from ..train.finetune_config import FinetuneConfig
 from ..train.health import stack_loads
 from ..train.loop import RunResult, check_batch, run
 from ..train.sharded import latest_sharded, load_sharded, save_sharded
+from ..train.tracking import check_server
 from .aux import routers, switch_loss
 from .balance import correction_biases, update_biases
 from .distributed import Sharded
@@ -80,6 +81,8 @@ class FinetuneJob:
         if not (self.is_main and cfg.progress):  # transformers' loading and saving bars too
             require("transformers", "hf", "moekit finetune").utils.logging.disable_progress_bar()
         check_batch(cfg, self.topo)
+        if cfg.track and cfg.tracking_uri and self.topo.is_main:  # before the model: seconds
+            check_server(cfg.tracking_uri)
         prepare_run_dir(self.out, resume, cfg.overwrite)
         model_dir = Path(cfg.model)
         # 1. what can be wrong with the data, before the weights are read

@@ -11,7 +11,6 @@ file: one line naming `--model`, never a traceback from deep in transformers.
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -62,22 +61,44 @@ def _check_source(model_dir: Path) -> bool:
     return False
 
 
-def _offline_hint(error: Exception) -> str:
-    first = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return f"{first} (offline? a hub id needs the network or the files in the local cache)"
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _hub_offline() -> str | None:
+    """Why the hub cannot be asked now (None: it can). huggingface_hub reads its timeouts at
+    import and, finding no file in the cache, retries an unreachable hub for ~25 s with
+    backoff: a refused or timed-out connection here sends moekit to the cache at once."""
+    from huggingface_hub import constants
+
+    from ..train.tracking import server_unreachable
+
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE
+        return "HF_HUB_OFFLINE is set"
+    problem = server_unreachable(constants.ENDPOINT)
+    return None if problem is None else f"the hub {constants.ENDPOINT}: {problem}"
+
+
+def _not_cached(model_dir: Path, offline: str) -> str:
+    return (
+        f"--model {model_dir}: a hub id not in the local cache, and the hub cannot be asked "
+        f"({offline}); download it where there is a network, or give a model directory"
+    )
 
 
 def load_config(model_dir: Path):
     """The model's transformers config, read before its weights (data errors come first)."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
-    if not local:  # no retries against an unreachable hub: fail in seconds
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    offline = None if local else _hub_offline()
     try:
-        return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=local)
+        return transformers.AutoConfig.from_pretrained(
+            str(model_dir), local_files_only=local or offline is not None
+        )
     except (OSError, ValueError) as error:
-        raise ValueError(f"--model: cannot load {model_dir}: {_offline_hint(error)}") from error
+        if offline:
+            raise ValueError(_not_cached(model_dir, offline)) from error
+        raise ValueError(f"--model: cannot load {model_dir}: {_first_line(error)}") from error
 
 
 def load_tokenizer(model_dir: Path, vocab_size: int):
@@ -87,17 +108,33 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     if not local or any((model_dir / name).is_file() for name in names):
         from transformers import AutoTokenizer
 
+        cached = local or _hub_offline() is not None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=cached)
         except (OSError, ValueError) as error:
             if local:
                 raise ValueError(
                     f"--model: cannot load the tokenizer of {model_dir}: {error}"
                 ) from error
             return ByteTokenizer(vocab_size)  # a hub model without a tokenizer
+        if not local and not tokenizer.encode("text"):  # one transformers built from the
+            return ByteTokenizer(vocab_size)  # config alone: a repository without its files
         tokenizer.model_max_length = 1 << 30  # rows are cut by moekit, not the tokenizer
         return tokenizer
     return ByteTokenizer(vocab_size)
+
+
+def _damaged_weights(model_dir: Path) -> str | None:
+    """The first safetensors file of `model_dir` whose header does not read, and why."""
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else ():
+        try:
+            with safe_open(str(path), "pt"):  # the header, checked against the file's size
+                pass
+        except Exception as error:  # safetensors' SafetensorError is no OSError
+            return f"{path.name} is truncated or corrupt ({_first_line(error)})"
+    return None
 
 
 def _from_pretrained(auto, model_dir: Path, options: dict) -> nn.Module:
@@ -108,17 +145,19 @@ def _from_pretrained(auto, model_dir: Path, options: dict) -> nn.Module:
             if "experts_implementation" not in str(error) and "moekit" not in str(error):
                 raise
             return auto.from_pretrained(str(model_dir), **options)
-    except (OSError, ValueError, RuntimeError) as error:  # offline, corrupt or truncated files
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if "safetensors" in first.lower() or "header" in first.lower() or "deserializ" in first:
+    except Exception as error:  # offline, corrupt or truncated files; SafetensorError too
+        corrupt = type(error).__name__ == "SafetensorError" or "deserializ" in str(error)
+        if not (corrupt or isinstance(error, (OSError, ValueError, RuntimeError))):
+            raise
+        damaged = _damaged_weights(model_dir)
+        if damaged is not None:
+            raise ValueError(
+                f"--model {model_dir}: {damaged}; save or download the model again"
+            ) from error
+        first = _first_line(error)
+        if corrupt:
             first += " (a truncated or corrupt safetensors file)"
         raise ValueError(f"--model: cannot load {model_dir}: {first}") from error
-    except Exception as error:  # safetensors' own SafetensorError is no OSError
-        if type(error).__name__ != "SafetensorError":
-            raise
-        raise ValueError(
-            f"--model: cannot load {model_dir}: {error} (a truncated or corrupt safetensors file)"
-        ) from error
 
 
 def load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -126,7 +165,10 @@ def load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
     on the ExpertsInterface, then patched; logs what runs where."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
-    options = dict(dtype=dtype, local_files_only=local)  # a hub id: fetched, when online
+    cached = local or _hub_offline() is not None  # a hub id: fetched, when online
+    options = dict(dtype=dtype, local_files_only=cached)
+    if cached and not local:  # transformers asks the hub for a PEFT adapter_config.json else
+        options["adapter_kwargs"] = {"local_files_only": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = _from_pretrained(transformers.AutoModelForCausalLM, model_dir, options)

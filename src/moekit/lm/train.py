@@ -45,6 +45,7 @@ from ..train.files import (
 )
 from ..train.loop import NonFiniteError, RunResult, check_batch, run
 from ..train.plots import pyplot
+from ..train.tracking import check_server
 from .config import TrainConfig
 from .data import TokenData, build_tokenizer, load_text, tokenizer_from_dict
 from .model import LMConfig, SparseMoELanguageModel
@@ -99,6 +100,8 @@ class LMJob:
         self.topo = par.init_distributed(cfg.expert_parallel, cfg.device, cfg.dist_timeout)
         self.is_main = self.topo.is_main
         check_batch(cfg, self.topo)
+        if cfg.track and cfg.tracking_uri and self.topo.is_main:  # before the model: seconds
+            check_server(cfg.tracking_uri)
         self.out = Path(cfg.out)
         prepare_run_dir(self.out, resume, cfg.overwrite)
         self.device = self.topo.device

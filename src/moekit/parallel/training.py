@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,16 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
+
+
+def defer_to_rank_0(grace_s: float = 10.0) -> None:
+    """Before a process reports an error in its input (a flag, a file, a topology): on a rank
+    other than 0 of a torchrun job, wait `grace_s`. Every rank checks the input alike and
+    fails alike: rank 0 reports at once, and torchrun, seeing it fail, stops the other ranks
+    while they wait, so the line is there once. A rank still running after the wait failed
+    on its own, and reports it."""
+    if os.environ.get("RANK", "0") != "0":
+        time.sleep(grace_s)
 
 
 def init_distributed(
