@@ -184,3 +184,25 @@ def test_activation_checkpointing_and_epochs(chat, tmp_path):
         torch.testing.assert_close(recomputed[0][name], value, rtol=1e-10, atol=1e-12)
     job = _job(chat, tmp_path / "epochs", epochs=2.0, batch_size=2)
     assert total_steps(job.cfg, job) == 2 * -(-len(job.train_source) // 2)
+
+
+def test_cli_chat_finetune_writes_adapter_merged_model_and_tokenizers(chat, tmp_path, capsys):
+    """`moekit finetune` on chat records with --no-progress: the held-out lines print; OUT/final
+    (the adapter) and OUT/merged (the merged model) both carry the tokenizer and its chat
+    template."""
+    from transformers import AutoTokenizer
+
+    from moekit.cli import main
+
+    model, data = chat
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(model), "--data", str(data), "--out", str(out)]
+    args += ["--steps", "2", "--eval-interval", "1", "--seq-len", "128", "--batch-size", "4"]
+    args += ["--lora-rank", "2", "--merge", "--no-track", "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "step 0: val loss" in printed and "step 2: val loss" in printed
+    for directory in ("final", "merged"):
+        tokenizer = AutoTokenizer.from_pretrained(out / directory)
+        assert tokenizer.chat_template and "generation" in tokenizer.chat_template, directory
+    assert (out / "merged" / "config.json").is_file()

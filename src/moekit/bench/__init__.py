@@ -373,7 +373,7 @@ def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> lis
     from ..parallel.training import init_distributed
 
     topo = init_distributed(expert_parallel, options.device, timeout_s=300.0)
-    if topo is None or topo.world_size != expert_parallel:
+    if topo.world_size != expert_parallel:
         raise ValueError(
             f"--expert-parallel {expert_parallel}: run under torchrun --nproc-per-node "
             f"{expert_parallel} (every rank in one expert-parallel group)"

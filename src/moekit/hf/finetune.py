@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
 from .._extras import require
 from ..parallel import training as par
@@ -336,10 +335,7 @@ class FinetuneJob:
             )
         tensors = self._tensors()
         load_sharded(path, tensors, self.topo)
-        if self.topo.distributed:
-            self.sharded.load(tensors, self.optimizer)
-        else:
-            set_optimizer_state_dict(self.model, self.optimizer, tensors["optimizer"])
+        self.sharded.load(tensors, self.optimizer)
         self.stream.restore(loop["job"]["stream"])
         self.step, self.resumed = loop["step"], loop
         if self.is_main:

@@ -35,7 +35,7 @@ REQUIRED = ("state.json", "dcp/.metadata")
 
 
 def save_sharded(
-    run_dir: Path, step: int, tensors: dict, state: dict, topo: Topology | None, keep: int = 2
+    run_dir: Path, step: int, tensors: dict, state: dict, topo: Topology, keep: int = 2
 ) -> Path:
     """Write checkpoint `ckpt-<step>` (a collective under torchrun: every rank calls it).
 
@@ -43,25 +43,25 @@ def save_sharded(
         tensors: A (nested) dict of tensors and DTensors (`hf.distributed.training_state`).
         state: JSON-serialisable; rank 0's is written.
     """
-    main = topo is None or topo.is_main
     final = run_dir / f"ckpt-{step:08d}"
     tmp = run_dir / f".tmp-ckpt-{step:08d}-dcp"
-    if main:
+    if topo.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    if topo is not None:
-        topo.wait()
-    group = None if topo is None else topo.control_group
+    topo.wait()
     with _quiet():
-        dcp.save(tensors, checkpoint_id=str(tmp / "dcp"), process_group=group, no_dist=topo is None)
-    if topo is not None:
-        topo.wait()  # every rank's pieces are on disk
-    if main:
+        dcp.save(
+            tensors,
+            checkpoint_id=str(tmp / "dcp"),
+            process_group=topo.control_group,
+            no_dist=not topo.distributed,
+        )
+    topo.wait()  # every rank's pieces are on disk
+    if topo.is_main:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
         publish(tmp, final, keep)
-    if topo is not None:
-        topo.wait()
+    topo.wait()
     return final
 
 
@@ -87,18 +87,20 @@ def _pieces(path: Path) -> list[str]:
     return sorted({f"dcp/{item.relative_path}" for item in metadata.storage_data.values()})
 
 
-def load_sharded(path: Path, tensors: dict, topo: Topology | None) -> None:
+def load_sharded(path: Path, tensors: dict, topo: Topology) -> None:
     """Fill `tensors` (the same structure `save_sharded` wrote, at this run's sharding) from
     checkpoint `path`, in place.
 
     Raises:
         CheckpointError: the checkpoint holds other tensors, or of other shapes.
     """
-    group = None if topo is None else topo.control_group
     try:
         with _quiet():
             dcp.load(
-                tensors, checkpoint_id=str(path / "dcp"), process_group=group, no_dist=topo is None
+                tensors,
+                checkpoint_id=str(path / "dcp"),
+                process_group=topo.control_group,
+                no_dist=not topo.distributed,
             )
     except (RuntimeError, ValueError, KeyError) as err:  # DCP's CheckpointException: RuntimeError
         raise CheckpointError(
