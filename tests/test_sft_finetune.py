@@ -206,3 +206,16 @@ def test_cli_chat_finetune_writes_adapter_merged_model_and_tokenizers(chat, tmp_
         tokenizer = AutoTokenizer.from_pretrained(out / directory)
         assert tokenizer.chat_template and "generation" in tokenizer.chat_template, directory
     assert (out / "merged" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_padding_is_never_routed_into_the_statistics(chat, tmp_path, packing):
+    """The patched routers count the real tokens of a step only (k pairs each): neither packed
+    rows' tail padding nor padded rows' (the counts feed health and the bias update)."""
+    job = _job(chat, tmp_path / "run", packing=packing, aux_loss_coef=0.01)
+    (micro,), _ = job.micro_batches(1)
+    assert (micro.attention_mask == 0).any()  # there is padding to leave out
+    job.forward_backward(micro, 1.0, 1.0, True)
+    top_k = job.model.config.num_experts_per_tok
+    for router in job.routers:
+        assert int(router.counts.sum()) == micro.num_tokens() * top_k
