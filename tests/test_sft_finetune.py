@@ -219,3 +219,31 @@ def test_padding_is_never_routed_into_the_statistics(chat, tmp_path, packing):
     top_k = job.model.config.num_experts_per_tok
     for router in job.routers:
         assert int(router.counts.sum()) == micro.num_tokens() * top_k
+
+
+def test_config_file_sits_between_defaults_and_flags(chat, tmp_path, monkeypatch):
+    """`moekit finetune --config run.toml`: the file's keys (flag names, old aliases too) over
+    the defaults, the flags over the file."""
+    import moekit.hf.finetune as finetune_module
+    from moekit.cli import main
+
+    seen = {}
+
+    def fake_finetune(cfg, resume=False, on_eval=None):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(finetune_module, "finetune", fake_finetune)
+    model, data = chat
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'model = "{model}"\ndata = "{data}"\nout = "{tmp_path / "run"}"\n'
+        'steps = 7\nlearning_rate = 0.003\nlora_rank = 4\nlora_targets = ["experts", "router"]\n'
+        'schedule = "cosine"\npacking = false\n'
+    )
+    with pytest.raises(SystemExit):
+        main(["finetune", "--config", str(toml), "--steps", "9", "--no-track"])
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.lr, cfg.lora_rank, cfg.schedule) == (9, 0.003, 4, "cosine")
+    assert cfg.lora_targets == ("experts", "router") and cfg.packing is False
+    assert cfg.track is False and cfg.model == str(model)
