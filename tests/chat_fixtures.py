@@ -1,6 +1,6 @@
-"""A tiny chat setup, built offline: a byte-level BPE tokenizer with a chat template that has
-{% generation %} blocks, a tiny Qwen3-MoE of its vocabulary, and chat records whose
-supervised lengths differ tenfold."""
+"""A tiny chat setup, built offline: the benchmark's byte-level BPE tokenizer with a chat
+template that has {% generation %} blocks, a tiny Qwen3-MoE of its vocabulary, and chat
+records whose supervised lengths differ tenfold."""
 
 from __future__ import annotations
 
@@ -9,41 +9,15 @@ import random
 import warnings
 from pathlib import Path
 
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<eos>", "<pad>"]
-TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{{- '<|im_start|>' + m['role'] + '\\n' -}}"
-    "{%- if m['role'] == 'assistant' -%}{%- generation -%}"
-    "{{- m['content'] + '<|im_end|>\\n' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-WORDS = (  # noqa: SIM905 - a sentence reads better than a list of its words
-    "the king and queen of england went to war with france over a cup of tea while the "
-    "people of london sang songs about the weather and the price of bread"
-).split()
+from moekit.bench.sft import TEXT, chat_tokenizer
+
+WORDS = TEXT.split()
 
 
 def tokenizer():
-    import tokenizers
-    import transformers
-
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=SPECIALS,
-        show_progress=False,
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>"
-    )
-    fast.chat_template = TEMPLATE
-    return fast
+    """The benchmark's chat tokenizer: a byte-level BPE of 320 ids with a ChatML template
+    whose assistant turns are {% generation %} blocks (`moekit.bench.sft.chat_tokenizer`)."""
+    return chat_tokenizer()
 
 
 def conversations(n: int, seed: int = 0) -> list[dict]:

@@ -55,7 +55,7 @@ _TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-_TEXT = (  # the words of the records, and what the tokenizer is trained on
+TEXT = (  # the words of the records, and what the tokenizer is trained on
     "the king and queen of england went to war with france over a cup of tea while the "
     "people of london sang songs about the weather and the price of bread"
 )
@@ -85,8 +85,8 @@ def trl_available() -> bool:
 
 def chat_records(n: int, seed: int = 0) -> list[dict]:
     """`n` one-turn chat records: a question of 12-34 words, an answer of 45-140 (~40 and ~150
-    tokens of `_tokenizer`'s, ~200 with the template's)."""
-    rng, vocabulary = random.Random(seed), _TEXT.split()
+    tokens of `chat_tokenizer`'s, ~200 with the template's)."""
+    rng, vocabulary = random.Random(seed), TEXT.split()
 
     def words(low: int, high: int) -> str:
         return " ".join(rng.choice(vocabulary) for _ in range(rng.randint(low, high)))
@@ -102,8 +102,8 @@ def chat_records(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def _tokenizer():
-    """A byte-level BPE of 320 ids trained on `_TEXT`, with a ChatML template whose assistant
+def chat_tokenizer():
+    """A byte-level BPE of 320 ids trained on `TEXT`, with a ChatML template whose assistant
     turns are {% generation %} blocks (the supervised tokens, for both trainers)."""
     import tokenizers
     import transformers
@@ -117,7 +117,7 @@ def _tokenizer():
         special_tokens=_SPECIALS,
         show_progress=False,
     )
-    tok.train_from_iterator([_TEXT] * 4, trainer)
+    tok.train_from_iterator([TEXT] * 4, trainer)
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>"
     )
@@ -129,7 +129,7 @@ def _write_setup(root: Path, records: int) -> tuple[Path, Path, list[dict]]:
     """(model directory with its tokenizer, chat JSONL, the records) under `root`."""
     from ..hf.catalog import tiny_model
 
-    tok = _tokenizer()
+    tok = chat_tokenizer()
     model_dir = root / "qwen3_moe-chat"
     model = tiny_model("qwen3_moe", **{**SIZES, "vocab_size": len(tok)})
     for config in (model.config, model.generation_config):  # as a released model's agree
