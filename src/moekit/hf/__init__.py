@@ -23,6 +23,7 @@ from .catalog import FamilyInfo, TinyModelError, moe_families, tiny_config, tiny
 from .convert import moe_from_hf, moe_to_hf
 from .families import RULES, SKIPPED, FamilyRule
 from .patch import is_patched, patch_model, unpatch_model
+from .quantize import quantize_experts
 
 __all__ = [
     "RULES",
@@ -36,6 +37,7 @@ __all__ = [
     "moe_from_hf",
     "moe_to_hf",
     "patch_model",
+    "quantize_experts",
     "tiny_config",
     "tiny_model",
     "unpatch_model",

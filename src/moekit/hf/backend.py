@@ -34,12 +34,14 @@ from torch import Tensor, nn
 from ..dispatch import DispatchPlan, make_plan
 from ..experts import bank_dispatch, row_experts
 from ..ops import combine, gather, grouped_linear, row_bias
+from ..quant import quant_grouped_linear
 from .experts import (
     Layout,
     bank_weights,
     fast_activation,
     layout_of,
     peft_lora,
+    quantized,
     stored_weight,
     unsupported_weights,
 )
@@ -128,7 +130,8 @@ def run_experts(
     computed per expert on its rows. The block patch calls it too."""
     if lora and not torch.compiler.is_compiling():  # `lora_path_calls`
         setattr(module, _CALLS, module.__dict__.get(_CALLS, 0) + 1)
-    activation = None if scale_input or lora else fast_activation(module, layout)
+    quant = quantized(module, layout.up_name) or quantized(module, "down_proj")
+    activation = None if scale_input or lora or quant else fast_activation(module, layout)
     if activation is not None:
         weights = bank_weights(module, layout)
         out = bank_dispatch(weights, x, plan, activation, training=module.training)
@@ -163,6 +166,15 @@ def _low_rank(rows: Tensor, factors: tuple, transposed: bool, offsets: Tensor) -
     return grouped_linear(low, second, offsets)  # [M, d_out]
 
 
+def _linear(module: nn.Module, name: str, rows: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """rows @ the experts' weight `name` per segment: one grouped GEMM, or where the weight is
+    stored quantised, each expert's dequantised in turn (`quant_grouped_linear`)."""
+    quant = quantized(module, name)
+    if quant is None:
+        return grouped_linear(rows, weight, offsets)
+    return quant_grouped_linear(rows, quant, offsets)
+
+
 def _general(
     module: nn.Module,
     layout: Layout,
@@ -185,7 +197,7 @@ def _general(
     slot_weight = plan.slot_weight.to(dtype)  # [M]
     if scale_input:
         rows, slot_weight = rows * slot_weight[:, None], torch.ones_like(slot_weight)
-    hidden = grouped_linear(rows, w1, offsets)  # [M, width]
+    hidden = _linear(module, layout.up_name, rows, w1, offsets)  # [M, width]
     if layout.up_name in lora:
         hidden = hidden + _low_rank(rows, lora[layout.up_name], layout.is_transposed, offsets)
     expert = None
@@ -193,7 +205,7 @@ def _general(
         expert = row_experts(plan.group_sizes, rows.shape[0])  # [M]
         hidden = hidden + row_bias(getattr(module, f"{layout.up_name}_bias"), expert)
     hidden = _gate(module, hidden) if layout.has_gate else module.act_fn(hidden)  # [M, h]
-    out = grouped_linear(hidden, w2, offsets)  # [M, d]
+    out = _linear(module, "down_proj", hidden, w2, offsets)  # [M, d]
     if "down_proj" in lora:
         out = out + _low_rank(hidden, lora["down_proj"], layout.is_transposed, offsets)
     if layout.has_bias:

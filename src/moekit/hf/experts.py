@@ -19,7 +19,8 @@ While a PEFT LoRA `ParamWrapper`'s forward runs (`LoraConfig(target_parameters=.
 weight it targets is parametrized (`torch.nn.utils.parametrize`) as W + scaling * lhs @ rhs,
 formed only when the attribute is read: `peft_lora(module, layout)` gives the factors and
 `stored_weight(module, name)` W, so the backend computes the low-rank terms per expert and
-never forms the sum.
+never forms the sum. `quantized(module, name)` gives a weight `hf.quantize` stored in 4 or 8
+bits (the attribute itself is then a meta tensor of its shape and dtype).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..experts import BankWeights
+from ..quant import QuantizedExperts
 
 __all__ = [
     "Layout",
@@ -38,6 +40,7 @@ __all__ = [
     "fast_activation",
     "layout_of",
     "peft_lora",
+    "quantized",
     "stored_weight",
     "unsupported_weights",
 ]
@@ -100,6 +103,20 @@ def peft_lora(module: nn.Module, layout: Layout) -> dict:
         if proxy is not None:
             lora[name] = (proxy.lhs, proxy.rhs, proxy.scaling)
     return lora
+
+
+QUANT_SPEC = "_moekit_quant"  # {weight name: (scheme, bank shape, dtype)}: `hf.quantize`
+
+
+def quantized(module: nn.Module, name: str) -> QuantizedExperts | None:
+    """The module's weight `name` as `hf.quantize.quantize_experts` stored it (in the bank
+    layout [E, d_in, d_out]), or None for a plain weight."""
+    spec = module.__dict__.get(QUANT_SPEC, {}).get(name)
+    if spec is None:
+        return None
+    scheme, shape, dtype = spec
+    data, scales = module.get_buffer(f"{name}_qdata"), module.get_buffer(f"{name}_qscales")
+    return QuantizedExperts(scheme, data, scales, shape, dtype)
 
 
 def _traced_types() -> tuple[type, ...]:

@@ -57,6 +57,7 @@ from .distributed import Sharded
 from .load import load_config, load_model, load_tokenizer
 from .lora import add_lora
 from .patch import experts_of, holds_experts
+from .quantize import quantize_experts
 from .sources import sources
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
@@ -116,6 +117,13 @@ class FinetuneJob:
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         self.device = self.topo.device
         self.model.to(self.device).train()
+        if cfg.quantize_experts is not None:  # on the device: the stacks never go there whole
+            if self.topo.distributed:
+                raise ValueError(
+                    "--quantize-experts under torchrun is not supported yet: run it in one "
+                    "process"
+                )
+            quantize_experts(self.model, cfg.quantize_experts)
         self.routers = routers(self.model)
         for router in self.routers:
             router.counts = torch.zeros(0)
@@ -159,6 +167,7 @@ class FinetuneJob:
             "lora_alpha": cfg.lora_alpha,
             "lora_targets": list(cfg.targets) if cfg.lora_rank is not None else None,
             "dtype": cfg.dtype,
+            "quantize_experts": cfg.quantize_experts,
         }
 
     def _param_groups(self) -> list[dict]:

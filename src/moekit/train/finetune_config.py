@@ -13,6 +13,7 @@ __all__ = ["DTYPES", "TARGETS", "FinetuneConfig"]
 
 DTYPES = ("float32", "bfloat16", "float64")  # torch dtype names
 TARGETS = ("experts", "attention", "router")  # what --lora-targets names (`hf.lora`)
+QUANT_SCHEMES = ("nf4", "int8")  # `moekit.quant.SCHEMES`
 
 
 def _help(text: str) -> dict:
@@ -55,6 +56,10 @@ class FinetuneConfig(RunConfig):
         default=None, metadata=_help("auxiliary loss coefficient (0: off; default: the config's)")
     )
     router_bias_update: float | None = None  # aux-loss-free balancing: the bias step size
+    quantize_experts: str | None = field(
+        default=None,
+        metadata=_help("nf4 or int8: store the frozen expert weights so (with --lora-rank)"),
+    )
     merge: bool = field(default=False, metadata=_help("also write <out>/merged"))
     fsdp: bool = field(
         default=True, metadata=_help("under torchrun: FSDP2 for the dense parameters (else DDP)")
@@ -86,6 +91,17 @@ class FinetuneConfig(RunConfig):
                 raise ValueError(
                     f"--lora-targets must name some of {', '.join(TARGETS)}, got "
                     f"{','.join(self.lora_targets) or 'nothing'}"
+                )
+        if self.quantize_experts is not None:
+            if self.quantize_experts not in QUANT_SCHEMES:
+                raise ValueError(
+                    f"--quantize-experts must be one of {', '.join(QUANT_SCHEMES)}, got "
+                    f"{self.quantize_experts!r}"
+                )
+            if self.lora_rank is None:
+                raise ValueError(
+                    "--quantize-experts needs --lora-rank: the quantised base must be frozen "
+                    "(a full fine-tune trains the expert weights themselves)"
                 )
         if self.aux_loss not in ("family", "moekit"):
             raise ValueError(f"--aux-loss must be family or moekit, got {self.aux_loss!r}")

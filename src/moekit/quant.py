@@ -1,0 +1,156 @@
+"""Frozen expert weights stored in 4 or 8 bits, dequantised one expert at a time.
+
+    QuantizedExperts.quantize(w [E, d_in, d_out], "nf4" | "int8") -> the stack, stored small
+    .expert(e) -> [d_in, d_out]        one expert dequantised (the compute dtype)
+    .dequantize() -> [E, d_in, d_out]  the whole stack (references and tests only)
+    quant_grouped_linear(rows [M, d_in], q, offsets [E]) -> [M, d_out]
+        rows @ w[e] per expert segment, each expert's weight dequantised as its turn comes and
+        dropped after: never the whole stack at once; the backward gives the rows' gradient
+        (w[e] dequantised again), none to the frozen weight
+
+NF4 (QLoRA, Dettmers et al. 2023): each expert's [d_in, d_out] flattened row-major and cut in
+blocks of 64 values (the last zero-padded); a block stores its absmax (float32) and, per value,
+the index of the nearest of the 16 NormalFloat levels of value / absmax (two indices a byte,
+the first in the high nibble). int8: per output channel (column of [d_in, d_out]) a scale
+absmax / 127 and the rounded value / scale in [-127, 127].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["NF4_LEVELS", "SCHEMES", "QuantizedExperts", "quant_grouped_linear"]
+
+SCHEMES = ("nf4", "int8")
+NF4_BLOCK = 64
+# the QLoRA paper's NormalFloat4 levels (bitsandbytes' NF4 code book), ascending
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+
+
+def _nf4_codes(values: Tensor) -> Tensor:
+    """Each value in [-1, 1] -> the index of its nearest NF4 level (uint8)."""
+    levels = NF4_LEVELS.to(values.device)
+    midpoints = (levels[1:] + levels[:-1]) / 2  # [15]
+    return torch.bucketize(values, midpoints).to(torch.uint8)
+
+
+@dataclass
+class QuantizedExperts:
+    """A stack of E expert weights [E, d_in, d_out] stored in `scheme` (see the module doc)."""
+
+    scheme: str
+    data: Tensor  # nf4: uint8 [E, n_pad / 2]; int8: int8 [E, d_in, d_out]
+    scales: Tensor  # nf4: float32 [E, n_pad / 64] absmax; int8: float32 [E, d_out]
+    shape: tuple[int, int, int]  # (E, d_in, d_out)
+    dtype: torch.dtype  # the compute dtype it dequantises to
+
+    @classmethod
+    @torch.no_grad()
+    def quantize(cls, weight: Tensor, scheme: str) -> QuantizedExperts:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        if weight.dim() != 3:
+            raise ValueError(f"expected a stack of experts [E, d_in, d_out], got {weight.shape}")
+        shape, dtype = tuple(weight.shape), weight.dtype
+        w = weight.detach().float()
+        if scheme == "int8":
+            scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [E, d_out]
+            data = torch.round(w / scales[:, None, :]).clamp(-127, 127).to(torch.int8)
+            return cls(scheme, data, scales, shape, dtype)
+        experts, n = shape[0], shape[1] * shape[2]
+        n_pad = -(-n // NF4_BLOCK) * NF4_BLOCK
+        flat = torch.zeros(experts, n_pad, device=w.device)
+        flat[:, :n] = w.reshape(experts, n)
+        blocks = flat.view(experts, -1, NF4_BLOCK)  # [E, n_pad / 64, 64]
+        absmax = blocks.abs().amax(dim=-1).clamp_min(1e-12)  # [E, n_pad / 64]
+        codes = _nf4_codes(blocks / absmax[..., None]).view(experts, -1)  # [E, n_pad]
+        data = (codes[:, 0::2] << 4) | codes[:, 1::2]  # [E, n_pad / 2]
+        return cls(scheme, data, absmax, shape, dtype)
+
+    @property
+    def num_experts(self) -> int:
+        return self.shape[0]
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
+
+    def expert(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Expert e's weight [d_in, d_out], dequantised to `dtype` (default: the original)."""
+        _, d_in, d_out = self.shape
+        dtype = dtype or self.dtype
+        if self.scheme == "int8":
+            return (self.data[e].float() * self.scales[e][None, :]).to(dtype)
+        packed = self.data[e]  # [n_pad / 2]
+        codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).view(-1).long()  # [n_pad]
+        values = NF4_LEVELS.to(packed.device)[codes].view(-1, NF4_BLOCK)  # [n_pad / 64, 64]
+        values = (values * self.scales[e][:, None]).view(-1)[: d_in * d_out]
+        return values.view(d_in, d_out).to(dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole stack [E, d_in, d_out] (for references; the forward never forms it)."""
+        return torch.stack([self.expert(e, dtype) for e in range(self.num_experts)])
+
+    def to(self, device: torch.device | str) -> QuantizedExperts:
+        return QuantizedExperts(
+            self.scheme, self.data.to(device), self.scales.to(device), self.shape, self.dtype
+        )
+
+
+class _QuantGroupedLinear(torch.autograd.Function):
+    """rows @ w[e] per segment with w dequantised per expert; the rows' gradient only."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, quant: QuantizedExperts, offsets: Tensor) -> Tensor:
+        ends = offsets.tolist()  # one host read: which experts have rows
+        out = rows.new_empty(rows.shape[0], quant.shape[2])  # [M, d_out]
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                out[start:end] = rows[start:end] @ quant.expert(e, rows.dtype)
+            start = end
+        ctx.quant, ctx.ends = quant, ends
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        quant, ends = ctx.quant, ctx.ends
+        grad_rows = grad.new_empty(grad.shape[0], quant.shape[1])  # [M, d_in]
+        start = 0
+        for e, end in enumerate(ends):
+            if end > start:
+                grad_rows[start:end] = grad[start:end] @ quant.expert(e, grad.dtype).T
+            start = end
+        return grad_rows, None, None
+
+
+def quant_grouped_linear(rows: Tensor, quant: QuantizedExperts, offsets: Tensor) -> Tensor:
+    """rows [M, d_in] grouped by expert @ each expert's dequantised weight -> [M, d_out].
+
+    Args:
+        offsets: [E] cumulative group sizes (the end of each expert's segment).
+    """
+    if rows.shape[-1] != quant.shape[1]:
+        raise ValueError(f"rows of width {rows.shape[-1]}, the experts take {quant.shape[1]}")
+    return _QuantGroupedLinear.apply(rows, quant, offsets)
