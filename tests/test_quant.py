@@ -247,7 +247,9 @@ def test_nf4_lora_finetune_learns_like_full_precision_and_resumes_bitwise(chat, 
 def test_quantize_experts_with_a_full_finetune_is_one_line(chat, tmp_path, capsys):
     from moekit.cli import main
 
-    args = [a for a in _args(chat, tmp_path / "run") if a not in ("--lora-rank", "4")]
+    args = _args(chat, tmp_path / "run")
+    at = args.index("--lora-rank")
+    args = args[:at] + args[at + 2 :]  # a full fine-tune
     assert main([*args, "--steps", "1", "--quantize-experts", "nf4"]) == 1
     assert "--quantize-experts needs --lora-rank" in capsys.readouterr().err
     assert main([*_args(chat, tmp_path / "run"), "--quantize-experts", "fp8"]) == 1

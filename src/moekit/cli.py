@@ -261,6 +261,12 @@ def _info(args: argparse.Namespace) -> int:
         config, rows = saved_coverage(args.hf)
         print(f"{args.hf}: {type(config).__name__} (model_type {config.model_type})")
         print(format_coverage(rows))
+        if args.verify:
+            from .hf.load import load_model
+            from .hf.verify import verify_experts
+
+            model = load_model(Path(args.hf), getattr(config, "dtype", None) or torch.float32)
+            print(f"verify: {verify_experts(model, Path(args.hf)).summary()}")
         return 0
     from ._device import cpu_capability, fast_bfloat16
 
@@ -444,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: each MoE block of a saved transformers model and whether moekit's "
         "experts backend and patch_model cover it (reads the config and the safetensors "
         "headers, not the weights)",
+    )
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --hf: load the model and check every expert's weights against the files "
+        "(and report experts that are exact copies)",
     )
     info.set_defaults(run=_info)
     return parser

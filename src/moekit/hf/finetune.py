@@ -59,6 +59,7 @@ from .lora import add_lora
 from .patch import experts_of, holds_experts
 from .quantize import quantize_experts
 from .sources import sources
+from .verify import verify_experts
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
 
@@ -106,6 +107,10 @@ class FinetuneJob:
         # 2. the model, its adapter, its shards, the optimizer
         torch.manual_seed(cfg.seed)
         self.model = load_model(model_dir, getattr(torch, cfg.dtype))
+        if model_dir.is_dir():  # the expert rows as loaded against the files, before anything
+            log.warning(
+                "expert weights verified: %s", verify_experts(self.model, model_dir).summary()
+            )
         self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:
             self.model = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
@@ -120,8 +125,7 @@ class FinetuneJob:
         if cfg.quantize_experts is not None:  # on the device: the stacks never go there whole
             if self.topo.distributed:
                 raise ValueError(
-                    "--quantize-experts under torchrun is not supported yet: run it in one "
-                    "process"
+                    "--quantize-experts under torchrun is not supported yet: run it in one process"
                 )
             quantize_experts(self.model, cfg.quantize_experts)
         self.routers = routers(self.model)
