@@ -254,3 +254,32 @@ def test_quantize_experts_with_a_full_finetune_is_one_line(chat, tmp_path, capsy
     assert "--quantize-experts needs --lora-rank" in capsys.readouterr().err
     assert main([*_args(chat, tmp_path / "run"), "--quantize-experts", "fp8"]) == 1
     assert "--quantize-experts must be one of nf4, int8" in capsys.readouterr().err
+
+
+def test_quantising_as_the_model_loads_equals_quantising_after(tmp_path):
+    """`load_model(quantize=...)`: each expert stack checked against the files and stored
+    quantised as transformers loads it (the parameter a one-element stand-in): the same
+    buffers, bit for bit, as a full load quantised after; then the stand-ins become meta."""
+    from pathlib import Path
+
+    from moekit.hf.load import load_model
+    from moekit.hf.verify import VerifyReport
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_model("qwen3_moe").save_pretrained(tmp_path / "m")
+    report = VerifyReport()
+    streamed = load_model(Path(tmp_path / "m"), torch.float32, "nf4", report=report)
+    assert report.experts == 2 * 2 * 8 and not report.unverified  # 2 layers x 2 tensors x E
+    for experts in _experts_modules(streamed):
+        assert experts.gate_up_proj.untyped_storage().nbytes() <= 4  # one element, not E x
+    after = load_model(Path(tmp_path / "m"), torch.float32)
+    quantize_experts(after, "nf4")
+    quantize_experts(streamed, "nf4")  # settles the stand-ins
+    for ours, theirs in zip(_experts_modules(streamed), _experts_modules(after), strict=True):
+        assert ours.gate_up_proj.is_meta and theirs.gate_up_proj.is_meta
+        for name, buffer in theirs.named_buffers():
+            assert torch.equal(ours.get_buffer(name), buffer), name
+    inputs = dummy_inputs(after, 2, 8, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(**inputs).logits, after(**inputs).logits)

@@ -56,6 +56,25 @@ def _nf4_codes(values: Tensor) -> Tensor:
     return torch.bucketize(values, midpoints).to(torch.uint8)
 
 
+_CHUNK = 4  # experts quantised at a time
+
+
+def _quantize(weight: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
+    """(data, scales) of experts [e, d_in, d_out] (see the module docstring)."""
+    w = weight.float()
+    if scheme == "int8":
+        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [e, d_out]
+        return torch.round(w / scales[:, None, :]).clamp(-127, 127).to(torch.int8), scales
+    experts, n = w.shape[0], w.shape[1] * w.shape[2]
+    n_pad = -(-n // NF4_BLOCK) * NF4_BLOCK
+    flat = torch.zeros(experts, n_pad, device=w.device)
+    flat[:, :n] = w.reshape(experts, n)
+    blocks = flat.view(experts, -1, NF4_BLOCK)  # [e, n_pad / 64, 64]
+    absmax = blocks.abs().amax(dim=-1).clamp_min(1e-12)  # [e, n_pad / 64]
+    codes = _nf4_codes(blocks / absmax[..., None]).view(experts, -1)  # [e, n_pad]
+    return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax  # [e, n_pad / 2], [e, n_pad / 64]
+
+
 @dataclass
 class QuantizedExperts:
     """A stack of E expert weights [E, d_in, d_out] stored in `scheme` (see the module doc)."""
@@ -74,20 +93,10 @@ class QuantizedExperts:
         if weight.dim() != 3:
             raise ValueError(f"expected a stack of experts [E, d_in, d_out], got {weight.shape}")
         shape, dtype = tuple(weight.shape), weight.dtype
-        w = weight.detach().float()
-        if scheme == "int8":
-            scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [E, d_out]
-            data = torch.round(w / scales[:, None, :]).clamp(-127, 127).to(torch.int8)
-            return cls(scheme, data, scales, shape, dtype)
-        experts, n = shape[0], shape[1] * shape[2]
-        n_pad = -(-n // NF4_BLOCK) * NF4_BLOCK
-        flat = torch.zeros(experts, n_pad, device=w.device)
-        flat[:, :n] = w.reshape(experts, n)
-        blocks = flat.view(experts, -1, NF4_BLOCK)  # [E, n_pad / 64, 64]
-        absmax = blocks.abs().amax(dim=-1).clamp_min(1e-12)  # [E, n_pad / 64]
-        codes = _nf4_codes(blocks / absmax[..., None]).view(experts, -1)  # [E, n_pad]
-        data = (codes[:, 0::2] << 4) | codes[:, 1::2]  # [E, n_pad / 2]
-        return cls(scheme, data, absmax, shape, dtype)
+        # a few experts at a time: the float temporaries stay small beside the stack
+        parts = [_quantize(w, scheme) for w in weight.detach().split(_CHUNK)]
+        data, scales = (torch.cat(t) for t in zip(*parts, strict=True))
+        return cls(scheme, data, scales, shape, dtype)
 
     @property
     def num_experts(self) -> int:

@@ -59,7 +59,7 @@ from .lora import add_lora
 from .patch import experts_of, holds_experts
 from .quantize import quantize_experts
 from .sources import sources
-from .verify import verify_experts
+from .verify import VerifyReport, verify_experts
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
 
@@ -106,11 +106,17 @@ class FinetuneJob:
             _check_fingerprint(checkpoint[1], self.fingerprint, self.out)
         # 2. the model, its adapter, its shards, the optimizer
         torch.manual_seed(cfg.seed)
-        self.model = load_model(model_dir, getattr(torch, cfg.dtype))
-        if model_dir.is_dir():  # the expert rows as loaded against the files, before anything
-            log.warning(
-                "expert weights verified: %s", verify_experts(self.model, model_dir).summary()
-            )
+        checked = VerifyReport()  # expert rows against the files: as they load, or after
+        self.model = load_model(
+            model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, report=checked
+        )
+        if model_dir.is_dir():
+            verified = verify_experts(self.model, model_dir)
+            checked.checked += verified.checked
+            checked.experts += verified.experts
+            checked.unverified += verified.unverified
+            checked.duplicates += verified.duplicates
+            log.warning("expert weights verified: %s", checked.summary())
         self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:
             self.model = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
@@ -120,14 +126,14 @@ class FinetuneJob:
                 param.data = param.data.float()
         if cfg.activation_checkpointing:
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
-        self.device = self.topo.device
-        self.model.to(self.device).train()
-        if cfg.quantize_experts is not None:  # on the device: the stacks never go there whole
+        if cfg.quantize_experts is not None:  # quantised as they loaded: the stand-ins to meta
             if self.topo.distributed:
                 raise ValueError(
                     "--quantize-experts under torchrun is not supported yet: run it in one process"
                 )
             quantize_experts(self.model, cfg.quantize_experts)
+        self.device = self.topo.device
+        self.model.to(self.device).train()
         self.routers = routers(self.model)
         for router in self.routers:
             router.counts = torch.zeros(0)

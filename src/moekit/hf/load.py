@@ -10,8 +10,10 @@ file: one line naming `--model`, never a traceback from deep in transformers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -160,16 +162,65 @@ def _from_pretrained(auto, model_dir: Path, options: dict) -> nn.Module:
         raise ValueError(f"--model: cannot load {model_dir}: {first}") from error
 
 
-def load_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
+@contextlib.contextmanager
+def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
+    """While transformers loads a model: each stacked expert tensor, as it arrives (one
+    layer's stack at a time, after transformers' own conversions), checked against the files
+    (`hf.verify`, where the model is a local directory) and stored quantised
+    (`QuantizedExperts`), the parameter a one-element stand-in of its shape: the experts
+    never exist whole in the compute dtype."""
+    from transformers import core_model_loading
+
+    from ..quant import QuantizedExperts
+    from .experts import QUANT_SPEC, layout_of
+    from .verify import files_of, verify_tensor
+
+    original = core_model_loading.set_param_for_module
+    files = files_of(model_dir) if model_dir is not None else None
+
+    def set_param(model, target_name, value, loading_info, hf_quantizer):
+        module_path, _, name = target_name.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        layout = layout_of(module) if hasattr(module, "has_gate") else None
+        if layout is None or name not in (layout.up_name, "down_proj") or value.dim() != 3:
+            return original(model, target_name, value, loading_info, hf_quantizer)
+        if files is not None and report is not None:
+            block = module_path.rpartition(".")[0]
+            verify_tensor(block, name, target_name, value, layout, files, report)
+        bank = value if layout.is_transposed else value.transpose(1, 2)  # [E, d_in, d_out]
+        quant = QuantizedExperts.quantize(bank, scheme)
+        module.register_buffer(f"{name}_qdata", quant.data)
+        module.register_buffer(f"{name}_qscales", quant.scales)
+        module.__dict__.setdefault(QUANT_SPEC, {})[name] = (scheme, quant.shape, quant.dtype)
+        # its shape and dtype in one element (PEFT sizes its LoRA from it, on its device);
+        # `quantize_experts` leaves a meta tensor in its place before anything runs
+        stand_in = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+        return original(model, target_name, stand_in, loading_info, hf_quantizer)
+
+    core_model_loading.set_param_for_module = set_param
+    try:
+        yield
+    finally:
+        core_model_loading.set_param_for_module = original
+
+
+def load_model(
+    model_dir: Path, dtype: torch.dtype, quantize: str | None = None, report=None
+) -> nn.Module:
     """A saved transformers causal LM, its experts on moekit's backend where its family is
-    on the ExpertsInterface, then patched; logs what runs where."""
+    on the ExpertsInterface, then patched; logs what runs where. `quantize` ("nf4", "int8"):
+    the experts stored so as they load, never whole in `dtype` (`_quantizing`), each checked
+    against the files into `report` (a `hf.verify.VerifyReport`) on the way."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
     cached = local or _hub_offline() is not None  # a hub id: fetched, when online
     options = dict(dtype=dtype, local_files_only=cached)
     if cached and not local:  # transformers asks the hub for a PEFT adapter_config.json else
         options["adapter_kwargs"] = {"local_files_only": True}
-    with warnings.catch_warnings():
+    streaming = contextlib.nullcontext()
+    if quantize is not None:
+        streaming = _quantizing(quantize, model_dir if local else None, report)
+    with warnings.catch_warnings(), streaming:
         warnings.simplefilter("ignore")
         model = _from_pretrained(transformers.AutoModelForCausalLM, model_dir, options)
     blocks = [m for m in model.modules() if holds_experts(m)]

@@ -83,7 +83,16 @@ def quantize_experts(model: nn.Module, scheme: str) -> QuantReport:
         layout = layout_of(experts)
         spec = experts.__dict__.setdefault(QUANT_SPEC, {})
         for name in (layout.up_name, "down_proj"):
-            if name in spec:
+            if name in spec:  # quantised as it loaded (`hf.load`): its stand-in to meta
+                stand_in = experts._parameters.pop(name, None)
+                if stand_in is not None:
+                    experts.__dict__[name] = torch.empty(
+                        stand_in.shape, dtype=stand_in.dtype, device="meta"
+                    )
+                quant = quantized(experts, name)
+                before += quant.shape[0] * quant.shape[1] * quant.shape[2] * quant.dtype.itemsize
+                after += quant.nbytes()
+                names += [name] if name not in names else []
                 continue
             weight = stored_weight(experts, name)
             bank = weight if layout.is_transposed else weight.transpose(1, 2)  # [E, d_in, d_out]

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .experts import layout_of, stored_weight
+from .experts import layout_of, quantized, stored_weight
 from .patch import experts_of, holds_experts
 
-__all__ = ["LoaderFault", "VerifyReport", "verify_experts"]
+__all__ = ["LoaderFault", "VerifyReport", "files_of", "verify_experts", "verify_tensor"]
 
 
 class LoaderFault(ValueError):
@@ -49,7 +49,7 @@ class VerifyReport:
         return line
 
 
-def _files(model_dir: Path) -> dict[str, Path]:
+def files_of(model_dir: Path) -> dict[str, Path]:
     """{tensor name: safetensors file} of a model directory (sharded or not)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -137,13 +137,54 @@ def _source(name: str, attr: str, layout, files: dict[str, Path], count: int):
     return per_expert, files[f"{candidate}.0.{parts[0]}.weight"].name, (count, *first.shape)
 
 
-def verify_experts(model: nn.Module, model_dir: Path) -> VerifyReport:
-    """Compare the model's stacked expert tensors with the files, expert by expert.
+def verify_tensor(
+    block_name: str, attr: str, name: str, weight: torch.Tensor, layout, files, report
+) -> None:
+    """One stacked expert tensor `weight` [E, a, b] (the model's `name`, `attr` of the experts
+    of block `block_name`) against the files, expert by expert, into `report`.
 
     Raises:
         LoaderFault: One line naming the layer, tensor and expert that differ.
     """
-    files = _files(Path(model_dir))
+    count = weight.shape[0]
+    source = _source(name, attr, layout, files, count)
+    if source is None:
+        report.unverified.append(name)
+        return
+    stored, where, shape = source
+    if shape != tuple(weight.shape):
+        flipped = (weight.shape[0], weight.shape[2], weight.shape[1])
+        what = "transposed" if shape == flipped else "of another shape"
+        raise LoaderFault(
+            f"{block_name}: {attr} was loaded {what}: {tuple(weight.shape)} in the model, "
+            f"{shape} in {where}"
+        )
+    seen: dict[str, int] = {}
+    for e in range(count):
+        want = stored(e)  # [a, b]: one expert read
+        loaded = weight[e].detach().cpu()
+        if not torch.equal(loaded, want.to(loaded.dtype)):
+            what = _diagnose(loaded, stored, e, count)
+            raise LoaderFault(
+                f"{block_name}: {attr}, expert {e}: the loaded weights are not the file's "
+                f"({what}; {where})"
+            )
+        digest = _digest(want)
+        if digest in seen:
+            report.duplicates.append((f"{block_name}.{attr}", seen[digest], e))
+        seen.setdefault(digest, e)
+        report.experts += 1
+    report.checked.append(name)
+
+
+def verify_experts(model: nn.Module, model_dir: Path) -> VerifyReport:
+    """Compare the model's stacked expert tensors with the files, expert by expert (tensors
+    already quantised as they were loaded were checked then: `hf.load`).
+
+    Raises:
+        LoaderFault: One line naming the layer, tensor and expert that differ.
+    """
+    files = files_of(Path(model_dir))
     names = {id(p): n for n, p in model.named_parameters()}
     report = VerifyReport()
     for block_name, block in model.named_modules():
@@ -152,36 +193,10 @@ def verify_experts(model: nn.Module, model_dir: Path) -> VerifyReport:
         layout = layout_of(experts)
         for attr in (layout.up_name, "down_proj"):
             weight = stored_weight(experts, attr)
+            if quantized(experts, attr) is not None:  # checked as it loaded (`hf.load`)
+                continue
             if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.is_meta:
                 continue
             name = names.get(id(weight), f"{block_name}.experts.{attr}")
-            count = weight.shape[0]
-            source = _source(name, attr, layout, files, count)
-            if source is None:
-                report.unverified.append(name)
-                continue
-            stored, where, shape = source
-            if shape != tuple(weight.shape):
-                flipped = (weight.shape[0], weight.shape[2], weight.shape[1])
-                what = "transposed" if shape == flipped else "of another shape"
-                raise LoaderFault(
-                    f"{block_name}: {attr} was loaded {what}: {tuple(weight.shape)} in the "
-                    f"model, {shape} in {where}"
-                )
-            seen: dict[str, int] = {}
-            for e in range(count):
-                want = stored(e)  # [a, b]: one expert read
-                loaded = weight[e].detach().cpu()
-                if not torch.equal(loaded, want.to(loaded.dtype)):
-                    what = _diagnose(loaded, stored, e, count)
-                    raise LoaderFault(
-                        f"{block_name}: {attr}, expert {e}: the loaded weights are not the "
-                        f"file's ({what}; {where})"
-                    )
-                digest = _digest(want)
-                if digest in seen:
-                    report.duplicates.append((f"{block_name}.{attr}", seen[digest], e))
-                seen.setdefault(digest, e)
-                report.experts += 1
-            report.checked.append(name)
+            verify_tensor(block_name, attr, name, weight, layout, files, report)
     return report
