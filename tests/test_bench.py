@@ -294,3 +294,15 @@ def test_sft_table_times_moekit_packed_padded_and_trl():
     assert trl.rows == 1 and trl.padding == 0.0  # padding-free: the rows flattened, no padding
     table = format_sft_table(results)
     assert all(case in table for case in CASES) and "x moekit packed" in table
+
+
+def test_quant_memory_table_runs_a_process_per_scheme():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from moekit.bench.quant import SCHEMES, bench_quant_memory, format_quant_memory_table
+
+    results = bench_quant_memory(layers=1, experts=4, d_model=64, d_hidden=64)
+    assert [r.scheme for r in results] == list(SCHEMES)
+    assert all(r.peak_rss_mb > 0 and r.peak_anon_mb > 0 and r.step_s > 0 for r in results)
+    table = format_quant_memory_table(results)
+    assert "nf4" in table and "peak anon MB" in table

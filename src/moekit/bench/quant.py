@@ -1,0 +1,134 @@
+"""The "quantised experts" memory table: LoRA fine-tuning of a Qwen3-MoE whose experts are
+nearly all of its weights, with the experts in float32, int8 and nf4.
+
+    bench_quant_memory(layers=6, experts=64, ...) -> list[QuantMemory]
+    format_quant_memory_table(results) -> str
+
+Each case runs in a process of its own (`moekit finetune`'s job: load, LoRA rank 8 on the
+experts, three AdamW steps on chat records): its peak resident memory (the whole process,
+`ru_maxrss`: the checkpoint's file pages that safetensors maps in count too) and its peak
+anonymous memory (sampled every 5 ms: what the process itself allocated), the seconds of a
+training step (median of three) and of the load. The model is written once into a temporary
+directory (random weights, no network).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+SCHEMES = ("float32", "int8", "nf4")
+
+_CHILD = r"""
+import json, resource, statistics, sys, threading, time
+peak = {"anon": 0.0}
+def sample():
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    peak["anon"] = max(peak["anon"], int(line.split()[1]) / 1024)
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+from moekit.hf.finetune import FinetuneJob
+from moekit.train.finetune_config import FinetuneConfig
+from moekit.train.loop import Loop
+model, data, out, scheme = sys.argv[1:5]
+cfg = FinetuneConfig(model=model, data=data, out=out, steps=3, seq_len=128, batch_size=4,
+                     lora_rank=8, track=False, progress=False, overwrite=True,
+                     quantize_experts=None if scheme == "float32" else scheme)
+tic = time.perf_counter()
+loop = Loop(FinetuneJob(cfg))
+load = time.perf_counter() - tic
+steps = []
+for _ in range(3):
+    tic = time.perf_counter()
+    loop.train_step()
+    steps.append(time.perf_counter() - tic)
+print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "anon": peak["anon"], "step": statistics.median(steps), "load": load}))
+"""
+
+
+class QuantMemory(NamedTuple):
+    scheme: str
+    peak_rss_mb: float  # the whole process, file pages included
+    peak_anon_mb: float  # the process's own allocations
+    step_s: float
+    load_s: float
+
+
+def _write_model(root: Path, layers: int, experts: int, d_model: int, d_hidden: int) -> Path:
+    import torch
+    import transformers
+
+    from .sft import chat_records, chat_tokenizer
+
+    tok = chat_tokenizer()
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=d_model,
+        moe_intermediate_size=d_hidden,
+        num_experts=experts,
+        num_experts_per_tok=4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=d_model // 4,
+    )
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.Qwen3MoeForCausalLM(config)
+        model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    records = chat_records(40)
+    (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root / "model"
+
+
+def bench_quant_memory(
+    layers: int = 6, experts: int = 64, d_model: int = 512, d_hidden: int = 1024
+) -> list[QuantMemory]:
+    """The table's rows, one process each (module docstring)."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = _write_model(root, layers, experts, d_model, d_hidden)
+        for scheme in SCHEMES:
+            args = [str(model), str(root / "chat.jsonl"), str(root / f"out-{scheme}"), scheme]
+            done = subprocess.run(
+                [sys.executable, "-c", _CHILD, *args],
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"{scheme}: {done.stderr.strip().splitlines()[-1]}")
+            found = json.loads(done.stdout.strip().splitlines()[-1])
+            results.append(
+                QuantMemory(scheme, found["rss"], found["anon"], found["step"], found["load"])
+            )
+    return results
+
+
+def format_quant_memory_table(results: list[QuantMemory]) -> str:
+    base = results[0]
+    header = (
+        f"{'experts':>8}  {'peak RSS MB':>11}  {'x float32':>9}  {'peak anon MB':>12}  "
+        f"{'x float32':>9}  {'step s':>7}  {'load s':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.scheme:>8}  {r.peak_rss_mb:>11,.0f}  {r.peak_rss_mb / base.peak_rss_mb:>9.2f}  "
+            f"{r.peak_anon_mb:>12,.0f}  {r.peak_anon_mb / base.peak_anon_mb:>9.2f}  "
+            f"{r.step_s:>7.2f}  {r.load_s:>7.1f}"
+        )
+    return "\n".join(lines)
