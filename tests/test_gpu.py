@@ -247,3 +247,17 @@ def test_finetune_trains_on_the_gpu_in_one_process(tmp_path, dtype):
     result = Loop(job).run()
     assert result.evals[-1]["val_loss"] < result.evals[0]["val_loss"]
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_quantised_experts_dequantise_on_cuda_as_on_cpu(scheme):
+    """The Triton dequantising kernels on CUDA: quant_grouped_linear equals the CPU's."""
+    from moekit.quant import QuantizedExperts, quant_grouped_linear
+
+    generator = torch.Generator().manual_seed(0)
+    q = QuantizedExperts.quantize(torch.randn(4, 64, 96, generator=generator), scheme)
+    rows = torch.randn(20, 64, generator=generator)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)
+    want = quant_grouped_linear(rows, q, offsets)
+    got = quant_grouped_linear(rows.cuda(), q.to("cuda"), offsets.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

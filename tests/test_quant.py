@@ -283,3 +283,29 @@ def test_quantising_as_the_model_loads_equals_quantising_after(tmp_path):
     inputs = dummy_inputs(after, 2, 8, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(streamed(**inputs).logits, after(**inputs).logits)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(2, 8, 8), (3, 7, 5), (2, 64, 96)])
+def test_triton_dequantisation_equals_torch(scheme, shape):
+    """The CUDA kernels (`ops.triton_dequant`, run on CPU tensors under TRITON_INTERPRET=1)
+    write each expert's values exactly as the torch path does."""
+    import importlib
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 not set (a CUDA machine: tests/test_gpu.py runs them)")
+    kernels = importlib.import_module("moekit.ops.triton_dequant")
+    q = QuantizedExperts.quantize(
+        torch.randn(shape, generator=torch.Generator().manual_seed(2)), scheme
+    )
+    for e in range(shape[0]):
+        want = q.expert(e, torch.float32)  # torch (CPU tensors)
+        if scheme == "int8":
+            got = kernels.dequantize_int8(q.data[e], q.scales[e], torch.float32)
+        else:
+            n = shape[1] * shape[2]
+            got = kernels.dequantize_nf4(q.data[e], q.scales[e], NF4_LEVELS, n, torch.float32)
+            got = got.view(shape[1], shape[2])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

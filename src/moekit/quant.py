@@ -12,7 +12,8 @@ NF4 (QLoRA, Dettmers et al. 2023): each expert's [d_in, d_out] flattened row-maj
 blocks of 64 values (the last zero-padded); a block stores its absmax (float32) and, per value,
 the index of the nearest of the 16 NormalFloat levels of value / absmax (two indices a byte,
 the first in the high nibble). int8: per output channel (column of [d_in, d_out]) a scale
-absmax / 127 and the rounded value / scale in [-127, 127].
+absmax / 127 and the rounded value / scale in [-127, 127]. On CUDA a Triton kernel writes an
+expert's values (`ops.triton_dequant`); elsewhere torch.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ def _nf4_codes(values: Tensor) -> Tensor:
 
 
 _CHUNK = 4  # experts quantised at a time
+
+
+def _kernels(device: torch.device):
+    """`ops.triton_dequant` where it runs on `device` (CUDA with triton), else None."""
+    from .ops import triton_available
+    from .ops._triton import triton_module
+
+    if not triton_available(device, "triton_dequant"):
+        return None
+    return triton_module("triton_dequant")
 
 
 def _quantize(weight: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
@@ -109,6 +120,15 @@ class QuantizedExperts:
         """Expert e's weight [d_in, d_out], dequantised to `dtype` (default: the original)."""
         _, d_in, d_out = self.shape
         dtype = dtype or self.dtype
+        kernels = _kernels(self.data.device)
+        if kernels is not None:  # CUDA: a Triton kernel writes the expert's values
+            if self.scheme == "int8":
+                return kernels.dequantize_int8(self.data[e], self.scales[e], dtype)
+            levels = NF4_LEVELS.to(self.data.device)
+            n = d_in * d_out
+            return kernels.dequantize_nf4(self.data[e], self.scales[e], levels, n, dtype).view(
+                d_in, d_out
+            )
         if self.scheme == "int8":
             return (self.data[e].float() * self.scales[e][None, :]).to(dtype)
         packed = self.data[e]  # [n_pad / 2]
