@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,16 @@ def _from_pretrained(auto, model_dir: Path, options: dict) -> nn.Module:
         raise ValueError(f"--model: cannot load {model_dir}: {first}") from error
 
 
+def _release_freed_memory() -> None:
+    """Ask glibc to return freed heap pages to the OS (`malloc_trim`; a no-op elsewhere): the
+    loader's transient stacks otherwise stay resident under the steps that follow."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+
 @contextlib.contextmanager
 def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
     """While transformers loads a model: each stacked expert tensor, as it arrives (one
@@ -197,11 +208,19 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
         stand_in = torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
         return original(model, target_name, stand_in, loading_info, hf_quantizer)
 
+    # one tensor at a time, as transformers loads for its own on-the-fly quantisers: its
+    # threads would materialise several full-precision stacks before the hook quantises one
+    was = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     core_model_loading.set_param_for_module = set_param
     try:
         yield
     finally:
         core_model_loading.set_param_for_module = original
+        if was is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
 
 
 def load_model(
@@ -223,6 +242,8 @@ def load_model(
     with warnings.catch_warnings(), streaming:
         warnings.simplefilter("ignore")
         model = _from_pretrained(transformers.AutoModelForCausalLM, model_dir, options)
+    if quantize is not None:
+        _release_freed_memory()  # the loader's freed full-precision stacks, back to the OS
     blocks = [m for m in model.modules() if holds_experts(m)]
     if not blocks:
         log.warning("%s has no MoE blocks: fine-tuning it anyway, as a dense model", model_dir)
