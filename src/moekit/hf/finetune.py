@@ -245,8 +245,8 @@ class FinetuneJob:
             aux = self._aux(out, batch, before)
             total = loss * scale + (0.0 if aux is None else aux * aux_scale)
             total.backward()
-        aux_value = torch.zeros((), dtype=torch.float64) if aux is None else aux.detach().double()
-        return torch.stack([loss.detach().double().cpu(), aux_value.cpu()])
+        aux_value = loss.new_zeros((), dtype=torch.float64) if aux is None else aux.detach()
+        return torch.stack([loss.detach().double(), aux_value.double()])  # on the device
 
     def _aux(self, out, batch, before) -> torch.Tensor | None:
         """The auxiliary loss of a micro-batch, with its coefficient, over real tokens only."""

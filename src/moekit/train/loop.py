@@ -3,7 +3,7 @@
     job.micro_batches(K) -> (this rank's K micro-batches, the global batch's supervised count)
     per micro-batch:  job.forward_backward(micro, scale, aux_scale, sync)   sums, detached
     job.finish_grads() -> the global gradient norm (expert shards synced)
-    one host read: the global loss sums and the norm; a non-finite one stops the run here,
+    one host read a step: the global loss sums and the norm; a non-finite one stops it here,
     before the optimizer touches the weights; then clipping, the lr of the schedule, the step,
     job.after_step() (the router-bias update)
 
@@ -185,12 +185,12 @@ class Loop:
         for group in job.optimizer.param_groups:
             group["lr"] = lr
         job.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=topo.device)  # on the device: no sync
         for i, micro in enumerate(micros):
             last = i == len(micros) - 1
-            sums = sums + job.forward_backward(micro, scale, 1.0 / len(micros), last).double().cpu()
+            sums = sums + job.forward_backward(micro, scale, 1.0 / len(micros), last).to(sums)
         norm = job.finish_grads()
-        summed = par.all_reduce_sum([sums.to(topo.device)], topo.data_group)[0]
+        summed = par.all_reduce_sum([sums], topo.data_group)[0]
         host = torch.cat([summed.double().cpu(), norm.reshape(1).double().cpu()])
         loss_sum, aux_sum, norm_value = host.tolist()
         loss = loss_sum / max(targets, 1)
