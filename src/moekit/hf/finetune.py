@@ -111,11 +111,7 @@ class FinetuneJob:
             model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, report=checked
         )
         if model_dir.is_dir():
-            verified = verify_experts(self.model, model_dir)
-            checked.checked += verified.checked
-            checked.experts += verified.experts
-            checked.unverified += verified.unverified
-            checked.duplicates += verified.duplicates
+            verify_experts(self.model, model_dir, checked)
             log.warning("expert weights verified: %s", checked.summary())
         self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:

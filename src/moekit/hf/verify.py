@@ -177,16 +177,19 @@ def verify_tensor(
     report.checked.append(name)
 
 
-def verify_experts(model: nn.Module, model_dir: Path) -> VerifyReport:
-    """Compare the model's stacked expert tensors with the files, expert by expert (tensors
-    already quantised as they were loaded were checked then: `hf.load`).
+def verify_experts(
+    model: nn.Module, model_dir: Path, report: VerifyReport | None = None
+) -> VerifyReport:
+    """Compare the model's stacked expert tensors with the files, expert by expert, into
+    `report` (a new one by default; tensors quantised as they loaded were checked then, into
+    the report `hf.load.load_model` was given).
 
     Raises:
         LoaderFault: One line naming the layer, tensor and expert that differ.
     """
     files = files_of(Path(model_dir))
     names = {id(p): n for n, p in model.named_parameters()}
-    report = VerifyReport()
+    report = VerifyReport() if report is None else report
     for block_name, block in model.named_modules():
         if not holds_experts(block) or (experts := experts_of(block)) is None:
             continue
