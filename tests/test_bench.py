@@ -297,12 +297,13 @@ def test_sft_table_times_moekit_packed_padded_and_trl():
 
 
 def test_quant_memory_table_runs_a_process_per_scheme():
+    """One process a scheme, then two ranks at EP 2 under torchrun."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from moekit.bench.quant import SCHEMES, bench_quant_memory, format_quant_memory_table
 
     results = bench_quant_memory(layers=1, experts=4, d_model=64, d_hidden=64)
-    assert [r.scheme for r in results] == list(SCHEMES)
+    assert [(r.scheme, r.ranks) for r in results] == [(s, n) for n in (1, 2) for s in SCHEMES]
     assert all(r.peak_rss_mb > 0 and r.peak_anon_mb > 0 and r.step_s > 0 for r in results)
     table = format_quant_memory_table(results)
     assert "nf4" in table and "peak anon MB" in table

@@ -45,6 +45,8 @@ TIMEOUT_S = 400  # a whole launch; the process-group timeout inside is far short
 CASES = {  # name: (model, changes to the config)
     "qwen": ("qwen3_moe", {}),
     "qwen-lora": ("qwen3_moe", {"lora_rank": 2, "lora_targets": ["experts", "attention"]}),
+    # nf4 experts read a rank's half at a time (`hf.stream`), LoRA on top
+    "qwen-lora-nf4": ("qwen3_moe", {"lora_rank": 2, "quantize_experts": "nf4"}),
     "deepseek": ("deepseek_v3", {}),
     "deepseek-lora": ("deepseek_v3", {"lora_rank": 2}),
     # chat records, supervised lengths differing tenfold (`chat_fixtures`): the loss is the
@@ -153,6 +155,7 @@ def world2(root, tmp_path_factory) -> Path:
         {"config": config(root, "qwen", base / "qwen-ep1", expert_parallel=1)},
         {"config": config(root, "qwen", base / "qwen-ep2-ddp", expert_parallel=2, fsdp=False)},
         {"config": config(root, "qwen-lora", base / "qwen-lora-ep2", expert_parallel=2)},
+        {"config": config(root, "qwen-lora-nf4", base / "qwen-lora-nf4-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek", base / "deepseek-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek-lora", base / "deepseek-lora-ep2", expert_parallel=2)},
         {
@@ -217,6 +220,7 @@ def world4(root, world2, tmp_path_factory) -> Path:
         "qwen-ep1",
         "qwen-ep2-ddp",
         "qwen-lora-ep2",
+        "qwen-lora-nf4-ep2",
         "deepseek-ep2",
         "deepseek-lora-ep2",
         "qwen-chat-ep2",  # EP 2 x FSDP2, --grad-accum 2 against one process, --grad-accum 1

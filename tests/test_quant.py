@@ -256,24 +256,31 @@ def test_quantize_experts_with_a_full_finetune_is_one_line(chat, tmp_path, capsy
     assert "--quantize-experts must be one of nf4, int8" in capsys.readouterr().err
 
 
-def test_quantising_as_the_model_loads_equals_quantising_after(tmp_path):
-    """`load_model(quantize=...)`: each expert stack checked against the files and stored
-    quantised as transformers loads it (the parameter a one-element stand-in): the same
-    buffers, bit for bit, as a full load quantised after; then the stand-ins become meta."""
+@pytest.mark.parametrize("loader", ["stream", "transformers"])
+def test_quantising_as_the_model_loads_equals_quantising_after(tmp_path, monkeypatch, loader):
+    """`load_model(quantize=...)`: each expert stack stored quantised as it is read, the
+    parameter a one-element stand-in, by moekit's streaming reader (`hf.stream`, a few experts
+    at a time) or, for checkpoints it does not map, inside transformers' loader (a stack at a
+    time, checked against the files as it arrives): the same buffers, bit for bit, as a full
+    load quantised after, verified against the files; then the stand-ins become meta."""
     from pathlib import Path
 
-    from moekit.hf.load import load_model
-    from moekit.hf.verify import VerifyReport
+    from moekit.hf import load
+    from moekit.hf.verify import VerifyReport, verify_experts
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tiny_model("qwen3_moe").save_pretrained(tmp_path / "m")
+    if loader == "transformers":
+        monkeypatch.setattr(load, "_streamed", lambda *args: (None, "a test"))
     report = VerifyReport()
-    streamed = load_model(Path(tmp_path / "m"), torch.float32, "nf4", report=report)
+    streamed = load.load_model(Path(tmp_path / "m"), torch.float32, "nf4", report=report)
+    verify_experts(streamed, tmp_path / "m", report)
     assert report.experts == 2 * 2 * 8 and not report.unverified  # 2 layers x 2 tensors x E
     for experts in _experts_modules(streamed):
         assert experts.gate_up_proj.untyped_storage().nbytes() <= 4  # one element, not E x
-    after = load_model(Path(tmp_path / "m"), torch.float32)
+    monkeypatch.undo()
+    after = load.load_model(Path(tmp_path / "m"), torch.float32)
     quantize_experts(after, "nf4")
     quantize_experts(streamed, "nf4")  # settles the stand-ins
     for ours, theirs in zip(_experts_modules(streamed), _experts_modules(after), strict=True):

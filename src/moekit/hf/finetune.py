@@ -59,6 +59,7 @@ from .lora import add_lora
 from .patch import experts_of, holds_experts
 from .quantize import quantize_experts
 from .sources import sources
+from .stream import is_stand_in
 from .verify import VerifyReport, verify_experts
 
 __all__ = ["FinetuneConfig", "FinetuneJob", "finetune"]
@@ -104,29 +105,26 @@ class FinetuneJob:
         self.fingerprint = self._fingerprint(model_dir, config)
         if checkpoint is not None:
             _check_fingerprint(checkpoint[1], self.fingerprint, self.out)
-        # 2. the model, its adapter, its shards, the optimizer
+        # 2. the model (an expert-parallel rank reads its experts only), its adapter, its
+        # shards, the optimizer
         torch.manual_seed(cfg.seed)
+        topo = self.topo
+        ep = topo.expert_parallel
+        shard = (topo.rank % ep, ep) if topo.distributed and ep > 1 else None
         checked = VerifyReport()  # expert rows against the files: as they load, or after
         self.model = load_model(
-            model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, report=checked
+            model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, checked, shard
         )
-        if model_dir.is_dir():
-            verify_experts(self.model, model_dir, checked)
-            log.warning("expert weights verified: %s", checked.summary())
         self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:
             self.model = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
         self.trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if cfg.dtype == "bfloat16":  # master weights: the trained tensors in float32
             for param in self.trained.values():
-                param.data = param.data.float()
+                param.data = _as_float(param.data)
         if cfg.activation_checkpointing:
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         if cfg.quantize_experts is not None:  # quantised as they loaded: the stand-ins to meta
-            if self.topo.distributed:
-                raise ValueError(
-                    "--quantize-experts under torchrun is not supported yet: run it in one process"
-                )
             quantize_experts(self.model, cfg.quantize_experts)
         self.device = self.topo.device
         self.model.to(self.device).train()
@@ -135,6 +133,9 @@ class FinetuneJob:
             router.counts = torch.zeros(0)
         self.biases = correction_biases(self.model) if cfg.router_bias_update else {}
         self.sharded = Sharded(self.model, self.topo, cfg.fsdp)
+        if model_dir.is_dir():  # each rank the expert rows it holds, against the files
+            verify_experts(self.model, model_dir, checked, getattr(torch, cfg.dtype))
+            log.warning("expert weights verified: %s", checked.summary())
         if self.topo.distributed:  # the model alike everywhere: now each rank its own stream
             torch.manual_seed(par.rank_seed(cfg.seed, self.topo.rank))  # dropout, router noise
         self.step_model = self.sharded.step_model
@@ -434,6 +435,13 @@ def _base(model: nn.Module) -> nn.Module:
     """The transformers model under a PeftModel."""
     getter = getattr(model, "get_base_model", None)
     return getter() if getter is not None else model
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32; a stand-in of expert rows held apart (`hf.stream`) stays one element."""
+    if is_stand_in(t):
+        return torch.zeros((), dtype=torch.float32).expand(t.shape)
+    return t.float()
 
 
 def _check_fingerprint(state: dict, mine: dict, out: Path) -> None:

@@ -184,10 +184,12 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
 
     from ..quant import QuantizedExperts
     from .experts import QUANT_SPEC, layout_of
+    from .stream import checkpoint_map
     from .verify import files_of, verify_tensor
 
     original = core_model_loading.set_param_for_module
     files = files_of(model_dir) if model_dir is not None else None
+    found = {}  # the checkpoint map, made at the first stack
 
     def set_param(model, target_name, value, loading_info, hf_quantizer):
         module_path, _, name = target_name.rpartition(".")
@@ -196,8 +198,13 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
         if layout is None or name not in (layout.up_name, "down_proj") or value.dim() != 3:
             return original(model, target_name, value, loading_info, hf_quantizer)
         if files is not None and report is not None:
-            block = module_path.rpartition(".")[0]
-            verify_tensor(block, name, target_name, value, layout, files, report)
+            if "map" not in found:
+                found["map"] = checkpoint_map(model, files)
+            if isinstance(found["map"], str):  # a layout the map does not cover
+                report.unverified.append(target_name)
+            else:
+                block = module_path.rpartition(".")[0]
+                verify_tensor(block, name, target_name, value, found["map"], report)
         bank = value if layout.is_transposed else value.transpose(1, 2)  # [E, d_in, d_out]
         quant = QuantizedExperts.quantize(bank, scheme)
         module.register_buffer(f"{name}_qdata", quant.data)
@@ -223,25 +230,57 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
 
 
+def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard):
+    """`hf.stream.stream_model`, its errors in load_model's words."""
+    from .stream import stream_model
+
+    config = load_config(model_dir)
+    damaged = _damaged_weights(model_dir)
+    if damaged is not None:
+        raise ValueError(f"--model {model_dir}: {damaged}; save or download the model again")
+    try:
+        return stream_model(model_dir, config, dtype, quantize, shard)
+    except (OSError, RuntimeError) as error:
+        first = _first_line(error)
+        if type(error).__name__ == "SafetensorError" or "deserializ" in first:
+            first += " (a truncated or corrupt safetensors file)"
+        raise ValueError(f"--model: cannot load {model_dir}: {first}") from error
+
+
 def load_model(
-    model_dir: Path, dtype: torch.dtype, quantize: str | None = None, report=None
+    model_dir: Path,
+    dtype: torch.dtype,
+    quantize: str | None = None,
+    report=None,
+    shard: tuple[int, int] | None = None,
 ) -> nn.Module:
     """A saved transformers causal LM, its experts on moekit's backend where its family is
-    on the ExpertsInterface, then patched; logs what runs where. `quantize` ("nf4", "int8"):
-    the experts stored so as they load, never whole in `dtype` (`_quantizing`), each checked
-    against the files into `report` (a `hf.verify.VerifyReport`) on the way."""
+    on the ExpertsInterface, then patched; logs what runs where.
+
+    A model directory is read tensor by tensor (`hf.stream`): `quantize` ("nf4", "int8") the
+    experts stored so as they are read, `shard` (rank, ranks) one expert-parallel rank's
+    experts only. A hub id, or a checkpoint `hf.stream` does not map, loads with
+    transformers: `quantize` then stores each stacked tensor as it arrives (`_quantizing`,
+    checked against the files into `report`, a `hf.verify.VerifyReport`), and `shard` is
+    left to `expert_parallel`."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
-    cached = local or _hub_offline() is not None  # a hub id: fetched, when online
-    options = dict(dtype=dtype, local_files_only=cached)
-    if cached and not local:  # transformers asks the hub for a PEFT adapter_config.json else
-        options["adapter_kwargs"] = {"local_files_only": True}
-    streaming = contextlib.nullcontext()
-    if quantize is not None:
-        streaming = _quantizing(quantize, model_dir if local else None, report)
-    with warnings.catch_warnings(), streaming:
-        warnings.simplefilter("ignore")
-        model = _from_pretrained(transformers.AutoModelForCausalLM, model_dir, options)
+    model = None
+    if local:
+        model, why = _streamed(model_dir, dtype, quantize, shard)
+        if model is None:
+            log.warning("%s: read with transformers' loader (%s)", model_dir, why)
+    if model is None:
+        cached = local or _hub_offline() is not None  # a hub id: fetched, when online
+        options = dict(dtype=dtype, local_files_only=cached)
+        if cached and not local:  # transformers asks the hub for a PEFT adapter_config.json
+            options["adapter_kwargs"] = {"local_files_only": True}
+        streaming = contextlib.nullcontext()
+        if quantize is not None:
+            streaming = _quantizing(quantize, model_dir if local else None, report)
+        with warnings.catch_warnings(), streaming:
+            warnings.simplefilter("ignore")
+            model = _from_pretrained(transformers.AutoModelForCausalLM, model_dir, options)
     if quantize is not None:
         _release_freed_memory()  # the loader's freed full-precision stacks, back to the OS
     blocks = [m for m in model.modules() if holds_experts(m)]

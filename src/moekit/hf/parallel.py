@@ -15,25 +15,53 @@ outside its slice and averaging them over the ranks is right.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..parallel.comm import process_group
 from ..parallel.expert_parallel import ExpertParallel
 from .blocks import Experts
-from .experts import layout_of
+from .experts import QUANT_SPEC
 from .patch import experts_of, holds_experts, is_patched, router_of
+from .stream import LOCAL, SHARD, stacked_names
 
 __all__ = ["expert_parallel", "sharded_parameters"]
 
 
-def _stacked(experts: nn.Module) -> list[str]:
-    """The experts' parameters stacked over experts (dim 0 = E): weights and biases."""
-    layout = layout_of(experts)
-    names = [layout.up_name, "down_proj"]
-    if layout.has_bias:
-        names += [f"{layout.up_name}_bias", "down_proj_bias"]
-    return names
+def _shard(experts: nn.Module, rank: int, local: int, num_experts: int) -> None:
+    """Keep experts rank*local .. (rank+1)*local - 1 of each stacked tensor: the rows the
+    streaming loader read for this rank (`hf.stream`), else a copy of the full tensor's."""
+    first = rank * local
+    loaded = experts.__dict__.get(SHARD)
+    if loaded is not None and loaded[1] != loaded[2] and loaded[:2] != (first, local):
+        raise ValueError(
+            f"expert_parallel: the experts were loaded for experts {loaded[0]}.."
+            f"{loaded[0] + loaded[1] - 1}, this rank holds {first}..{first + local - 1}"
+        )
+    spec = experts.__dict__.get(QUANT_SPEC, {})
+    rows = experts.__dict__.pop(LOCAL, {})
+    for name in stacked_names(experts):
+        full = experts._parameters.get(name)
+        if name in spec:  # quantised: the buffers hold the rows, the weight has no memory
+            scheme, shape, dtype = spec[name]
+            if shape[0] != local:  # quantised whole: this rank's rows of the buffers
+                for part in ("qdata", "qscales"):
+                    buffer = experts.get_buffer(f"{name}_{part}")
+                    experts.register_buffer(f"{name}_{part}", buffer[first : first + local].clone())
+                spec[name] = (scheme, (local, *shape[1:]), dtype)
+            meta = experts.__dict__.get(name, full)
+            experts._parameters.pop(name, None)
+            experts.__dict__[name] = torch.empty(
+                (local, *meta.shape[1:]), dtype=meta.dtype, device="meta"
+            )
+            continue
+        part = rows.get(name)
+        if part is None:
+            part = full.detach()[first : first + local].clone()
+        part = part.to(full.dtype)
+        setattr(experts, name, nn.Parameter(part, requires_grad=full.requires_grad))
+    experts.__dict__[SHARD] = (first, local, num_experts)
 
 
 def expert_parallel(
@@ -81,11 +109,7 @@ def expert_parallel(
             )
         plans.append((experts_of(block), forward, num_experts))
     for experts, forward, num_experts in plans:
-        local = num_experts // size
-        for pname in _stacked(experts):
-            full = getattr(experts, pname)
-            part = full.detach()[rank * local : (rank + 1) * local].clone()
-            setattr(experts, pname, nn.Parameter(part, requires_grad=full.requires_grad))
+        _shard(experts, rank, num_experts // size, num_experts)
         forward.parallel = ExpertParallel(group, data_group, num_experts)
     return len(plans)
 
@@ -98,8 +122,10 @@ def sharded_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:
         experts = experts_of(block)
         forward = experts.__dict__.get("forward")
         if isinstance(forward, Experts) and forward.parallel is not None:
-            for pname in _stacked(experts):
-                param = getattr(experts, pname)
+            for pname in stacked_names(experts):
+                param = experts._parameters.get(pname)
+                if param is None:  # quantised: buffers, not trained
+                    continue
                 found[names[id(param)]] = (
                     forward.parallel.first_expert,
                     forward.parallel.num_experts,

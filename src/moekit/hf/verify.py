@@ -2,19 +2,22 @@
 --verify`, and `moekit finetune` after loading).
 
     verify_experts(model, model_dir) -> VerifyReport
-        each stacked expert tensor of the model, expert by expert, against the same rows of
+        each stacked expert tensor the model holds, expert by expert, against the same rows of
         the safetensors files (read as slices, one expert at a time): a mismatch is a
         `LoaderFault` naming the layer, the tensor and the expert, and what it looks like (a
         transposed expert, another expert's rows, something else); experts whose stored
         weights are exact copies of each other are reported (legitimate after upcycling)
 
-A tensor the checkpoint stores under another name or layout (per-expert tensors transformers
-fuses on load) cannot be compared row for row: it is listed as unverified, not guessed at.
+Where each tensor is in the files comes from the family's own conversion mapping
+(`hf.stream.checkpoint_map`: renamings, per-expert tensors fused on load), read independently
+of the loader. Under expert parallelism each rank checks the experts it holds (rows first ..
+first + n - 1 against the same rows of the files); rows held quantised by the digests of
+the rows as they were read, before quantising. A checkpoint stored in a layout that map does
+not cover is listed as unverified, never guessed at.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ from torch import nn
 
 from .experts import layout_of, quantized, stored_weight
 from .patch import experts_of, holds_experts
+from .stream import DIGESTS, SHARD, CheckpointMap, checkpoint_map, digest, is_stand_in
 
 __all__ = ["LoaderFault", "VerifyReport", "files_of", "verify_experts", "verify_tensor"]
 
@@ -64,142 +68,137 @@ def files_of(model_dir: Path) -> dict[str, Path]:
     return found
 
 
-def _stored_name(name: str, files: dict[str, Path]) -> str | None:
-    """The checkpoint's name of the model's tensor `name` (a task head's prefix may differ)."""
-    plain = name.replace(".base_layer", "").removeprefix("base_model.model.")  # under PEFT
-    for candidate in (name, plain, f"model.{plain}"):
-        if candidate in files:
-            return candidate
-    return None
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _diagnose(loaded: torch.Tensor, stored, e: int, count: int) -> str:
-    """What expert e's loaded rows are, where they are not the stored expert e."""
-    want = stored(e).to(loaded.dtype)
-    if loaded.shape[0] == loaded.shape[1] and torch.equal(loaded.T, want):
+def _diagnose(loaded_digest: str, stored, e: int, count: int, loaded=None) -> str:
+    """What expert e's loaded rows are, where they are not the stored expert e: compared by
+    value (`loaded`, the rows as held) or, for rows held quantised, by the digest of the rows
+    as they were read."""
+    want = stored(e)
+    if loaded is not None and loaded.dim() == 2 and loaded.shape[0] == loaded.shape[1]:
+        if torch.equal(loaded.T, want.to(loaded.dtype)):
+            return "transposed"
+    elif want.dim() == 2 and digest(want.T) == loaded_digest:
         return "transposed"
     for other in range(count):
-        if other != e and torch.equal(loaded, stored(other).to(loaded.dtype)):
+        rows = stored(other)
+        same = (
+            torch.equal(loaded, rows.to(loaded.dtype))
+            if loaded is not None
+            else digest(rows) == loaded_digest
+        )
+        if other != e and same:
             return f"expert {other}'s rows of the file"
     return "different values"
 
 
-# per-expert checkpoint names of a fused stack (transformers fuses them on load)
-_PARTS = {
-    "gate_up_proj": (("gate_proj", "w1"), ("up_proj", "w3")),
-    "up_proj": (("up_proj", "w1"),),
-    "down_proj": (("down_proj", "w2"),),
-}
-
-
-def _source(name: str, attr: str, layout, files: dict[str, Path], count: int):
-    """(expert e -> its stored rows in the model's layout, where they are read from), or None
-    where the checkpoint keeps the tensor in a form not compared row for row."""
-    from safetensors import safe_open
-
-    stored_name = _stored_name(name, files)
-    if stored_name is not None:
-        file = files[stored_name]
-
-        def fused(e: int) -> torch.Tensor:
-            with safe_open(file, "pt") as f:
-                return f.get_slice(stored_name)[e]
-
-        with safe_open(file, "pt") as f:
-            shape = tuple(f.get_slice(stored_name).get_shape())
-        return fused, file.name, shape
-    if layout.is_transposed or (attr == "gate_up_proj" and not layout.is_concatenated):
-        return None
-    base = name.replace(".base_layer", "").removeprefix("base_model.model.").rsplit(".", 1)[0]
-    for candidate in (base, f"model.{base}"):
-        parts = []
-        for choices in _PARTS[attr]:
-            found = next((c for c in choices if f"{candidate}.0.{c}.weight" in files), None)
-            parts.append(found)
-        if all(parts):
-            break
-    else:
-        return None
-
-    def per_expert(e: int) -> torch.Tensor:
-        rows = []
-        for part in parts:
-            key = f"{candidate}.{e}.{part}.weight"
-            with safe_open(files[key], "pt") as f:
-                rows.append(f.get_tensor(key))
-        return torch.cat(rows)  # [gate | up] rows, as the fused stack holds them
-
-    first = per_expert(0)
-    return per_expert, files[f"{candidate}.0.{parts[0]}.weight"].name, (count, *first.shape)
-
-
 def verify_tensor(
-    block_name: str, attr: str, name: str, weight: torch.Tensor, layout, files, report
+    block_name: str,
+    attr: str,
+    name: str,
+    weight: torch.Tensor | None,
+    cmap: CheckpointMap,
+    report: VerifyReport,
+    first: int = 0,
+    digests: list[str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """One stacked expert tensor `weight` [E, a, b] (the model's `name`, `attr` of the experts
-    of block `block_name`) against the files, expert by expert, into `report`.
+    """One stacked expert tensor against the files, expert by expert, into `report`: `weight`
+    [n, a, b] holds experts first .. first + n - 1 of the model's tensor `name` (`attr` of the
+    experts of block `block_name`); for rows held quantised, `weight` is None and `digests`
+    the sha256 of each expert's rows as they were read. `dtype`: the dtype the rows were
+    loaded in, where they are held in another since (float32 master weights of bfloat16).
 
     Raises:
         LoaderFault: One line naming the layer, tensor and expert that differ.
     """
-    count = weight.shape[0]
-    source = _source(name, attr, layout, files, count)
-    if source is None:
+    if not cmap.has(name):
         report.unverified.append(name)
         return
-    stored, where, shape = source
-    if shape != tuple(weight.shape):
-        flipped = (weight.shape[0], weight.shape[2], weight.shape[1])
-        what = "transposed" if shape == flipped else "of another shape"
-        raise LoaderFault(
-            f"{block_name}: {attr} was loaded {what}: {tuple(weight.shape)} in the model, "
-            f"{shape} in {where}"
-        )
+    count = cmap.num_experts(name)
+    if weight is not None:
+        shape = (count, *cmap.rows(name, 0).shape)
+        full = (count, *weight.shape[1:])
+        if tuple(full) != shape:
+            flipped = (count, weight.shape[2], weight.shape[1]) if weight.dim() == 3 else None
+            what = "transposed" if shape == flipped else "of another shape"
+            raise LoaderFault(
+                f"{block_name}: {attr} was loaded {what}: {tuple(full)} in the model, "
+                f"{shape} in {cmap.where(name)}"
+            )
+    held = weight.shape[0] if weight is not None else len(digests)
     seen: dict[str, int] = {}
-    for e in range(count):
-        want = stored(e)  # [a, b]: one expert read
-        loaded = weight[e].detach().cpu()
-        if not torch.equal(loaded, want.to(loaded.dtype)):
-            what = _diagnose(loaded, stored, e, count)
+    for i in range(held):
+        e = first + i
+        want = cmap.rows(name, e)  # [a, b]: one expert read
+        wanted = digest(want)
+        if weight is not None:
+            loaded = weight[i].detach().cpu()
+            if dtype is not None and dtype != loaded.dtype:
+                loaded = loaded.to(dtype)
+            same, loaded_digest = torch.equal(loaded, want.to(loaded.dtype)), None
+        else:
+            loaded, loaded_digest = None, digests[i]
+            same = loaded_digest == wanted
+        if not same:
+            what = _diagnose(loaded_digest, lambda x: cmap.rows(name, x), e, count, loaded)
             raise LoaderFault(
                 f"{block_name}: {attr}, expert {e}: the loaded weights are not the file's "
-                f"({what}; {where})"
+                f"({what}; {cmap.where(name)})"
             )
-        digest = _digest(want)
-        if digest in seen:
-            report.duplicates.append((f"{block_name}.{attr}", seen[digest], e))
-        seen.setdefault(digest, e)
+        if wanted in seen:
+            report.duplicates.append((f"{block_name}.{attr}", seen[wanted], e))
+        seen.setdefault(wanted, e)
         report.experts += 1
     report.checked.append(name)
 
 
+def _plain(name: str) -> str:
+    """A model tensor's name without PEFT's wrapping (`base_model.model.`, `.base_layer`)."""
+    return name.replace(".base_layer", "").removeprefix("base_model.model.")
+
+
 def verify_experts(
-    model: nn.Module, model_dir: Path, report: VerifyReport | None = None
+    model: nn.Module,
+    model_dir: Path,
+    report: VerifyReport | None = None,
+    dtype: torch.dtype | None = None,
 ) -> VerifyReport:
-    """Compare the model's stacked expert tensors with the files, expert by expert, into
-    `report` (a new one by default; tensors quantised as they loaded were checked then, into
-    the report `hf.load.load_model` was given).
+    """Compare the expert rows the model holds with the same rows of the files, expert by
+    expert, into `report` (a new one by default): under expert parallelism this rank's
+    experts; rows held quantised by the digests of the rows as they were read (`hf.stream`;
+    those quantised by transformers' loader were checked as they arrived, into the report
+    `hf.load.load_model` was given). `dtype`: the dtype the model was loaded in, where its
+    trained tensors are held in another since (`verify_tensor`).
 
     Raises:
         LoaderFault: One line naming the layer, tensor and expert that differ.
     """
-    files = files_of(Path(model_dir))
-    names = {id(p): n for n, p in model.named_parameters()}
     report = VerifyReport() if report is None else report
-    for block_name, block in model.named_modules():
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cmap = checkpoint_map(base, files_of(Path(model_dir)))
+    names = {id(p): _plain(n) for n, p in base.named_parameters()}
+    for block_name, block in base.named_modules():
         if not holds_experts(block) or (experts := experts_of(block)) is None:
             continue
+        if not hasattr(experts, "has_gate"):
+            continue
         layout = layout_of(experts)
+        block_name = _plain(block_name)
+        first = experts.__dict__.get(SHARD, (0,))[0]
         for attr in (layout.up_name, "down_proj"):
-            weight = stored_weight(experts, attr)
-            if quantized(experts, attr) is not None:  # checked as it loaded (`hf.load`)
+            name = f"{block_name}.experts.{attr}"
+            if isinstance(cmap, str):  # a checkpoint hf.stream does not map
+                report.unverified.append(name)
                 continue
+            if quantized(experts, attr) is not None:
+                digests = experts.__dict__.get(DIGESTS, {}).get(attr)
+                if digests is not None:  # read by hf.stream; else checked as it loaded
+                    verify_tensor(block_name, attr, name, None, cmap, report, first, digests)
+                continue
+            weight = stored_weight(experts, attr)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.is_meta:
                 continue
-            name = names.get(id(weight), f"{block_name}.experts.{attr}")
-            verify_tensor(block_name, attr, name, weight, layout, files, report)
+            if is_stand_in(weight):  # rows not installed yet (`expert_parallel`)
+                continue
+            name = names.get(id(weight), name)
+            verify_tensor(block_name, attr, name, weight, cmap, report, first, None, dtype)
     return report

@@ -1,0 +1,164 @@
+"""Streaming and sharded loading (`hf.stream`): a model read tensor by tensor from its files
+equals transformers' own load for every family it maps (the others say why and fall back);
+each expert-parallel rank reads only its experts, equal to the same rows of the full load at
+EP 1, 2 and 4 (in full precision and quantised), the model's logits equal one process's; a
+fault injected into one rank's reader (rank 0's rows on rank 1, a slice shifted by one, a
+transposed expert) is caught by the verification with its layer, tensor and expert."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import load_workers  # noqa: E402
+from moekit.hf.catalog import TinyModelError, dummy_inputs, moe_families, tiny_model  # noqa: E402
+from moekit.hf.load import load_config, load_model  # noqa: E402
+from moekit.hf.stream import SHARD, checkpoint_map, stream_model  # noqa: E402
+from moekit.quant import QuantizedExperts  # noqa: E402
+from spawn import run_ranks  # noqa: E402
+
+
+def _causal_families() -> list[str]:
+    return [f.name for f in moe_families()]
+
+
+def _saved(root: Path, family: str, **sizes) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(family, **sizes)
+        model.save_pretrained(root / family)
+    return root / family
+
+
+@pytest.mark.parametrize("family", _causal_families())
+def test_streamed_equals_transformers_load(family):
+    """Every tensor equal, bit for bit, to `from_pretrained`'s (renamed and per-expert
+    checkpoints included); a family whose conversions the reader does not perform says which
+    (`load_model` then uses transformers' loader)."""
+    import transformers
+
+    try:
+        model = tiny_model(family)
+    except TinyModelError as error:
+        pytest.skip(str(error))
+    if "ForCausalLM" not in type(model).__name__:
+        pytest.skip(f"{type(model).__name__}: not a causal LM (moekit finetune's models)")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model.save_pretrained(tmp)
+            want = transformers.AutoModelForCausalLM.from_pretrained(tmp)
+        except Exception as error:  # noqa: BLE001 - transformers' own round trip fails
+            pytest.skip(f"transformers cannot reload its own save: {error!r:.120}")
+        got, why = stream_model(Path(tmp), load_config(Path(tmp)), torch.float32)
+        if got is None:
+            assert why and isinstance(checkpoint_map(want, Path(tmp)), str)
+            return
+        a, b = want.state_dict(), got.state_dict()
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+        assert not any(p.is_meta for p in got.parameters())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stream")
+    return {
+        "qwen3_moe": _saved(root, "qwen3_moe", vocab_size=64),
+        "mixtral": _saved(root, "mixtral", vocab_size=64),  # renamed, w1 / w3 / w2
+        "gpt_oss": _saved(root, "gpt_oss", vocab_size=64),  # fused [E, d, 2h] with biases
+        "square": _saved(root / "sq", "qwen3_moe", vocab_size=64, d_model=32, d_hidden=16),
+    }
+
+
+def _full_rows(model_dir: Path, quantize: str | None) -> tuple[dict, torch.Tensor]:
+    model = load_model(model_dir, torch.float32, quantize)
+    rows = {}
+    for name, module in model.named_modules():
+        if SHARD in module.__dict__:
+            for attr, t in [*module._parameters.items(), *module._buffers.items()]:
+                if attr.endswith("_qscales"):
+                    continue
+                if quantize is None or attr.endswith("_qdata") or attr.endswith("_bias"):
+                    rows[f"{name}.{attr}"] = t.detach()
+    ids = torch.arange(2 * 12).remainder(model.config.vocab_size).view(2, 12)
+    with torch.no_grad():
+        return rows, model(input_ids=ids).logits
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_sharded_loading_equals_full_loading(models, family, quantize):
+    """EP 1 (one process), 2 and 4: rank r's rows are rows [r E/R, (r+1) E/R) of the full
+    load (the quantised bytes too), verified on each rank, and the expert-parallel logits
+    equal one process's."""
+    full, logits = _full_rows(models[family], quantize)
+    for world in (2, 4):
+        results = run_ranks(load_workers.sharded_load, world, str(models[family]), quantize, None)
+        for rank, result in enumerate(results):
+            experts = 8 // world  # of each of the 4 stacked weights (2 layers, up and down)
+            assert result["verified"].startswith(f"{4 * experts} expert slices of 4 tensors")
+            torch.testing.assert_close(result["logits"], logits, rtol=1e-5, atol=1e-6)
+            for name, rows in result["rows"].items():
+                module = name.rsplit(".", 1)[0]
+                first = result["first"][module]
+                assert first == rank * rows.shape[0]
+                assert torch.equal(rows, full[name][first : first + rows.shape[0]]), name
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "fault,match",
+    [
+        # rank 1 of 2 reads rank 0's experts 0..3 for its 4..7
+        ({"rank": 1, "shift": -4}, r"expert 4: .*\(expert 0's rows of the file;"),
+        # rank 0's slice one expert off: its expert 0 holds expert 1's rows
+        ({"rank": 0, "shift": 1}, r"expert 0: .*\(expert 1's rows of the file;"),
+        # a square gate_up [2h, d] read transposed keeps its shape
+        ({"rank": 1, "transpose": True}, r"gate_up_proj, expert 4: .*\(transposed;"),
+    ],
+)
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_a_fault_in_one_ranks_reader_is_named(models, fault, match, quantize):
+    results = run_ranks(load_workers.sharded_load, 2, str(models["square"]), quantize, fault)
+    caught = results[fault["rank"]]
+    assert "fault" in caught, caught
+    assert caught["fault"].startswith("model.layers.0.mlp: ")
+    import re
+
+    assert re.search(match, caught["fault"]), caught["fault"]
+    other = results[1 - fault["rank"]]
+    assert "fault" not in other and other["verified"].startswith("16 expert slices")  # 4 of 8, x 4
+
+
+def test_streaming_quantises_a_few_experts_at_a_time(models, monkeypatch):
+    """The reader quantises the experts a few at a time (`_QUANT_CHUNK`): never a whole stack
+    in the compute dtype; the bytes equal quantising the full stack."""
+    from moekit.hf import stream
+
+    sizes = []
+    quantize = QuantizedExperts.quantize
+
+    def spy(bank, scheme):
+        sizes.append(bank.shape[0])
+        return quantize(bank, scheme)
+
+    monkeypatch.setattr(stream.QuantizedExperts, "quantize", staticmethod(spy))
+    model_dir = models["qwen3_moe"]
+    got, _ = stream_model(model_dir, load_config(model_dir), torch.float32, "nf4")
+    monkeypatch.undo()
+    assert sizes and max(sizes) <= stream._QUANT_CHUNK
+    want = load_model(model_dir, torch.float32)
+    for a, b in zip(got.model.layers, want.model.layers, strict=True):
+        bank = b.mlp.experts.gate_up_proj.detach().transpose(1, 2)
+        assert torch.equal(a.mlp.experts.gate_up_proj_qdata, quantize(bank, "nf4").data)
+    inputs = dummy_inputs(want, 1, 4)
+    assert got(**inputs).logits.isfinite().all()
