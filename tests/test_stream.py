@@ -162,3 +162,83 @@ def test_streaming_quantises_a_few_experts_at_a_time(models, monkeypatch):
         assert torch.equal(a.mlp.experts.gate_up_proj_qdata, quantize(bank, "nf4").data)
     inputs = dummy_inputs(want, 1, 4)
     assert got(**inputs).logits.isfinite().all()
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reference MXFP4 quantiser: `weight` [E, d_out, d_in] -> transformers' `*_blocks`
+    [E, d_out, d_in / 32, 16] (two E2M1 codes a byte, the low nibble first) and `*_scales`
+    [E, d_out, d_in / 32] (a power of two a block, E8M0, bias 127)."""
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    experts, d_out, d_in = weight.shape
+    blocks = weight.reshape(experts, d_out, d_in // 32, 32)
+    absmax = blocks.abs().amax(-1).clamp_min(1e-30)
+    exponent = torch.ceil(torch.log2(absmax / 6.0)).clamp(-127, 127)  # absmax / 2^k <= 6
+    scaled = blocks / torch.exp2(exponent)[..., None]
+    code = (scaled.abs()[..., None] - values).abs().argmin(-1)  # nearest magnitude
+    code = code | ((scaled < 0).long() << 3)  # the sign bit
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return packed, (exponent + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_loads_as_stored(tmp_path):
+    """A gpt-oss checkpoint whose experts are MXFP4 in transformers' layout (`*_blocks`,
+    `*_scales`, built here): the codes and exponents are held as stored (the stack never
+    dequantised: the weights are stand-ins), each rank's rows verified by their digests, and
+    the logits equal transformers' eager experts holding the weights transformers' own
+    `convert_moe_packed_tensors` dequantises."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moekit.hf.finetune import FinetuneConfig, FinetuneJob
+    from moekit.hf.verify import verify_experts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model("gpt_oss", vocab_size=256, d_model=64, d_hidden=64)
+        model.save_pretrained(tmp_path / "plain")
+    state = load_file(tmp_path / "plain" / "model.safetensors")
+    reference = dict(state)
+    for name in [n for n in state if n.endswith(("gate_up_proj", "down_proj"))]:
+        weight = state.pop(name)  # [E, d_in, d_out] (gpt-oss keeps its experts transposed)
+        blocks, scales = _mxfp4(weight.transpose(1, 2))
+        state[f"{name}_blocks"], state[f"{name}_scales"] = blocks, scales
+        reference[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    (tmp_path / "mx").mkdir()
+    save_file(state, tmp_path / "mx" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "mx" / "config.json").write_text(json.dumps(config))
+
+    got = load_model(tmp_path / "mx", torch.float32)
+    experts = got.model.layers[0].mlp.experts
+    assert torch.equal(
+        experts.gate_up_proj_qdata[0],
+        state["model.layers.0.mlp.experts.gate_up_proj_blocks"][0].flatten(1),
+    )
+    assert experts.gate_up_proj.untyped_storage().nbytes() <= 4  # a stand-in, no stack
+    assert verify_experts(got, tmp_path / "mx").experts == 2 * 2 * 8  # 2 layers x 2 x E
+    model.load_state_dict(reference)
+    model.set_experts_implementation("eager")
+    inputs = dummy_inputs(model, 2, 8, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(got(**inputs).logits, model(**inputs).logits)
+    # a LoRA fine-tune trains on them; a full fine-tune of a quantised base is one line
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    base = dict(model=str(tmp_path / "mx"), data=str(data), seq_len=16, batch_size=2)
+    base |= dict(steps=1, track=False, progress=False)
+    job = FinetuneJob(FinetuneConfig(out=str(tmp_path / "lora"), lora_rank=2, **base))
+    from moekit.hf.patch import experts_of
+    from moekit.train.loop import Loop
+
+    block = job.model.get_base_model().model.layers[0].mlp
+    assert experts_of(block).gate_up_proj.is_meta  # no stack, now nor after the step
+    loop = Loop(job)
+    loop.train_step()
+    assert experts_of(block).gate_up_proj.is_meta
+    with pytest.raises(
+        ValueError, match="experts are stored in mxfp4; fine-tune them with --lora-rank"
+    ):
+        FinetuneJob(FinetuneConfig(out=str(tmp_path / "full"), **base))

@@ -12,8 +12,12 @@ NF4 (QLoRA, Dettmers et al. 2023): each expert's [d_in, d_out] flattened row-maj
 blocks of 64 values (the last zero-padded); a block stores its absmax (float32) and, per value,
 the index of the nearest of the 16 NormalFloat levels of value / absmax (two indices a byte,
 the first in the high nibble). int8: per output channel (column of [d_in, d_out]) a scale
-absmax / 127 and the rounded value / scale in [-127, 127]. On CUDA a Triton kernel writes an
-expert's values (`ops.triton_dequant`); elsewhere torch.
+absmax / 127 and the rounded value / scale in [-127, 127]. MXFP4 (gpt-oss's checkpoints, read
+as stored, never made here): per output channel, blocks of 32 inputs, two E2M1 codes a byte
+(the low nibble first) and an E8M0 exponent a block; `data` [E, d_out, d_in / 2], `scales`
+[E, d_out, d_in / 32] (uint8, bias 127), as transformers' `*_blocks` / `*_scales` hold them.
+On CUDA a Triton kernel writes an nf4 or int8 expert's values (`ops.triton_dequant`); MXFP4
+and the CPU use torch.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NF4_LEVELS", "SCHEMES", "QuantizedExperts", "quant_grouped_linear"]
+__all__ = ["FP4_VALUES", "NF4_LEVELS", "SCHEMES", "QuantizedExperts", "quant_grouped_linear"]
 
-SCHEMES = ("nf4", "int8")
+SCHEMES = ("nf4", "int8")  # what `quantize` makes; "mxfp4" is read as checkpoints store it
+# OCP MXFP4 (gpt-oss's checkpoints): E2M1 values, a code's low bit first; a shared power of
+# two a block of 32 (an E8M0 byte, bias 127)
+FP4_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+)
+MXFP4_BLOCK = 32
 NF4_BLOCK = 64
 # the QLoRA paper's NormalFloat4 levels (bitsandbytes' NF4 code book), ascending
 NF4_LEVELS = torch.tensor(
@@ -86,12 +96,23 @@ def _quantize(weight: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
     return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax  # [e, n_pad / 2], [e, n_pad / 64]
 
 
+def _mxfp4_expert(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """One expert's MXFP4 codes [d_out, d_in / 2] and exponents [d_out, d_in / 32] ->
+    its weight [d_in, d_out]."""
+    d_out = blocks.shape[0]
+    lut = FP4_VALUES.to(blocks.device)
+    values = torch.stack([lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]], dim=-1)
+    values = values.view(d_out, -1, MXFP4_BLOCK)  # [d_out, d_in / 32, 32]
+    exponents = (scales.to(torch.int32) - 127).to(torch.float32)[..., None]
+    return torch.ldexp(values, exponents).view(d_out, -1).T.to(dtype)
+
+
 @dataclass
 class QuantizedExperts:
     """A stack of E expert weights [E, d_in, d_out] stored in `scheme` (see the module doc)."""
 
     scheme: str
-    data: Tensor  # nf4: uint8 [E, n_pad / 2]; int8: int8 [E, d_in, d_out]
+    data: Tensor  # nf4: uint8 [E, n_pad / 2]; int8: int8 [E, d_in, d_out]; mxfp4 above
     scales: Tensor  # nf4: float32 [E, n_pad / 64] absmax; int8: float32 [E, d_out]
     shape: tuple[int, int, int]  # (E, d_in, d_out)
     dtype: torch.dtype  # the compute dtype it dequantises to
@@ -114,12 +135,15 @@ class QuantizedExperts:
         return self.shape[0]
 
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scales.numel() * 4
+        data, scales = self.data, self.scales
+        return data.numel() * data.element_size() + scales.numel() * scales.element_size()
 
     def expert(self, e: int, dtype: torch.dtype | None = None) -> Tensor:
         """Expert e's weight [d_in, d_out], dequantised to `dtype` (default: the original)."""
         _, d_in, d_out = self.shape
         dtype = dtype or self.dtype
+        if self.scheme == "mxfp4":
+            return _mxfp4_expert(self.data[e], self.scales[e], dtype)
         kernels = _kernels(self.data.device)
         if kernels is not None:  # CUDA: a Triton kernel writes the expert's values
             if self.scheme == "int8":

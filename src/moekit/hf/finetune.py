@@ -57,7 +57,7 @@ from .distributed import Sharded
 from .load import load_config, load_model, load_tokenizer
 from .lora import add_lora
 from .patch import experts_of, holds_experts
-from .quantize import quantize_experts
+from .quantize import quantize_experts, stored_scheme
 from .sources import sources
 from .stream import is_stand_in
 from .verify import VerifyReport, verify_experts
@@ -115,6 +115,12 @@ class FinetuneJob:
         self.model = load_model(
             model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, checked, shard
         )
+        stored = stored_scheme(self.model)  # experts the checkpoint keeps quantised (MXFP4)
+        if stored is not None and cfg.lora_rank is None:
+            raise ValueError(
+                f"--model {model_dir}: its experts are stored in {stored}; fine-tune them with "
+                "--lora-rank (a quantised base stays frozen)"
+            )
         self.aux_coef = self._aux_setup(self.model.config)
         if cfg.lora_rank is not None:
             self.model = add_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
@@ -124,18 +130,19 @@ class FinetuneJob:
                 param.data = _as_float(param.data)
         if cfg.activation_checkpointing:
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
-        if cfg.quantize_experts is not None:  # quantised as they loaded: the stand-ins to meta
-            quantize_experts(self.model, cfg.quantize_experts)
+        if stored or cfg.quantize_experts:  # quantised as they were read: stand-ins to meta
+            quantize_experts(self.model, stored or cfg.quantize_experts)
         self.device = self.topo.device
         self.model.to(self.device).train()
         self.routers = routers(self.model)
         for router in self.routers:
             router.counts = torch.zeros(0)
         self.biases = correction_biases(self.model) if cfg.router_bias_update else {}
+        if shard is None:  # every expert on each rank: checked before FSDP2 shards them
+            self._verify(model_dir, checked)
         self.sharded = Sharded(self.model, self.topo, cfg.fsdp)
-        if model_dir.is_dir():  # each rank the expert rows it holds, against the files
-            verify_experts(self.model, model_dir, checked, getattr(torch, cfg.dtype))
-            log.warning("expert weights verified: %s", checked.summary())
+        if shard is not None:  # each rank the expert rows it read and holds
+            self._verify(model_dir, checked)
         if self.topo.distributed:  # the model alike everywhere: now each rank its own stream
             torch.manual_seed(par.rank_seed(cfg.seed, self.topo.rank))  # dropout, router noise
         self.step_model = self.sharded.step_model
@@ -162,6 +169,12 @@ class FinetuneJob:
             config.output_router_logits = cfg.aux_loss_coef > 0
             config.router_aux_loss_coef = cfg.aux_loss_coef
         return 0.0
+
+    def _verify(self, model_dir: Path, report) -> None:
+        """The expert rows this rank holds against the files (`hf.verify`)."""
+        if model_dir.is_dir():
+            verify_experts(self.model, model_dir, report, getattr(torch, self.cfg.dtype))
+            log.warning("expert weights verified: %s", report.summary())
 
     def _fingerprint(self, model_dir: Path, config) -> dict:
         """What a checkpoint of this run must agree with to be resumed."""

@@ -24,7 +24,12 @@ from ..quant import SCHEMES, QuantizedExperts
 from .experts import QUANT_SPEC, layout_of, quantized, stored_weight
 from .patch import experts_of, holds_experts
 
-__all__ = ["QuantReport", "quantize_experts", "quantized"]  # `quantized`: from hf.experts
+__all__ = [
+    "QuantReport",
+    "quantize_experts",
+    "quantized",
+    "stored_scheme",
+]  # `quantized`: from hf.experts
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,15 @@ def _quantizable(experts: nn.Module) -> str | None:
     return None
 
 
+def stored_scheme(model: nn.Module) -> str | None:
+    """The scheme of expert weights the model holds quantised as they were read ("mxfp4" for
+    gpt-oss's checkpoints, or what `load_model(quantize=...)` made), or None."""
+    for experts in _experts_modules(model):
+        for scheme, _, _ in experts.__dict__.get(QUANT_SPEC, {}).values():
+            return scheme
+    return None
+
+
 @torch.no_grad()
 def quantize_experts(model: nn.Module, scheme: str) -> QuantReport:
     """Store the experts' up and down projections of every MoE block in `scheme`, in place.
@@ -64,7 +78,7 @@ def quantize_experts(model: nn.Module, scheme: str) -> QuantReport:
         ValueError: An unknown scheme, or a model whose experts moekit's grouped pass does not
             run (modules of experts, DBRX's flat weights, no MoE block), in one line.
     """
-    if scheme not in SCHEMES:
+    if scheme not in SCHEMES and scheme != stored_scheme(model):
         raise ValueError(f"--quantize-experts must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     modules = _experts_modules(model)
     if not modules:

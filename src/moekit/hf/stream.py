@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import warnings
 from collections.abc import Iterator
@@ -55,6 +56,8 @@ __all__ = [
     "stacked_names",
     "stream_model",
 ]
+
+log = logging.getLogger(__name__)
 
 LOCAL = "_moekit_local"  # {name: this rank's rows [n, a, b]} behind a stand-in parameter
 SHARD = "_moekit_shard"  # (first expert, count, E): the experts a module's rows are
@@ -97,6 +100,8 @@ class CheckpointMap:
     files: dict[str, Path]  # {file key: file}
     dense: dict[str, str]  # {model tensor name: file key}
     per_expert: dict[str, _PerExpert]  # {model tensor name: its per-expert keys}
+    # {model tensor name: (blocks key, scales key)}: experts stored in MXFP4 (gpt-oss)
+    mxfp4: dict[str, tuple[str, str]] = field(default_factory=dict)
     _handles: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @contextlib.contextmanager
@@ -126,22 +131,35 @@ class CheckpointMap:
 
     def where(self, name: str) -> str:
         """The file a model tensor is read from (for messages)."""
-        key = self.dense.get(name)
+        key = self.dense.get(name) or self.mxfp4.get(name, (None,))[0]
         if key is None:
             key = next(t.format(e=0) for t in self.per_expert[name].templates if t)
         return self.files[key].name
 
     def has(self, name: str) -> bool:
-        return name in self.dense or name in self.per_expert
+        return name in self.dense or name in self.per_expert or name in self.mxfp4
 
     def num_experts(self, name: str) -> int:
         if name in self.per_expert:
             return len(self.per_expert[name].experts)
-        with self._file(self.dense[name]) as f:
-            return f.get_slice(self.dense[name]).get_shape()[0]
+        key = self.mxfp4[name][0] if name in self.mxfp4 else self.dense[name]
+        with self._file(key) as f:
+            return f.get_slice(key).get_shape()[0]
+
+    def mxfp4_expert(self, name: str, e: int) -> tuple[Tensor, Tensor]:
+        """Expert e's MXFP4 codes [d_out, d_in / 2] and exponents [d_out, d_in / 32]."""
+        blocks, scales = self.mxfp4[name]
+        with self._file(blocks) as f:
+            codes = f.get_slice(blocks)[e]  # [d_out, d_in / 32, 16]
+        with self._file(scales) as f:
+            exponents = f.get_slice(scales)[e]
+        return codes.reshape(codes.shape[0], -1), exponents
 
     def rows(self, name: str, e: int) -> Tensor:
-        """Expert e's rows of the stacked tensor `name` in the model's layout, as stored."""
+        """Expert e's rows of the stacked tensor `name` in the model's layout, as stored (MXFP4:
+        its codes then its exponents, bytes)."""
+        if name in self.mxfp4:
+            return torch.cat([t.reshape(-1) for t in self.mxfp4_expert(name, e)])
         key = self.dense.get(name)
         if key is not None:
             with self._file(key) as f:
@@ -185,15 +203,20 @@ def checkpoint_map(model: nn.Module, model_dir: Path | dict[str, Path]) -> Check
     }
     for prefix, module in model.named_modules():  # weights held quantised: not parameters
         for name in module.__dict__.get(QUANT_SPEC, {}):
-            wanted.setdefault(f"{prefix.replace('.base_layer', '')}.{name}", module.__dict__[name])
+            wanted.setdefault(f"{prefix.replace('.base_layer', '')}.{name}", getattr(module, name))
     prefix = getattr(model, "base_model_prefix", None)
     dense: dict[str, str] = {}
     per_expert: dict[str, _PerExpert] = {}
+    mxfp4: dict[str, tuple[str, str]] = {}
     for key in files:
         target, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
         if pattern is None:
             if target in wanted:
                 dense[target] = key
+            elif target.endswith("_blocks") and target.removesuffix("_blocks") in wanted:
+                scales = key.removesuffix("_blocks") + "_scales"
+                if scales in files:  # MXFP4 as gpt-oss stores it
+                    mxfp4[target.removesuffix("_blocks")] = (key, scales)
             continue
         converter = next(c for c in converters if pattern in c.source_patterns)
         if not _merge_parts(converter):
@@ -220,7 +243,11 @@ def checkpoint_map(model: nn.Module, model_dir: Path | dict[str, Path]) -> Check
     missing = [
         name
         for name, t in wanted.items()
-        if name not in dense and name not in per_expert and name not in tied and t.is_meta
+        if name not in dense
+        and name not in per_expert
+        and name not in mxfp4
+        and name not in tied
+        and t.is_meta
     ]
     if missing:
         return f"the files have no tensor for {missing[0]}" + (
@@ -229,7 +256,7 @@ def checkpoint_map(model: nn.Module, model_dir: Path | dict[str, Path]) -> Check
     for name, entry in per_expert.items():
         if None in entry.templates or entry.experts != set(range(len(entry.experts))):
             return f"the files hold {name} for experts {sorted(entry.experts)[:8]}, not 0..E-1"
-    return CheckpointMap(files, dense, per_expert)
+    return CheckpointMap(files, dense, per_expert, mxfp4)
 
 
 def _stored_template(key: str, e: int, template: str, renamed: str) -> str:
@@ -306,6 +333,37 @@ def _expert(cmap: CheckpointMap, name: str, e: int, full: Tensor, hashes: list[s
     return rows.to(full.dtype)
 
 
+def _fill_mxfp4(
+    experts: nn.Module,
+    name: str,
+    full_name: str,
+    cmap: CheckpointMap,
+    shard: tuple[int, int],
+    hashes: list[str],
+) -> None:
+    """A stacked weight the checkpoint stores in MXFP4, kept so (`quant`'s "mxfp4")."""
+    layout, full = layout_of(experts), experts._parameters[name]
+    num_experts, a, b = full.shape
+    d_in, d_out = (a, b) if layout.is_transposed else (b, a)  # the bank's [E, d_in, d_out]
+    codes, exponents = [], []
+    for e in range(shard[0], shard[0] + shard[1]):
+        blocks, scales = cmap.mxfp4_expert(full_name, e)
+        if blocks.shape != (d_out, d_in // 2) or scales.shape != (d_out, d_in // 32):
+            raise ValueError(
+                f"{full_name}: expert {e}'s MXFP4 blocks {tuple(blocks.shape)} and scales "
+                f"{tuple(scales.shape)} in {cmap.where(full_name)} do not hold a "
+                f"[{d_in}, {d_out}] weight"
+            )
+        hashes.append(digest(torch.cat([blocks.reshape(-1), scales.reshape(-1)])))
+        codes.append(blocks)
+        exponents.append(scales)
+    experts.register_buffer(f"{name}_qdata", torch.stack(codes))
+    experts.register_buffer(f"{name}_qscales", torch.stack(exponents))
+    spec = ("mxfp4", (shard[1], d_in, d_out), full.dtype)
+    experts.__dict__.setdefault(QUANT_SPEC, {})[name] = spec
+    experts._parameters[name] = _stand_in(full.shape, full.dtype, False)
+
+
 def _fill_experts(
     experts: nn.Module,
     prefix: str,
@@ -326,6 +384,9 @@ def _fill_experts(
 
         experts.__dict__.setdefault(DIGESTS, {})[name] = hashes
         experts.__dict__[SHARD] = (first, count, num_experts)
+        if f"{prefix}{name}" in cmap.mxfp4:
+            _fill_mxfp4(experts, name, f"{prefix}{name}", cmap, (first, count), hashes)
+            continue
         if quantize is not None and name in (layout.up_name, "down_proj"):
             parts = []
             for start in range(first, first + count, _QUANT_CHUNK):
@@ -395,6 +456,13 @@ def stream_model(
                 key = cmap.dense.get(f"{prefix}{name}")
                 if buffer is not None and key is not None:
                     module._buffers[name] = cmap.tensor(key).to(buffer.dtype)
+    if cmap.mxfp4:
+        log.warning(
+            "%d expert weights read as stored in MXFP4 (kept so, dequantised an expert at a "
+            "time); the other weights in %s",
+            len(cmap.mxfp4),
+            dtype,
+        )
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
