@@ -273,3 +273,71 @@ def hf_parity(rank: int, world: int, families: list[str]) -> list[str]:
         checked.append(family)
         del model, full, got, want  # the graphs that hold the exchanges, before the next model
     return checked
+
+
+def hf_lora_parity(rank: int, world: int, families: list[str]) -> list[str]:
+    """PEFT LoRA on the experts of a patched transformers model, sharded with them
+    (`hf.parallel.expert_parallel`): each rank holds its experts' factors only (1/R of
+    them), equal to the whole adapter's slice; logits and factor gradients equal the
+    one-process model's (float32, 1e-5 relative); every rank's factors put back together
+    (`AdapterShard.whole`) are the whole adapter, PEFT's layout."""
+    import warnings
+
+    from moekit.hf import patch_model
+    from moekit.hf.catalog import dummy_inputs, tiny_model
+    from moekit.hf.lora import add_lora
+    from moekit.hf.parallel import adapter_shards
+    from moekit.hf.parallel import expert_parallel as hf_expert_parallel
+
+    def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+        return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+    for family in families:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = tiny_model(family).train()
+            patch_model(model, strict=True)
+        _clear_routing(model)
+        torch.manual_seed(5)
+        model = add_lora(model, 2, None, ("experts",))
+        with torch.no_grad():  # B off zero: A's gradients are not zero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(
+                        torch.randn(param.shape, generator=torch.Generator().manual_seed(9))
+                    )
+        full = copy.deepcopy(model)
+        whole = adapter_shards(full)
+        assert whole and {s.kind for s in whole.values()} == {"A", "B"}, family
+        ids = dummy_inputs(model, 2 * world, 6, seed=1)["input_ids"]
+        want = full(input_ids=ids).logits
+        upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
+        (want * upstream).sum().backward()
+        hf_expert_parallel(model)
+        shards = adapter_shards(model)
+        assert shards.keys() == whole.keys(), family
+        mine = slice(rank * 2, (rank + 1) * 2)
+        got = model(input_ids=ids[mine]).logits
+        (got * upstream[mine]).sum().backward()
+        assert rel(got, want[mine]) <= 1e-5, (family, "logits")
+        for name, shard in shards.items():
+            param, reference = model.get_parameter(name), full.get_parameter(name)
+            assert param.numel() * world == reference.numel(), (family, name)
+            assert shard.first == rank * shard.num_experts // world, (family, name)
+            r = shard.rank
+            for got_t, want_t in (
+                (param.detach(), reference.detach()),
+                (param.grad, reference.grad),
+            ):
+                e = shard.num_experts // world
+                if shard.kind == "A":  # [r E, in], expert-major
+                    part = want_t[shard.first * r : (shard.first + e) * r]
+                else:  # [out, r E], expert-minor
+                    part = want_t.view(want_t.shape[0], r, -1)[:, :, shard.first : shard.first + e]
+                    part = part.reshape(want_t.shape[0], r * e)
+                assert rel(got_t, part) <= 1e-5, (family, name)
+            parts = [torch.empty_like(param) for _ in range(world)]
+            dist.all_gather(parts, param.detach().contiguous())
+            assert torch.equal(shard.whole(parts), reference.detach()), (family, name)
+        del model, full, got, want
+    return families

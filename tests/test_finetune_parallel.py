@@ -155,6 +155,12 @@ def world2(root, tmp_path_factory) -> Path:
         {"config": config(root, "qwen", base / "qwen-ep1", expert_parallel=1)},
         {"config": config(root, "qwen", base / "qwen-ep2-ddp", expert_parallel=2, fsdp=False)},
         {"config": config(root, "qwen-lora", base / "qwen-lora-ep2", expert_parallel=2)},
+        # the experts' LoRA factors sharded with them, left out of DDP's reduction
+        {
+            "config": config(
+                root, "qwen-lora", base / "qwen-lora-ep2-ddp", expert_parallel=2, fsdp=False
+            )
+        },
         {"config": config(root, "qwen-lora-nf4", base / "qwen-lora-nf4-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek", base / "deepseek-ep2", expert_parallel=2)},
         {"config": config(root, "deepseek-lora", base / "deepseek-lora-ep2", expert_parallel=2)},
@@ -220,6 +226,7 @@ def world4(root, world2, tmp_path_factory) -> Path:
         "qwen-ep1",
         "qwen-ep2-ddp",
         "qwen-lora-ep2",
+        "qwen-lora-ep2-ddp",
         "qwen-lora-nf4-ep2",
         "deepseek-ep2",
         "deepseek-lora-ep2",

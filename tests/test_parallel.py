@@ -97,3 +97,11 @@ def test_patched_transformers_models_shard_their_experts():
 
 def test_patched_transformers_experts_on_four_ranks():
     assert run_ranks(ep_workers.hf_parity, 4, ["qwen3_moe"]) == [["qwen3_moe"]] * 4
+
+
+def test_hf_expert_lora_is_sharded_with_the_experts():
+    """PEFT's LoRA factors on the experts: each rank its experts' (1/R of the adapter), the
+    forward and gradients as one process's, put back together to the whole adapter (gpt-oss:
+    transposed experts, biases)."""
+    families = ["qwen3_moe", "gpt_oss"]
+    assert run_ranks(ep_workers.hf_lora_parity, 2, families) == [families, families]

@@ -6,9 +6,10 @@ nearly all of its weights, with the experts in float32, int8 and nf4.
 
 Each case runs in a process of its own (`moekit finetune`'s job: load, LoRA rank 8 on the
 experts, three AdamW steps on chat records), then under torchrun at EP 2 (2 ranks, each
-reading its half of the experts): its peak resident memory (the whole process, `ru_maxrss`:
-the checkpoint's file pages that safetensors maps in count too) and its peak anonymous memory
-(sampled every 5 ms: what the process itself allocated), the seconds of a training step
+reading its half of the experts): its peak resident memory (the whole process, the kernel's
+high-water mark `VmHWM`: the checkpoint's file pages that safetensors maps in count too;
+not `ru_maxrss`, which keeps the parent's resident memory at the fork) and its peak anonymous
+memory (sampled every 5 ms: what the process itself allocated), the seconds of a training step
 (median of three) and of the load; at EP 2 the largest rank's. The model is written once into
 a temporary directory (random weights, no network).
 """
@@ -27,14 +28,14 @@ from typing import NamedTuple
 SCHEMES = ("float32", "int8", "nf4")
 
 _CHILD = r"""
-import json, resource, statistics, sys, threading, time
+import json, statistics, sys, threading, time
 peak = {"anon": 0.0}
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith(key + ":"))
 def sample():
     while True:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    peak["anon"] = max(peak["anon"], int(line.split()[1]) / 1024)
+        peak["anon"] = max(peak["anon"], status("RssAnon"))
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
 from moekit.hf.finetune import FinetuneJob
@@ -54,7 +55,7 @@ for _ in range(3):
     tic = time.perf_counter()
     loop.train_step()
     steps.append(time.perf_counter() - tic)
-found = json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+found = json.dumps({"rss": status("VmHWM"),
                     "anon": peak["anon"], "step": statistics.median(steps), "load": load})
 with open(f"{out}.{loop.topo.rank}.json", "w") as f:
     f.write(found)

@@ -36,7 +36,8 @@ class Experts(PatchedForward):
     expert parallelism (`hf.parallel.expert_parallel`: `parallel` set, the module holding this
     rank's experts only) moekit's all-to-all dispatch sends each row to its expert's rank.
     `lora` ({parameter name: (lhs, rhs, scaling)}, every expert's factors: `LoraExperts`)
-    adds the adapters' low-rank terms; under expert parallelism this rank's slice of them."""
+    adds the adapters' low-rank terms; under expert parallelism this rank's experts' (the
+    adapters sharded with the experts, `hf.parallel`, or sliced here from whole ones)."""
 
     def __init__(self, experts: nn.Module) -> None:
         self.experts = experts
@@ -53,9 +54,11 @@ class Experts(PatchedForward):
         if ep is None:
             return _run(self.experts, hidden_states, top_k_index, top_k_weights, lora=lora)
         plan = make_plan(top_k_index, top_k_weights, ep.num_experts)  # global ids
-        if lora:  # the adapters hold all E experts' factors (replicated): this rank's e
-            mine = slice(ep.first_expert, ep.first_expert + ep.num_local)
-            lora = {name: (lhs[mine], rhs[mine], s) for name, (lhs, rhs, s) in lora.items()}
+        mine = slice(ep.first_expert, ep.first_expert + ep.num_local)
+        lora = {  # factors of all E experts (whole adapters): this rank's; else sharded alike
+            name: (lhs[mine], rhs[mine], s) if lhs.shape[0] == ep.num_experts else (lhs, rhs, s)
+            for name, (lhs, rhs, s) in (lora or {}).items()
+        }
         local = _LocalExperts(self.experts, lora)
         return ep.dispatch(hidden_states, plan, local).to(hidden_states.dtype)
 

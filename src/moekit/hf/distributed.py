@@ -10,20 +10,24 @@ torchrun): N ranks, expert-parallel groups of R consecutive ranks (`parallel.tra
       .full_state()                   the model's whole state dict, gathered (rank 0 writes it)
 
 R > 1   every patched block's experts sharded over the EP group (`hf.parallel.expert_parallel`:
-        moekit's all-to-all dispatch) and replicated N/R times; their gradients summed over the
-        replicas and divided by N (`sync_expert_grads`). They are left out of FSDP/DDP.
-R = 1   no expert parallelism: the experts are parameters like the others.
+        moekit's all-to-all dispatch) and replicated N/R times, with the LoRA factors of their
+        adapters (PEFT's ParamWrapper: each rank its experts' factors); their gradients summed
+        over the replicas and divided by N. They are left out of FSDP/DDP.
+R = 1   no expert parallelism: the experts are parameters like the others; the LoRA factors on
+        them (read by the experts' forward, their modules never called: FSDP2 could not gather
+        them) stay whole on each rank, their gradients averaged over the N ranks after the
+        backward (`finish_grads`).
 dense   every other parameter (with R = 1 every parameter) sharded by FSDP2 (`fully_shard`
         per decoder layer, then the root) over all N ranks, or replicated by DDP; averaged
-        gradients. LoRA factors are dense: FSDP2 shards those of layers it calls (attention);
-        the experts' (PEFT's ParamWrapper, read rather than called) stay whole on each rank,
-        their gradients averaged over the N ranks after the backward (`finish_grads`).
+        gradients. LoRA factors of layers FSDP2 calls (attention) are dense parameters.
 
 One process (`Topology.single`): nothing sharded, `step_model` is the model.
 
 Checkpoints: each tensor as a DTensor of its global shape: FSDP2's as they are, an expert shard
 Shard(0) over the EP group and Replicate over the replicas (a [N/R, R] mesh), so DCP writes each
-piece once and reads it back at any N and R (or in one process: plain tensors).
+piece once and reads it back at any N and R (or in one process: plain tensors). An experts'
+LoRA factor is checkpointed with its experts on one dim (`AdapterShard.checkpointed`: lora_B
+[out, r E] as [out r, E]) at every N and R, one process included.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..parallel import training as par
-from .parallel import expert_parallel, sharded_parameters
+from .parallel import adapter_shards, expert_parallel, sharded_parameters
 
 __all__ = ["Sharded", "adapter_factors", "decoder_layers", "training_state"]
 
@@ -100,21 +104,26 @@ class Sharded:
         self.experts: dict[str, tuple[int, int]] = {}  # {name: (first expert, E)} EP shards
         self.replicated: dict[str, nn.Parameter] = {}
         self.step_model = model
+        self.adapters = adapter_shards(model)  # the experts' LoRA factors (checkpoint views)
+        self.sharded: set[str] = set()  # names of the expert and LoRA factor shards
         if not topo.distributed:  # one process: nothing to shard
             return
         if topo.expert_parallel > 1:
             expert_parallel(model, topo.ep_group, data_group=topo.data_group)
             self.experts = sharded_parameters(model)
+            self.adapters = adapter_shards(model)  # each rank its experts' factors
+            self.sharded = set(self.experts) | set(self.adapters)
         params = dict(model.named_parameters())
-        ignored = {params[name] for name in self.experts}
+        ignored = {params[name] for name in self.sharded}
         # PEFT reads these (ParamWrapper's factors), never calls their modules: FSDP2 could not
         # gather them, so they stay whole on every rank, their gradients averaged by us
-        self.replicated = adapter_factors(model) if fsdp else {}
+        factors = adapter_factors(model) if fsdp else {}
+        self.replicated = {n: p for n, p in factors.items() if n not in self.sharded}
         ignored |= set(self.replicated.values())
         device = topo.device.type
         self.data_mesh = _mesh([topo.data_group], device, topo.world_size)
         self.expert_mesh = None
-        if self.experts:
+        if self.sharded:
             groups = [g for g in (topo.replica_group, topo.ep_group) if g is not None]
             self.expert_mesh = _mesh(groups, device, topo.world_size, topo.expert_parallel)
         if fsdp:
@@ -124,14 +133,19 @@ class Sharded:
                 fully_shard(unit, mesh=self.data_mesh, ignored_params=ignored)
             self.step_model = model
         else:
-            self.step_model = _ddp(model, topo, list(self.experts))
+            dense = [n for n, p in params.items() if p.requires_grad and n not in self.sharded]
+            if dense:  # else nothing for DDP to reduce (LoRA on the experts alone)
+                self.step_model = _ddp(model, topo, sorted(self.sharded))
 
     def finish_grads(self) -> None:
-        """The expert shards' gradients summed over their replicas, / N, the replicated adapter
-        factors' averaged over the N ranks (FSDP2 and DDP average the others during the
-        backward)."""
-        if self.experts:
-            par.sync_expert_grads(self.model, self.topo, self.experts)
+        """The expert and LoRA factor shards' gradients summed over their replicas, / N, the
+        replicated adapter factors' averaged over the N ranks (FSDP2 and DDP average the others
+        during the backward)."""
+        if not self.topo.distributed:
+            return
+        params = dict(self.model.named_parameters())
+        shards = [params[n].grad for n in sorted(self.sharded) if params[n].grad is not None]
+        par.average_grads(shards, self.topo.replica_group, self.topo.world_size)
         grads = [p.grad for p in self.replicated.values() if p.grad is not None]
         par.average_grads(grads, self.topo.data_group, self.topo.world_size)
 
@@ -143,8 +157,8 @@ class Sharded:
 
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
         sharded = [g for _, g in named if isinstance(g, DTensor)]
-        experts = [g for n, g in named if n in self.experts]
-        rest = [g for n, g in named if n not in self.experts and not isinstance(g, DTensor)]
+        experts = [g for n, g in named if n in self.sharded]
+        rest = [g for n, g in named if n not in self.sharded and not isinstance(g, DTensor)]
         device = self.topo.device
         total = torch.zeros((), dtype=torch.float32, device=device)
         if rest:
@@ -164,7 +178,7 @@ class Sharded:
         micro-batch of a step (DDP's no_sync, FSDP2's requires_gradient_sync)."""
         import contextlib
 
-        if sync or not self.topo.distributed:
+        if sync or not self.topo.distributed or self.step_model is self.model and not self.fsdp:
             return contextlib.nullcontext()
         if not self.fsdp:
             return self.step_model.no_sync()
@@ -172,15 +186,27 @@ class Sharded:
 
     # --- checkpoints ----------------------------------------------------------------------
     def _global(self, name: str, t: Tensor) -> Tensor:
-        """An expert shard (or its optimizer state) as the DTensor of all E experts."""
+        """An expert or LoRA factor shard (or its optimizer state) as the DTensor of all E
+        experts; an experts' LoRA factor in its checkpoint view (a view: loaded in place)."""
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            return t
+        if name in self.adapters:
+            adapter = self.adapters[name]
+            view = adapter.checkpointed(t)
+            if name not in self.sharded:
+                return view
+            return self._dtensor(view, adapter.dim, adapter.global_shape(t))
+        if name not in self.experts:
+            return t
+        return self._dtensor(t, 0, (self.experts[name][1], *t.shape[1:]))
+
+    def _dtensor(self, t: Tensor, dim: int, shape: tuple[int, ...]) -> Tensor:
+        """This rank's piece `t` of a tensor of `shape` sharded on `dim` over the EP group,
+        replicated over the replicas."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        if name not in self.experts or not isinstance(t, Tensor) or t.dim() == 0:
-            return t
         mesh = self.expert_mesh
-        placements = [Shard(0)] if mesh.ndim == 1 else [Replicate(), Shard(0)]
-        _, num_experts = self.experts[name]
-        shape = (num_experts, *t.shape[1:])
+        placements = [Shard(dim)] if mesh.ndim == 1 else [Replicate(), Shard(dim)]
         stride = _contiguous_strides(shape)
         return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
 
@@ -191,11 +217,18 @@ class Sharded:
         """After `dcp.load` filled `state` (from `state()`) in place: into the optimizer (the
         model's tensors were filled where they live)."""
         optim = dict(state["optimizer"])
+        params = dict(self.model.named_parameters())
         optim["state"] = {
-            n: {k: v.to_local() if n in self.experts and k != "step" else v for k, v in e.items()}
+            n: {k: self._local(n, v, params[n]) if k != "step" else v for k, v in e.items()}
             for n, e in optim["state"].items()
         }
         set_optimizer_state_dict(self.model, optimizer, optim)
+
+    def _local(self, name: str, t: Tensor, param: Tensor) -> Tensor:
+        """`_global`'s inverse for an optimizer state tensor: this rank's, the param's shape."""
+        if name in self.sharded:
+            t = t.to_local()
+        return t.view(param.shape) if name in self.adapters else t
 
     def full_state(self, trainable_only: bool = False) -> dict[str, Tensor] | None:
         """The model's state dict with every tensor whole, on the CPU (a collective: every
@@ -208,11 +241,13 @@ class Sharded:
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
         )
         state = get_model_state_dict(self.model, options=options)
-        for name in self.experts:
+        for name in sorted(self.sharded):
             local = self.model.get_parameter(name)
             if local.requires_grad or not trainable_only:
-                whole = par.gather_experts(local.detach(), self.topo.ep_group)
-                if whole is not None:
+                parts = par.gather_parts(local.detach(), self.topo.ep_group)
+                if parts is not None:
+                    adapter = self.adapters.get(name)
+                    whole = adapter.whole(parts) if adapter else torch.cat(parts)
                     state[name] = whole.cpu()
         return state if self.topo.is_main else {}
 

@@ -3,21 +3,29 @@ every MoE block; moekit's all-to-all dispatch (`moekit.parallel.ExpertParallel`,
 `MoE` layers use) sends each routed row to its expert's rank and back.
 
     expert_parallel(model, group, data_group=None) -> int   blocks sharded
+    sharded_parameters(model) -> {name: (first expert, E)}  the expert shards
+    adapter_shards(model) -> {name: AdapterShard}           PEFT's LoRA factors on experts
 
 Call it on the same full model on every rank (same weights: load or seed alike) after
 `patch_model`; rank r keeps experts r*E/R .. (r+1)*E/R - 1 of each block (a copy: the full
 tensors are released). Routers, shared experts and every other parameter stay replicated:
-average their gradients over the data-parallel ranks as for any data-parallel model. PEFT LoRA
-adapters on the experts (`target_parameters`) stay whole and replicated too (E * r * (in + out)
-numbers a weight): each rank computes the terms of its own experts, so their gradients are zero
-outside its slice and averaging them over the ranks is right.
+average their gradients over the data-parallel ranks as for any data-parallel model.
+
+PEFT LoRA adapters on the experts (`target_parameters`: a `ParamWrapper`'s lora_A [r E, in],
+expert-major, and lora_B [out, r E], expert-minor) are sharded alike: rank r keeps its
+experts' factors, lora_A [r E/R, in] and lora_B [out, r E/R], and the wrapper's `num_experts`
+becomes E/R, so PEFT's `get_delta_factors` gives this rank's experts' factors. Their
+gradients are those of the expert shards: summed over the replicas of a shard, never over the
+EP group.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from ..parallel.comm import process_group
 from ..parallel.expert_parallel import ExpertParallel
@@ -26,7 +34,7 @@ from .experts import QUANT_SPEC
 from .patch import experts_of, holds_experts, is_patched, router_of
 from .stream import LOCAL, SHARD, stacked_names
 
-__all__ = ["expert_parallel", "sharded_parameters"]
+__all__ = ["AdapterShard", "adapter_shards", "expert_parallel", "sharded_parameters"]
 
 
 def _shard(experts: nn.Module, rank: int, local: int, num_experts: int) -> None:
@@ -111,7 +119,96 @@ def expert_parallel(
     for experts, forward, num_experts in plans:
         _shard(experts, rank, num_experts // size, num_experts)
         forward.parallel = ExpertParallel(group, data_group, num_experts)
+    for wrapper, experts in _adapter_wrappers(model):
+        forward = experts.__dict__["forward"]
+        if forward.parallel is not None:
+            _shard_adapter(wrapper, forward.parallel.first_expert, forward.parallel.num_local)
     return len(plans)
+
+
+def _adapter_wrappers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(PEFT ParamWrapper, the experts module it wraps) of every LoRA on stacked experts."""
+    found = []
+    for module in model.modules():
+        if type(module).__name__ != "ParamWrapper" or getattr(module, "num_experts", 1) <= 1:
+            continue
+        inner = module
+        while isinstance(getattr(inner, "base_layer", None), nn.Module):
+            inner = inner.base_layer
+        if isinstance(inner.__dict__.get("forward"), Experts):
+            found.append((module, inner))
+    return found
+
+
+def _shard_adapter(wrapper: nn.Module, first: int, local: int) -> None:
+    """Keep the factors of experts first .. first+local-1 of each of the wrapper's adapters
+    (an adapter added after sharding was sized by PEFT for the local experts already)."""
+    num_experts = wrapper.num_experts
+    if local == num_experts:
+        return
+    for name, lora_a in wrapper.lora_A.items():
+        a = lora_a.weight  # [r E, in], expert-major
+        rank = a.shape[0] // num_experts
+        rows = a.detach()[first * rank : (first + local) * rank].clone()
+        lora_a.weight = nn.Parameter(rows, requires_grad=a.requires_grad)
+        b = wrapper.lora_B[name].weight  # [out, r E], expert-minor
+        cols = b.detach().view(b.shape[0], rank, num_experts)[:, :, first : first + local]
+        wrapper.lora_B[name].weight = nn.Parameter(
+            cols.reshape(b.shape[0], rank * local).clone(), requires_grad=b.requires_grad
+        )
+    wrapper.num_experts = local
+
+
+class AdapterShard(NamedTuple):
+    """A LoRA factor of stacked experts: lora_A [r e, in] (expert-major) or lora_B [out, r e]
+    (expert-minor), holding experts first .. first+e-1 of E."""
+
+    kind: str  # "A" | "B"
+    rank: int  # r
+    first: int
+    num_experts: int  # E
+
+    def checkpointed(self, t: Tensor) -> Tensor:
+        """A view of the factor (or its optimizer state) with the experts on one dim, the
+        same at any EP size: lora_A as it is ([r e, in], dim 0), lora_B [out r, e] (dim 1)."""
+        return t if self.kind == "A" else t.view(-1, t.shape[1] // self.rank)
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.kind == "A" else 1
+
+    def global_shape(self, t: Tensor) -> tuple[int, ...]:
+        """The checkpointed view's shape over all E experts."""
+        view = self.checkpointed(t)
+        if self.kind == "A":
+            return (self.rank * self.num_experts, view.shape[1])
+        return (view.shape[0], self.num_experts)
+
+    def whole(self, parts: list[Tensor]) -> Tensor:
+        """Every rank's factor (in rank order) as one factor of all E experts, PEFT's layout."""
+        if self.kind == "A":
+            return torch.cat(parts)
+        out = parts[0].shape[0]
+        cols = [p.view(out, self.rank, -1) for p in parts]
+        return torch.cat(cols, dim=2).reshape(out, self.rank * self.num_experts)
+
+
+def adapter_shards(model: nn.Module) -> dict[str, AdapterShard]:
+    """{parameter name: AdapterShard} of every PEFT LoRA factor on stacked experts, sharded
+    or not (one process: first expert 0, all E)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    found = {}
+    for wrapper, experts in _adapter_wrappers(model):
+        ep = experts.__dict__["forward"].parallel
+        first, num_experts = (
+            (0, wrapper.num_experts) if ep is None else (ep.first_expert, ep.num_experts)
+        )
+        for adapter, lora_a in wrapper.lora_A.items():
+            a, b = lora_a.weight, wrapper.lora_B[adapter].weight
+            rank = a.shape[0] // wrapper.num_experts
+            found[names[id(a)]] = AdapterShard("A", rank, first, num_experts)
+            found[names[id(b)]] = AdapterShard("B", rank, first, num_experts)
+    return found
 
 
 def sharded_parameters(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -63,6 +63,7 @@ LOCAL = "_moekit_local"  # {name: this rank's rows [n, a, b]} behind a stand-in 
 SHARD = "_moekit_shard"  # (first expert, count, E): the experts a module's rows are
 DIGESTS = "_moekit_digests"  # {name: [sha256 of each local expert's rows as read]}
 _QUANT_CHUNK = 4  # experts read and quantised at a time
+_MAPPED_BYTES = 64 << 20  # read from the files between two closes (`CheckpointMap.opened`)
 
 
 def digest(rows: Tensor) -> str:
@@ -102,32 +103,51 @@ class CheckpointMap:
     per_expert: dict[str, _PerExpert]  # {model tensor name: its per-expert keys}
     # {model tensor name: (blocks key, scales key)}: experts stored in MXFP4 (gpt-oss)
     mxfp4: dict[str, tuple[str, str]] = field(default_factory=dict)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, object] | None = field(default=None, repr=False)
+    _mapped: int = field(default=0, repr=False)  # bytes read since the files were opened
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[CheckpointMap]:
-        """The files held open while reading (each header parsed once)."""
+        """The files held open while reading (each header parsed once).
+
+        safetensors maps a file into memory and returns views of the mapping: the pages read
+        stay in the process's resident memory while the file is open. Held open, the files
+        are closed and opened again after every `_MAPPED_BYTES` read, so those pages never
+        add up to the checkpoint (the reader copies what it keeps)."""
+        self._handles = {}
+        try:
+            yield self
+        finally:
+            self._release()
+            self._handles = None
+
+    def _release(self) -> None:
+        for handle in (self._handles or {}).values():
+            handle.__exit__(None, None, None)
+        if self._handles:
+            self._handles.clear()
+        self._mapped = 0
+
+    def _read(self, key: str, part=None) -> Tensor:
+        """The tensor under `key` (`part`: its index along dim 0), a view of the mapping."""
         from safetensors import safe_open
 
-        with contextlib.ExitStack() as stack:
-            for path in sorted(set(self.files.values())):
-                self._handles[path] = stack.enter_context(safe_open(str(path), "pt"))
-            try:
-                yield self
-            finally:
-                self._handles.clear()
-
-    def _file(self, key: str):
         path = self.files[key]
-        if path in self._handles:
-            return contextlib.nullcontext(self._handles[path])
-        from safetensors import safe_open
-
-        return safe_open(str(path), "pt")
+        if self._handles is None:  # not `opened`: open for this read
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(key) if part is None else f.get_slice(key)[part]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), "pt").__enter__()
+        f = self._handles[path]
+        t = f.get_tensor(key) if part is None else f.get_slice(key)[part]
+        self._mapped += t.nbytes
+        if self._mapped > _MAPPED_BYTES:
+            self._release()
+        return t
 
     def tensor(self, key: str) -> Tensor:
-        with self._file(key) as f:
-            return f.get_tensor(key)
+        """The tensor under `key`, a copy (no view of the file's mapping)."""
+        return self._read(key).clone()
 
     def where(self, name: str) -> str:
         """The file a model tensor is read from (for messages)."""
@@ -143,17 +163,16 @@ class CheckpointMap:
         if name in self.per_expert:
             return len(self.per_expert[name].experts)
         key = self.mxfp4[name][0] if name in self.mxfp4 else self.dense[name]
-        with self._file(key) as f:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
             return f.get_slice(key).get_shape()[0]
 
     def mxfp4_expert(self, name: str, e: int) -> tuple[Tensor, Tensor]:
         """Expert e's MXFP4 codes [d_out, d_in / 2] and exponents [d_out, d_in / 32]."""
         blocks, scales = self.mxfp4[name]
-        with self._file(blocks) as f:
-            codes = f.get_slice(blocks)[e]  # [d_out, d_in / 32, 16]
-        with self._file(scales) as f:
-            exponents = f.get_slice(scales)[e]
-        return codes.reshape(codes.shape[0], -1), exponents
+        codes = self._read(blocks, e)  # [d_out, d_in / 32, 16]
+        return codes.reshape(codes.shape[0], -1), self._read(scales, e)
 
     def rows(self, name: str, e: int) -> Tensor:
         """Expert e's rows of the stacked tensor `name` in the model's layout, as stored (MXFP4:
@@ -162,9 +181,8 @@ class CheckpointMap:
             return torch.cat([t.reshape(-1) for t in self.mxfp4_expert(name, e)])
         key = self.dense.get(name)
         if key is not None:
-            with self._file(key) as f:
-                return f.get_slice(key)[e]
-        parts = [self.tensor(t.format(e=e)) for t in self.per_expert[name].templates]
+            return self._read(key, e)
+        parts = [self._read(t.format(e=e)) for t in self.per_expert[name].templates]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

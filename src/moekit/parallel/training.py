@@ -222,13 +222,20 @@ def grad_norm(model: nn.Module, topo: Topology) -> Tensor:
 def gather_experts(t: Tensor, group: ProcessGroup) -> Tensor | None:
     """An expert shard [e, ...] -> every expert [E, ...] on the group's first rank (None on the
     others: only the writer holds the whole)."""
+    parts = gather_parts(t, group)
+    return None if parts is None else torch.cat(parts)  # [E, ...] in expert order
+
+
+def gather_parts(t: Tensor, group: ProcessGroup) -> list[Tensor] | None:
+    """Every rank's `t` (alike in shape), in rank order, on the group's first rank; None on
+    the others."""
     first = dist.get_global_rank(group, 0)
     if dist.get_rank() != first:
         dist.gather(t.contiguous(), None, dst=first, group=group)
         return None
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.gather(t.contiguous(), parts, dst=first, group=group)
-    return torch.cat(parts)  # [E, ...] in expert order
+    return parts
 
 
 def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, Tensor]:
