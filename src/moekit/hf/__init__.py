@@ -9,6 +9,9 @@
     moe_families / tiny_model         the installed transformers' MoE families, tiny models
     lora_path_calls(model)            how many grouped passes computed PEFT LoRA on the
                                       experts in moekit (backend or patch), per model
+    record_routing / replay_routing   each token's experts recorded in a rollout, replayed in
+                                      the training forward (`replay`: RL's routing replay)
+    routing_overlap(a, b, batch)      how much of two models' routing agrees, per layer
 
 `import moekit` never imports transformers; `import moekit.hf` does where it is installed (to
 register the backend).
@@ -24,6 +27,14 @@ from .convert import moe_from_hf, moe_to_hf
 from .families import RULES, SKIPPED, FamilyRule
 from .patch import is_patched, patch_model, unpatch_model
 from .quantize import quantize_experts
+from .replay import (
+    from_sglang,
+    from_vllm,
+    record_routing,
+    replay_routing,
+    router_mismatch,
+    routing_overlap,
+)
 
 __all__ = [
     "RULES",
@@ -37,7 +48,13 @@ __all__ = [
     "moe_from_hf",
     "moe_to_hf",
     "patch_model",
+    "from_sglang",
+    "from_vllm",
     "quantize_experts",
+    "record_routing",
+    "replay_routing",
+    "router_mismatch",
+    "routing_overlap",
     "tiny_config",
     "tiny_model",
     "unpatch_model",

@@ -232,9 +232,19 @@ class DbrxBlock(PatchedForward):
         mlp = _own_experts(block).mlp
         shape = hidden_states.shape
         logits = block.router(hidden_states)  # [N, E] fp32
-        weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]
-        stats = block.router.__dict__.get("forward")
-        if getattr(stats, "counts", None) is not None:
+        stats = block.router.__dict__.get("forward")  # the patched router
+        replay = stats.replayed(logits.shape[0])  # [N, k] (`hf.replay`) or None
+        if replay is None:
+            weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]
+        else:
+            probs = torch.softmax(logits, dim=-1)  # [N, E]
+            indices = replay.to(logits.device)
+            live = indices < 0
+            if live.any():
+                indices = torch.where(live, probs.topk(block.top_k, dim=-1).indices, indices)
+            weights = probs.gather(-1, indices)
+        stats.record(indices)
+        if stats.counts is not None:
             stats._count_ids(indices, logits)
         p = block.moe_normalize_expert_weights
         if p is not None:

@@ -1,15 +1,19 @@
 """A transformers router's forward on moekit's routing, as its family rule describes it.
 
-    route(router, rule, x, *args, input_ids=None) -> (logits [N, E], weights [N, k], indices [N, k])
+    route(router, rule, x, *args, input_ids=None, replay=None) -> (logits [N, E],
+                              weights [N, k], indices [N, k])
     Router(router, rule)      the router's patched forward: `route`, returned in the shape the
-                              family's block expects
+                              family's block expects; routes replayed and recorded (`hf.replay`)
 
 Logits, scores and weights in float32 or wider (`moekit.routing.router_dtype`), outside
 autocast; the choice under no_grad (moekit's `group_limited_top_k`), the weights the gathered
-scores, so the router's gradient is transformers'.
+scores, so the router's gradient is transformers'. A replay gives the choice instead (ids < 0:
+the router's own for that token); the weights are still gathered from the live scores.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +71,11 @@ def route(
     hidden_states: Tensor,
     *args: Tensor,
     input_ids: Tensor | None = None,
+    replay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The routing of `rule` for tokens [..., d]: (logits [N, E], weights [N, k], indices
-    [N, k]), logits and weights in the router dtype."""
+    [N, k]), logits and weights in the router dtype. `replay` [N, k]: the experts to route
+    by (a token's row of -1: its own choice)."""
     weight = attribute(router, rule.weight)  # [E, d]
     x = hidden_states.reshape(-1, weight.shape[-1])  # [N, d]
     dtype = router_dtype(x.dtype)
@@ -89,7 +95,14 @@ def route(
         if cap > 0:
             logits = torch.tanh(logits / cap) * cap
         scores = _scores(router, rule, logits)  # [N, E]
-        indices = _choice(router, rule, logits, scores, top_k, args, input_ids)  # [N, k]
+        if replay is None:
+            indices = _choice(router, rule, logits, scores, top_k, args, input_ids)  # [N, k]
+        else:
+            indices = replay.to(logits.device)
+            live = indices < 0
+            if live.any():
+                own = _choice(router, rule, logits, scores, top_k, args, input_ids)
+                indices = torch.where(live, own, indices)
         weights = scores.gather(-1, indices)  # [N, k]
         if flag(router, rule.normalize):
             total = weights.sum(-1, keepdim=True)
@@ -147,11 +160,39 @@ class Router(PatchedForward):
         self.counts: Tensor | None = None  # [E] tokens routed to each expert, once set
         # [N] bool, set by a trainer around a forward: the real tokens (padding not counted)
         self.valid: Tensor | None = None
+        self.replay: Tensor | None = None  # [N, k] ids to route by (`hf.replay`)
+        self.recorded: list[Tensor] | None = None  # each call's [N, k] ids, while recording
+        self.pending: deque[Tensor] = deque()  # replayed ids a recomputation will route by
+
+    def replayed(self, rows: int) -> Tensor | None:
+        """[rows, k] ids this call routes by: the replay's, or inside a backward (activation
+        recomputation) the ids the forward it recomputes was routed by; None: its own."""
+        if torch._C._current_graph_task_id() != -1:  # a recomputation in a backward
+            return self.pending.popleft() if self.pending else self.replay
+        if self.replay is None:
+            self.pending.clear()  # a forward of its own: a replay's leftovers are stale
+            return None
+        if self.replay.shape[0] != rows:
+            raise ValueError(
+                f"replay_routing: the routes hold {self.replay.shape[0]} tokens, "
+                f"{type(self.router).__name__} routes {rows} (the batch the routes were "
+                "recorded for, [B, T, L, k])"
+            )
+        if torch.is_grad_enabled():
+            self.pending.append(self.replay)
+        return self.replay
+
+    def record(self, indices: Tensor) -> None:
+        """Keep this call's [N, k] ids while recording (not a recomputation's)."""
+        if self.recorded is not None and torch._C._current_graph_task_id() == -1:
+            self.recorded.append(indices.detach())
 
     def __call__(self, hidden_states: Tensor, *args: Tensor):
         router, rule = self.router, self.rule
         if rule.block == "switch":
-            mask, probs, logits = _switch(router, rule, hidden_states)
+            replay = self.replayed(hidden_states.numel() // hidden_states.shape[-1])
+            mask, probs, logits, indices = _switch(router, rule, hidden_states, replay)
+            self.record(indices)  # [N, 1] the choice, dropped tokens' too
             if self.counts is not None:
                 flat = mask.reshape(-1, mask.shape[-1])  # [N, E]
                 self._count((flat if self.valid is None else flat[self.valid]).sum(0))
@@ -160,7 +201,11 @@ class Router(PatchedForward):
             return _jittered_logits(router, rule, hidden_states, "moe_jitter_eps")
         input_ids = args[0] if rule.hash is not None and args else None
         extra = args if rule.choice_bias == "arg" else ()
-        logits, weights, indices = route(router, rule, hidden_states, *extra, input_ids=input_ids)
+        replay = self.replayed(hidden_states.numel() // hidden_states.shape[-1])
+        logits, weights, indices = route(
+            router, rule, hidden_states, *extra, input_ids=input_ids, replay=replay
+        )
+        self.record(indices)
         if self.counts is not None:
             self._count_ids(indices, logits)
         if rule.block == "llama4":  # (scores [N, E]: the k weights, 0 elsewhere; logits)
@@ -199,17 +244,21 @@ def _jittered_logits(router: nn.Module, rule: FamilyRule, hidden_states: Tensor,
 
 
 def _switch(
-    router: nn.Module, rule: FamilyRule, hidden_states: Tensor
+    router: nn.Module, rule: FamilyRule, hidden_states: Tensor, replay: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Switch Transformers' top-1 routing (moekit's `SwitchRouter`: the chosen expert's softmax
     probability) with its capacity: in each sequence an expert takes its first
     `expert_capacity` tokens by position, the rest are dropped (the residual carries them).
-    Returns transformers' (dispatch mask [..., E] one-hot, probs [..., 1], logits [..., E])."""
+    Returns transformers' (dispatch mask [..., E] one-hot, probs [..., 1], logits [..., E]) and
+    the chosen experts [N, 1]."""
     flat = _jittered_logits(router, rule, hidden_states, "jitter_noise")  # [N, E]
     logits = flat.reshape(*hidden_states.shape[:-1], -1)  # [B, S, E]
     weights, indices = softmax_top_k(flat, 1, normalize=False)  # [N, 1]
+    if replay is not None:  # the replayed expert (a row of -1: its own), its live probability
+        indices = torch.where(replay < 0, indices, replay.to(indices.device))
+        weights = F.softmax(flat, dim=-1).gather(-1, indices)
     mask = F.one_hot(indices[:, 0], logits.shape[-1]).reshape(logits.shape)  # [B, S, E]
     position = torch.cumsum(mask, dim=-2)  # [B, S, E] 1-based within each sequence
     mask = mask * (position <= router.expert_capacity)
     probs = weights.reshape(*logits.shape[:-1], 1).to(hidden_states.dtype)
-    return mask, probs, logits
+    return mask, probs, logits, indices
