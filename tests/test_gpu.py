@@ -261,3 +261,18 @@ def test_quantised_experts_dequantise_on_cuda_as_on_cpu(scheme):
     want = quant_grouped_linear(rows, q, offsets)
     got = quant_grouped_linear(rows.cuda(), q.to("cuda"), offsets.cuda())
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_experts_dequantise_on_cuda_as_on_cpu():
+    """gpt-oss's MXFP4 experts as stored: the Triton kernel on CUDA equals the CPU's torch."""
+    from moekit.quant import QuantizedExperts, quant_grouped_linear
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (4, 96, 32), generator=generator).to(torch.uint8)
+    scales = torch.randint(110, 130, (4, 96, 2), generator=generator).to(torch.uint8)
+    q = QuantizedExperts("mxfp4", blocks, scales, (4, 64, 96), torch.float32)
+    rows = torch.randn(20, 64, generator=generator)
+    offsets = torch.tensor([5, 5, 12, 20], dtype=torch.int32)
+    want = quant_grouped_linear(rows, q, offsets)
+    got = quant_grouped_linear(rows.cuda(), q.to("cuda"), offsets.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)

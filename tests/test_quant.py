@@ -316,3 +316,29 @@ def test_triton_dequantisation_equals_torch(scheme, shape):
             got = kernels.dequantize_nf4(q.data[e], q.scales[e], NF4_LEVELS, n, torch.float32)
             got = got.view(shape[1], shape[2])
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 8), (3, 64, 5), (1, 96, 33)])  # (E, d_in, d_out)
+def test_triton_mxfp4_dequantisation_equals_torch(shape):
+    """gpt-oss's MXFP4 experts as stored (random codes, exponents over the whole range a
+    checkpoint uses): the Triton kernel writes each expert's [d_in, d_out] weight exactly as
+    the torch path does, in float32 and bfloat16."""
+    import importlib
+    import os
+
+    from moekit.quant import FP4_VALUES, _mxfp4_expert
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 not set (a CUDA machine: tests/test_gpu.py runs them)")
+    kernels = importlib.import_module("moekit.ops.triton_dequant")
+    experts, d_in, d_out = shape
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (experts, d_out, d_in // 2), generator=g).to(torch.uint8)
+    scales = torch.randint(100, 140, (experts, d_out, d_in // 32), generator=g).to(torch.uint8)
+    for e in range(experts):
+        for dtype in (torch.float32, torch.bfloat16):
+            want = _mxfp4_expert(blocks[e], scales[e], dtype)
+            got = kernels.dequantize_mxfp4(blocks[e], scales[e], FP4_VALUES, dtype)
+            assert got.shape == (d_in, d_out)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 import load_workers  # noqa: E402
 from moekit.hf.catalog import TinyModelError, dummy_inputs, moe_families, tiny_model  # noqa: E402
@@ -242,3 +242,19 @@ def test_gpt_oss_mxfp4_loads_as_stored(tmp_path):
         ValueError, match="experts are stored in mxfp4; fine-tune them with --lora-rank"
     ):
         FinetuneJob(FinetuneConfig(out=str(tmp_path / "full"), **base))
+    # --merge: the adapter merged into the dequantised base, a plain full-precision model
+    merged_job = FinetuneJob(
+        FinetuneConfig(out=str(tmp_path / "merge"), lora_rank=2, merge=True, **base)
+    )
+    Loop(merged_job).run()
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merge" / "merged")
+        want = PeftModel.from_pretrained(model, str(tmp_path / "merge" / "final"))
+        want = want.merge_and_unload()
+    assert "quantization_config" not in merged.config.to_dict()
+    merged.set_experts_implementation("eager")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, want(**inputs).logits)

@@ -142,9 +142,12 @@ class QuantizedExperts:
         """Expert e's weight [d_in, d_out], dequantised to `dtype` (default: the original)."""
         _, d_in, d_out = self.shape
         dtype = dtype or self.dtype
-        if self.scheme == "mxfp4":
-            return _mxfp4_expert(self.data[e], self.scales[e], dtype)
         kernels = _kernels(self.data.device)
+        if self.scheme == "mxfp4":
+            if kernels is not None:
+                values = FP4_VALUES.to(self.data.device)
+                return kernels.dequantize_mxfp4(self.data[e], self.scales[e], values, dtype)
+            return _mxfp4_expert(self.data[e], self.scales[e], dtype)
         if kernels is not None:  # CUDA: a Triton kernel writes the expert's values
             if self.scheme == "int8":
                 return kernels.dequantize_int8(self.data[e], self.scales[e], dtype)

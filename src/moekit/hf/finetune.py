@@ -416,7 +416,8 @@ class FinetuneJob:
         of this run's sharded model needed), with the tokenizer."""
         from peft import PeftModel
 
-        base = load_model(Path(self.cfg.model), getattr(torch, self.cfg.dtype))
+        # a base the checkpoint stores quantised (MXFP4) dequantised: merged, a plain model
+        base = load_model(Path(self.cfg.model), getattr(torch, self.cfg.dtype), dequantize=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             merged = PeftModel.from_pretrained(base, str(final)).merge_and_unload()

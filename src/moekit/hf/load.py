@@ -230,7 +230,7 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
 
 
-def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard):
+def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard, dequantize: bool):
     """`hf.stream.stream_model`, its errors in load_model's words."""
     from .stream import stream_model
 
@@ -239,7 +239,7 @@ def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard):
     if damaged is not None:
         raise ValueError(f"--model {model_dir}: {damaged}; save or download the model again")
     try:
-        return stream_model(model_dir, config, dtype, quantize, shard)
+        return stream_model(model_dir, config, dtype, quantize, shard, dequantize)
     except (OSError, RuntimeError) as error:
         first = _first_line(error)
         if type(error).__name__ == "SafetensorError" or "deserializ" in first:
@@ -253,6 +253,7 @@ def load_model(
     quantize: str | None = None,
     report=None,
     shard: tuple[int, int] | None = None,
+    dequantize: bool = False,
 ) -> nn.Module:
     """A saved transformers causal LM, its experts on moekit's backend where its family is
     on the ExpertsInterface, then patched; logs what runs where.
@@ -262,12 +263,13 @@ def load_model(
     experts only. A hub id, or a checkpoint `hf.stream` does not map, loads with
     transformers: `quantize` then stores each stacked tensor as it arrives (`_quantizing`,
     checked against the files into `report`, a `hf.verify.VerifyReport`), and `shard` is
-    left to `expert_parallel`."""
+    left to `expert_parallel`. `dequantize`: experts the checkpoint stores quantised (gpt-oss's
+    MXFP4) as plain weights in `dtype` (a base to merge an adapter into)."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
     model = None
     if local:
-        model, why = _streamed(model_dir, dtype, quantize, shard)
+        model, why = _streamed(model_dir, dtype, quantize, shard, dequantize)
         if model is None:
             log.warning("%s: read with transformers' loader (%s)", model_dir, why)
     if model is None:

@@ -382,12 +382,28 @@ def _fill_mxfp4(
     experts._parameters[name] = _stand_in(full.shape, full.dtype, False)
 
 
+def _dequantized_mxfp4(
+    experts: nn.Module, name: str, full_name: str, cmap: CheckpointMap, shard: tuple[int, int]
+) -> Tensor:
+    """The rows of a stacked weight stored in MXFP4, dequantised an expert at a time into
+    the parameter's layout and dtype."""
+    from ..quant import _mxfp4_expert
+
+    layout, full = layout_of(experts), experts._parameters[name]
+    rows = torch.empty((shard[1], *full.shape[1:]), dtype=full.dtype)
+    for i, e in enumerate(range(shard[0], shard[0] + shard[1])):
+        weight = _mxfp4_expert(*cmap.mxfp4_expert(full_name, e), full.dtype)  # [d_in, d_out]
+        rows[i] = weight if layout.is_transposed else weight.T
+    return rows
+
+
 def _fill_experts(
     experts: nn.Module,
     prefix: str,
     cmap: CheckpointMap,
     quantize: str | None,
     shard: tuple[int, int] | None,
+    dequantize: bool = False,
 ) -> None:
     """Each stacked tensor of an experts module, read one expert (a few) at a time."""
     layout = layout_of(experts)
@@ -402,7 +418,7 @@ def _fill_experts(
 
         experts.__dict__.setdefault(DIGESTS, {})[name] = hashes
         experts.__dict__[SHARD] = (first, count, num_experts)
-        if f"{prefix}{name}" in cmap.mxfp4:
+        if f"{prefix}{name}" in cmap.mxfp4 and not dequantize:
             _fill_mxfp4(experts, name, f"{prefix}{name}", cmap, (first, count), hashes)
             continue
         if quantize is not None and name in (layout.up_name, "down_proj"):
@@ -418,9 +434,13 @@ def _fill_experts(
             experts.__dict__.setdefault(QUANT_SPEC, {})[name] = (quantize, shape, dtype)
             experts._parameters[name] = _stand_in(full.shape, dtype, False)
             continue
-        rows = torch.empty((count, *full.shape[1:]), dtype=dtype)
-        for i, e in enumerate(range(first, first + count)):
-            rows[i] = read(e)
+        if f"{prefix}{name}" in cmap.mxfp4:  # dequantised: a plain weight
+            rows = _dequantized_mxfp4(experts, name, f"{prefix}{name}", cmap, (first, count))
+            experts.__dict__[DIGESTS].pop(name)  # nothing as stored to compare it with
+        else:
+            rows = torch.empty((count, *full.shape[1:]), dtype=dtype)
+            for i, e in enumerate(range(first, first + count)):
+                rows[i] = read(e)
         if count == num_experts:
             experts._parameters[name] = nn.Parameter(rows, requires_grad=full.requires_grad)
         else:  # this rank's rows behind a stand-in of the stack; `expert_parallel` installs
@@ -434,6 +454,7 @@ def stream_model(
     dtype: torch.dtype,
     quantize: str | None = None,
     shard: tuple[int, int] | None = None,
+    dequantize: bool = False,
 ) -> tuple[nn.Module | None, str | None]:
     """The causal LM of `model_dir` read tensor by tensor (module docstring); (None, why)
     where its checkpoint is not mapped (`checkpoint_map`).
@@ -443,6 +464,8 @@ def stream_model(
             are read (`hf.quantize`'s buffers), the parameters stand-ins.
         shard: (rank, ranks) of an expert-parallel group: rank's E / ranks experts of every
             MoE block only.
+        dequantize: experts the checkpoint stores in MXFP4 dequantised into plain weights
+            (an expert at a time; the config then says nothing of quantisation), not kept so.
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(
@@ -461,7 +484,7 @@ def stream_model(
                 if shard is not None:
                     size = module.down_proj.shape[0] // shard[1]
                     local = (shard[0] * size, size)
-                _fill_experts(module, prefix, cmap, quantize, local)
+                _fill_experts(module, prefix, cmap, quantize, local, dequantize)
             for name, param in list(module._parameters.items()):
                 if param is None or not param.is_meta:
                     continue
@@ -474,7 +497,10 @@ def stream_model(
                 key = cmap.dense.get(f"{prefix}{name}")
                 if buffer is not None and key is not None:
                     module._buffers[name] = cmap.tensor(key).to(buffer.dtype)
-    if cmap.mxfp4:
+    if cmap.mxfp4 and dequantize:
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    elif cmap.mxfp4:
         log.warning(
             "%d expert weights read as stored in MXFP4 (kept so, dequantised an expert at a "
             "time); the other weights in %s",

@@ -2,10 +2,14 @@
 
     dequantize_nf4(data [n_pad / 2] uint8, absmax [n_pad / 64], levels [16], n, dtype) -> [n]
     dequantize_int8(data [d_in, d_out] int8, scales [d_out], dtype) -> [d_in, d_out]
+    dequantize_mxfp4(blocks [d_out, d_in / 2] uint8, scales [d_out, d_in / 32] uint8,
+                     values [16], dtype) -> [d_in, d_out]
 
 Each program writes BLOCK values: NF4 reads a value's byte (the first of a pair in the high
 nibble), looks its level up and scales it by its block's absmax; int8 scales each value by its
-column's scale. Float32 arithmetic, the output in the compute dtype. Runs on CPU tensors under
+column's scale; MXFP4 (gpt-oss as stored: [d_out, d_in] codes, the first of a pair in the low
+nibble, one power-of-two exponent a 32 values, biased by 127) writes the transposed weight
+[d_in, d_out]. Float32 arithmetic, the output in the compute dtype. Runs on CPU tensors under
 `TRITON_INTERPRET=1` (how CI tests it).
 """
 
@@ -39,6 +43,19 @@ def _int8_kernel(data_ptr, scales_ptr, out_ptr, n, width, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, (value * scale).to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _mxfp4_kernel(blocks_ptr, scales_ptr, values_ptr, out_ptr, n, d_in, d_out, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # over [d_in, d_out]
+    ok = offs < n
+    i, j = offs // d_out, offs % d_out  # the stored weight's [j, i]
+    byte = tl.load(blocks_ptr + j * (d_in // 2) + i // 2, mask=ok, other=0).to(tl.int32)
+    code = tl.where(i % 2 == 0, byte & 15, byte >> 4)
+    value = tl.load(values_ptr + code, mask=ok, other=0.0)
+    exponent = tl.load(scales_ptr + j * (d_in // 32) + i // 32, mask=ok, other=127)
+    scale = tl.exp2((exponent.to(tl.int32) - 127).to(tl.float32))
+    tl.store(out_ptr + offs, (value * scale).to(out_ptr.dtype.element_ty), mask=ok)
+
+
 def dequantize_nf4(
     data: Tensor, absmax: Tensor, levels: Tensor, n: int, dtype: torch.dtype
 ) -> Tensor:
@@ -63,6 +80,26 @@ def dequantize_int8(data: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
             out,
             out.numel(),
             data.shape[1],
+            BLOCK=_BLOCK,
+        )
+    return out
+
+
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor, values: Tensor, dtype: torch.dtype) -> Tensor:
+    """One expert's MXFP4 codes [d_out, d_in / 2] and exponents [d_out, d_in / 32] (uint8),
+    with the 16 FP4 `values`, as its weight [d_in, d_out] in `dtype`."""
+    d_out, d_in = blocks.shape[0], blocks.shape[1] * 2
+    out = torch.empty(d_in, d_out, dtype=dtype, device=blocks.device)
+    if out.numel():
+        grid = (triton.cdiv(out.numel(), _BLOCK),)
+        _mxfp4_kernel[grid](
+            blocks.contiguous(),
+            scales.contiguous(),
+            values.float().contiguous(),
+            out,
+            out.numel(),
+            d_in,
+            d_out,
             BLOCK=_BLOCK,
         )
     return out
