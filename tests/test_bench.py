@@ -306,4 +306,4 @@ def test_quant_memory_table_runs_a_process_per_scheme():
     assert [(r.scheme, r.ranks) for r in results] == [(s, n) for n in (1, 2) for s in SCHEMES]
     assert all(r.peak_rss_mb > 0 and r.peak_anon_mb > 0 and r.step_s > 0 for r in results)
     table = format_quant_memory_table(results)
-    assert "nf4" in table and "peak anon MB" in table
+    assert "nf4" in table and "peak anon MB" in table and "x 1 proc" in table

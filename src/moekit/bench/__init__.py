@@ -300,9 +300,10 @@ def _quant_table(echo=print) -> list:
 
     echo(
         "quantised experts: LoRA r=8 fine-tuning of a Qwen3-MoE (6 layers, 64 experts of "
-        "d=512 h=1024, top-4; experts 99.4% of its 608M weights, 2.3 GB in float32), three "
-        "AdamW steps on chat records, a process per case; peak RSS counts the checkpoint's "
-        "mapped file pages, peak anon the process's own allocations"
+        "d=512 h=2048, top-4; experts 99.4% of its 1.21B weights, 4.9 GB in float32), three "
+        "AdamW steps on chat records, a process per case (EP 2: torchrun, the larger rank); "
+        "peak RSS the whole process (VmHWM), peak anon its own allocations; x float32: of the "
+        "float32 process, x 1 proc: of the same scheme's one process"
     )
     results = bench_quant_memory()
     echo(format_quant_memory_table(results))
