@@ -180,6 +180,45 @@ def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, (exponent + 127).to(torch.uint8)
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fsdp2_ranks_read_only_their_rows_of_the_dense_weights(models, monkeypatch, ranks):
+    """`dense_shard`: each rank reads only the rows FSDP2 keeps of every weight outside the
+    experts (chunks of ceil(n / ranks) of dim 0, as `fully_shard` cuts them), and those rows
+    equal the full load's; the experts are read whole (or as their EP shard)."""
+    from moekit.hf import stream
+
+    model_dir = models["qwen3_moe"]
+    want = dict(load_model(model_dir, torch.float32).named_parameters())
+    for rank in range(ranks):
+        reads = []
+        read = stream.CheckpointMap._read
+
+        def spy(self, key, part=None, reads=reads, read=read):
+            reads.append((key, part))
+            return read(self, key, part)
+
+        monkeypatch.setattr(stream.CheckpointMap, "_read", spy)
+        got, _ = stream_model(
+            model_dir, load_config(model_dir), torch.float32, dense_shard=(rank, ranks)
+        )
+        monkeypatch.undo()
+        dense = {n: p for n, p in got.named_parameters() if ".experts." not in n}
+        assert dense and any(p.dim() == 2 for p in dense.values())
+        for name, param in dense.items():
+            if param.dim() == 0:
+                continue
+            rows = -(-param.shape[0] // ranks)
+            first, last = min(rank * rows, param.shape[0]), min((rank + 1) * rows, param.shape[0])
+            assert torch.equal(param[first:last], want[name][first:last]), name
+        params = dict(got.named_parameters())
+        whole = [k for k, part in reads if part is None and k in params and params[k].dim()]
+        assert not whole, whole  # no dense weight read whole
+        sliced = {key: part for key, part in reads if isinstance(part, slice)}
+        assert sliced.keys() == {n for n, p in dense.items() if p.dim()}
+        for key, part in sliced.items():
+            assert part.stop - part.start <= -(-params[key].shape[0] // ranks), key
+
+
 def test_gpt_oss_mxfp4_loads_as_stored(tmp_path):
     """A gpt-oss checkpoint whose experts are MXFP4 in transformers' layout (`*_blocks`,
     `*_scales`, built here): the codes and exponents are held as stored (the stack never

@@ -111,9 +111,16 @@ class FinetuneJob:
         topo = self.topo
         ep = topo.expert_parallel
         shard = (topo.rank % ep, ep) if topo.distributed and ep > 1 else None
+        # FSDP2 over all N ranks: each reads only the rows of the dense weights it keeps
+        dense = (topo.rank, topo.world_size) if topo.distributed and cfg.fsdp else None
         checked = VerifyReport()  # expert rows against the files: as they load, or after
         self.model = load_model(
-            model_dir, getattr(torch, cfg.dtype), cfg.quantize_experts, checked, shard
+            model_dir,
+            getattr(torch, cfg.dtype),
+            cfg.quantize_experts,
+            checked,
+            shard,
+            dense_shard=dense,
         )
         stored = stored_scheme(self.model)  # experts the checkpoint keeps quantised (MXFP4)
         if stored is not None and cfg.lora_rank is None:

@@ -230,7 +230,7 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
 
 
-def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard, dequantize: bool):
+def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard, dequantize, dense_shard):
     """`hf.stream.stream_model`, its errors in load_model's words."""
     from .stream import stream_model
 
@@ -239,7 +239,7 @@ def _streamed(model_dir: Path, dtype: torch.dtype, quantize, shard, dequantize: 
     if damaged is not None:
         raise ValueError(f"--model {model_dir}: {damaged}; save or download the model again")
     try:
-        return stream_model(model_dir, config, dtype, quantize, shard, dequantize)
+        return stream_model(model_dir, config, dtype, quantize, shard, dequantize, dense_shard)
     except (OSError, RuntimeError) as error:
         first = _first_line(error)
         if type(error).__name__ == "SafetensorError" or "deserializ" in first:
@@ -254,6 +254,7 @@ def load_model(
     report=None,
     shard: tuple[int, int] | None = None,
     dequantize: bool = False,
+    dense_shard: tuple[int, int] | None = None,
 ) -> nn.Module:
     """A saved transformers causal LM, its experts on moekit's backend where its family is
     on the ExpertsInterface, then patched; logs what runs where.
@@ -264,12 +265,14 @@ def load_model(
     transformers: `quantize` then stores each stacked tensor as it arrives (`_quantizing`,
     checked against the files into `report`, a `hf.verify.VerifyReport`), and `shard` is
     left to `expert_parallel`. `dequantize`: experts the checkpoint stores quantised (gpt-oss's
-    MXFP4) as plain weights in `dtype` (a base to merge an adapter into)."""
+    MXFP4) as plain weights in `dtype` (a base to merge an adapter into). `dense_shard` (rank,
+    ranks): of the other parameters only the rows FSDP2 keeps on this rank are read (a model
+    for `fully_shard` over those ranks; transformers' loader reads them whole)."""
     transformers = require("transformers", "hf", "moekit finetune")
     local = _check_source(model_dir)
     model = None
     if local:
-        model, why = _streamed(model_dir, dtype, quantize, shard, dequantize)
+        model, why = _streamed(model_dir, dtype, quantize, shard, dequantize, dense_shard)
         if model is None:
             log.warning("%s: read with transformers' loader (%s)", model_dir, why)
     if model is None:

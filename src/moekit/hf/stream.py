@@ -128,8 +128,9 @@ class CheckpointMap:
             self._handles.clear()
         self._mapped = 0
 
-    def _read(self, key: str, part=None) -> Tensor:
-        """The tensor under `key` (`part`: its index along dim 0), a view of the mapping."""
+    def _read(self, key: str, part: int | slice | None = None) -> Tensor:
+        """The tensor under `key` (`part`: an index or a slice of dim 0), a view of the
+        mapping."""
         from safetensors import safe_open
 
         path = self.files[key]
@@ -148,6 +149,10 @@ class CheckpointMap:
     def tensor(self, key: str) -> Tensor:
         """The tensor under `key`, a copy (no view of the file's mapping)."""
         return self._read(key).clone()
+
+    def rows_of(self, key: str, first: int, last: int) -> Tensor:
+        """Rows first .. last - 1 (dim 0) of the tensor under `key` (a view of the mapping)."""
+        return self._read(key, slice(first, last))
 
     def where(self, name: str) -> str:
         """The file a model tensor is read from (for messages)."""
@@ -448,6 +453,23 @@ def _fill_experts(
             experts._parameters[name] = _stand_in(full.shape, dtype, full.requires_grad)
 
 
+def _fsdp_rows(
+    cmap: CheckpointMap, key: str, param: Tensor, dense_shard: tuple[int, int]
+) -> Tensor:
+    """A parameter of which only the rows FSDP2 keeps on rank `dense_shard[0]` of
+    `dense_shard[1]` are read (dim 0 cut in chunks of ceil(n / ranks), as `fully_shard` cuts
+    it). The rest of the tensor is allocated, never written: its pages are never touched, so
+    they never become resident, and `fully_shard` copies out this rank's chunk and drops it."""
+    rank, ranks = dense_shard
+    rows = param.shape[0]
+    size = -(-rows // ranks)
+    first, last = min(rank * size, rows), min((rank + 1) * size, rows)
+    value = torch.empty(param.shape, dtype=param.dtype)
+    if last > first:
+        value[first:last] = cmap.rows_of(key, first, last).to(param.dtype)
+    return value
+
+
 def stream_model(
     model_dir: Path,
     config,
@@ -455,6 +477,7 @@ def stream_model(
     quantize: str | None = None,
     shard: tuple[int, int] | None = None,
     dequantize: bool = False,
+    dense_shard: tuple[int, int] | None = None,
 ) -> tuple[nn.Module | None, str | None]:
     """The causal LM of `model_dir` read tensor by tensor (module docstring); (None, why)
     where its checkpoint is not mapped (`checkpoint_map`).
@@ -466,6 +489,9 @@ def stream_model(
             MoE block only.
         dequantize: experts the checkpoint stores in MXFP4 dequantised into plain weights
             (an expert at a time; the config then says nothing of quantisation), not kept so.
+        dense_shard: (rank, ranks) of FSDP2's data-parallel group: of every parameter outside
+            the experts only the rows FSDP2 keeps on this rank (`_fsdp_rows`); the model is
+            fit for `fully_shard` over that group and nothing else.
     """
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(
@@ -491,7 +517,10 @@ def stream_model(
                 key = cmap.dense.get(f"{prefix}{name}")
                 if key is None:
                     continue  # tied: set by `tie_weights` below
-                value = cmap.tensor(key).to(param.dtype)
+                if dense_shard is None or id(module) in experts_modules or param.dim() == 0:
+                    value = cmap.tensor(key).to(param.dtype)
+                else:
+                    value = _fsdp_rows(cmap, key, param, dense_shard)
                 module._parameters[name] = nn.Parameter(value, requires_grad=param.requires_grad)
             for name, buffer in list(module._buffers.items()):
                 key = cmap.dense.get(f"{prefix}{name}")
