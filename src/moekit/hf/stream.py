@@ -8,8 +8,9 @@ only under expert parallelism.
         tensor [E, a, b] under one key or as E per-expert keys (gate | up concatenated)
       .rows(name, e) -> [a, b]          expert e of the stacked tensor `name`, in the model's
                                         layout, as the files store it (one read)
-    stream_model(model_dir, config, dtype, quantize=None, shard=None) -> (model, None) or
-        (None, why not)                 the caller loads with transformers then
+    stream_model(model_dir, config, dtype, quantize=None, shard=None, dequantize=False,
+                 dense_shard=None) -> (model, None) or (None, why not: the caller loads
+                                        with transformers then)
 
 A stacked expert tensor is read one expert at a time: with `quantize` ("nf4", "int8") a few
 experts are quantised at a time (`moekit.quant`), so the stack never exists in the compute
@@ -18,6 +19,8 @@ rest of the stack never leaves the file. Such a tensor's parameter is then a one
 stand-in expanded to the full stack's shape and dtype (PEFT sizes an adapter for every expert
 from it); the rows live beside it (`LOCAL` in the module's `__dict__`, or the quantised
 buffers `<name>_qdata`/`_qscales` under `QUANT_SPEC`) and `expert_parallel` installs them.
+With `dense_shard` (rank, ranks of FSDP2) every other weight holds only the rows
+`fully_shard` keeps on that rank (`_fsdp_rows`).
 The digest of each expert's rows as read (`DIGESTS`) is kept for `hf.verify`, which compares
 it with the files independently of this reader.
 
