@@ -332,3 +332,35 @@ def test_resume_after_kill_9_is_bitwise(saved, tmp_path):
     a = load_file(straight / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_routing_drift_is_measured_plotted_and_warned(saved, tmp_path, caplog, lora):
+    """Each evaluation logs, per MoE layer, the overlap of the routing with the base model's
+    on the calibration batch (1.0 before the first step: the base itself); training the
+    routers hard moves it below 1, which --drift-warn names; the plot is written. A LoRA
+    run's base is the model with its adapter disabled, a full run's the routes it took before
+    its first step (kept for a resume, which measures against the same base)."""
+    from moekit.hf.finetune import finetune
+
+    train = dict(steps=4, eval_interval=2, eval_batches=1, lr=0.2, drift_warn=0.999)
+    if lora:
+        train |= dict(lora_rank=4, lora_targets=("experts", "router"))
+    with caplog.at_level("WARNING"):
+        result = finetune(_config(saved, tmp_path, **train))
+    evals = result.evals
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    layers = [k for k in evals[0] if k.startswith("layer") and k.endswith("_routing_overlap")]
+    assert len(layers) == 2  # the tiny model's MoE layers
+    assert all(evals[0][k] == 1.0 for k in layers) and evals[0]["routing_overlap"] == 1.0
+    assert evals[-1]["routing_overlap"] < 1.0
+    assert "routing drift: MoE layer" in caplog.text
+    out = tmp_path / "run"
+    assert (out / "routing_overlap.png").stat().st_size > 0
+    if not lora:  # resumed: the same base, not the resumed model
+        assert (out / "routing_base" / "rank0.pt").is_file()
+        again = finetune(_config(saved, tmp_path, **(train | dict(steps=6))), resume=True)
+        assert again.evals[-1]["step"] == 6 and again.evals[-1]["routing_overlap"] < 1.0
+        state = json.loads((out / "ckpt-00000004" / "state.json").read_text())
+        kept = state["loop"]["evals"][-1]["routing_overlap"]
+        assert kept == pytest.approx(evals[-1]["routing_overlap"])

@@ -54,6 +54,7 @@ from ..train.tracking import check_server
 from .aux import routers, switch_loss
 from .balance import correction_biases, update_biases
 from .distributed import Sharded
+from .drift import RoutingDrift, base_routes_path
 from .load import load_config, load_model, load_tokenizer
 from .lora import add_lora
 from .patch import experts_of, holds_experts
@@ -160,6 +161,7 @@ class FinetuneJob:
         self.stream = batches.TrainStream(self.train_source, cfg.batch_size, cfg.seed)
         self.step, self._step_counts = 0, []
         self.resumed = None
+        self.drift = self._drift(resuming=checkpoint is not None)
         if checkpoint is not None:
             self._restore(*checkpoint)
         self.topo.wait()
@@ -176,6 +178,50 @@ class FinetuneJob:
             config.output_router_logits = cfg.aux_loss_coef > 0
             config.router_aux_loss_coef = cfg.aux_loss_coef
         return 0.0
+
+    def _drift(self, resuming: bool) -> RoutingDrift | None:
+        """The routing drift against the base model on the first eval batch (`hf.drift`):
+        LoRA's base is the model with its adapter disabled; a full fine-tune's the routes it
+        took before its first step, kept in the run directory. None: nothing routed."""
+        cfg, topo = self.cfg, self.topo
+        if not self.routers:
+            return None
+        first = next(iter(batches.eval_pass(self.eval_source, cfg.batch_size, 1, cfg.seed)))
+        batch = batches.part(first, topo.rank, topo.world_size).to(self.device)
+        forward = self._forward
+        base: torch.Tensor | str = "adapter"
+        with self._counts_kept():
+            if cfg.lora_rank is None:
+                path = base_routes_path(self.out, topo.rank)
+                if resuming:
+                    if not path.is_file():
+                        log.warning("routing drift: no base routes in %s (not measured)", path)
+                        return None
+                    base = torch.load(path)
+                else:
+                    try:
+                        base = RoutingDrift(self.model, forward, batch, topo, "").routes()
+                    except ValueError as error:  # a family that routes some tokens apart
+                        log.warning("routing drift not measured: %s", error)
+                        return None
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(base.to(torch.int32), path)
+        return RoutingDrift(self.model, forward, batch, topo, base, cfg.drift_warn)
+
+    def _counts_kept(self):
+        """A context that leaves the routers' counts as the training made them."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def kept():
+            saved = [r.counts for r in self.routers]
+            try:
+                yield
+            finally:
+                for router, counts in zip(self.routers, saved, strict=True):
+                    router.counts = counts
+
+        return kept()
 
     def _verify(self, model_dir: Path, report) -> None:
         """The expert rows this rank holds against the files (`hf.verify`)."""
@@ -330,25 +376,25 @@ class FinetuneJob:
         """`val_loss`: the token-weighted mean over the eval set's supervised tokens; the
         routers' counts are left as the training made them."""
         cfg = self.cfg
-        saved = [r.counts for r in self.routers]
         seed = cfg.seed * 1_000_003 + self.step
         sums = torch.zeros(2, dtype=torch.float64)
         self.model.eval()
-        try:
-            for batch in batches.eval_pass(
-                self.eval_source, cfg.batch_size, cfg.eval_batches, seed
-            ):
-                mine, out = self._forward(batches.part(batch, self.topo.rank, self.topo.world_size))
-                loss = _summed_loss(out.logits, mine.targets)
-                count = (mine.targets != -100).sum()
-                sums += torch.stack([loss.double().cpu(), count.double().cpu()])
-        finally:
-            self.model.train()
-            for router, counts in zip(self.routers, saved, strict=True):
-                router.counts = counts
+        with self._counts_kept():
+            try:
+                for batch in batches.eval_pass(
+                    self.eval_source, cfg.batch_size, cfg.eval_batches, seed
+                ):
+                    part = batches.part(batch, self.topo.rank, self.topo.world_size)
+                    mine, out = self._forward(part)
+                    loss = _summed_loss(out.logits, mine.targets)
+                    count = (mine.targets != -100).sum()
+                    sums += torch.stack([loss.double().cpu(), count.double().cpu()])
+            finally:
+                self.model.train()
+            drift = self.drift.measure() if self.drift is not None else {}
         total = par.all_reduce_sum([sums.to(self.device)], self.topo.data_group)[0].double()
         loss, count = total.tolist()
-        return {"val_loss": loss / max(count, 1.0), "val_tokens": count}
+        return {"val_loss": loss / max(count, 1.0), "val_tokens": count, **drift}
 
     # --- checkpoints --------------------------------------------------------------------
     def _tensors(self) -> dict:

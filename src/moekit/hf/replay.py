@@ -69,13 +69,15 @@ def _moe_routers(model: nn.Module) -> list[Router]:
 
 
 def _blocks(model: nn.Module, layers: list[Router]) -> list[nn.Module]:
-    """The MoE block of each router, in the same order."""
+    """The MoE block of each router, in the same order (by the patched forwards, not class
+    names: FSDP2 renames the classes it wraps)."""
     owner = {}
     for block in model.modules():
         if holds_experts(block):
-            router, _ = router_of(block)
-            if router is not None:
-                owner[id(router.__dict__.get("forward"))] = block
+            for module in block.modules():
+                forward = module.__dict__.get("forward")
+                if isinstance(forward, Router):
+                    owner.setdefault(id(forward), block)
     return [owner[id(r)] for r in layers]
 
 

@@ -61,6 +61,13 @@ class FinetuneConfig(RunConfig):
         metadata=_help("nf4 or int8: store the frozen expert weights so (with --lora-rank)"),
     )
     merge: bool = field(default=False, metadata=_help("also write <out>/merged"))
+    drift_warn: float = field(
+        default=0.5,
+        metadata=_help(
+            "warn when a MoE layer keeps less than this fraction of the base model's routing "
+            "(its top-k choices on a calibration batch; 0: never)"
+        ),
+    )
     fsdp: bool = field(
         default=True, metadata=_help("under torchrun: FSDP2 for the dense parameters (else DDP)")
     )
@@ -103,6 +110,8 @@ class FinetuneConfig(RunConfig):
                     "--quantize-experts needs --lora-rank: the quantised base must be frozen "
                     "(a full fine-tune trains the expert weights themselves)"
                 )
+        if not 0.0 <= self.drift_warn <= 1.0:
+            raise ValueError(f"--drift-warn must be a fraction in [0, 1], got {self.drift_warn}")
         if self.aux_loss not in ("family", "moekit"):
             raise ValueError(f"--aux-loss must be family or moekit, got {self.aux_loss!r}")
         if self.router_bias_update is not None:

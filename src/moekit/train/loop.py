@@ -286,7 +286,7 @@ class Loop:
         )
 
     def _reports(self) -> list[Path]:
-        from .plots import plot_expert_load, plot_losses
+        from .plots import plot_expert_load, plot_losses, plot_routing_overlap
 
         out = self.job.out
         paths = list(self.job.reports())
@@ -297,6 +297,9 @@ class Loop:
             steps = [entry["step"] for entry in self.health.history]
             loads = [entry["load"] for entry in self.health.history]
             paths.append(plot_expert_load(steps, loads, out / "expert_load.png"))
+        drift = [e for e in self.evals if "routing_overlap" in e]
+        if drift:
+            paths.append(plot_routing_overlap(drift, out / "routing_overlap.png"))
         return paths
 
 

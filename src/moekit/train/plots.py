@@ -62,3 +62,30 @@ def plot_expert_load(steps: list[int], load: list[list[list[float]]], path: Path
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_routing_overlap(evals: list[dict], path: Path) -> Path:
+    """Per MoE layer, the fraction of the base model's top-k choices the model keeps, at each
+    evaluation: evals = [{"step", "layer{l}_routing_overlap", ...}]."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [e["step"] for e in evals]
+    layers = sorted(
+        int(k.removeprefix("layer").split("_")[0])
+        for k in evals[0]
+        if k.startswith("layer") and k.endswith("_routing_overlap")
+    )
+    for layer in layers:
+        key = f"layer{layer}_routing_overlap"
+        ax.plot(steps, [e.get(key, float("nan")) for e in evals], label=f"layer {layer}")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("top-k overlap with the base")
+    ax.set_title("routing drift (1: the base model's routing)")
+    ax.grid(alpha=0.3)
+    if len(layers) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
