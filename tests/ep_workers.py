@@ -341,3 +341,54 @@ def hf_lora_parity(rank: int, world: int, families: list[str]) -> list[str]:
             assert torch.equal(shard.whole(parts), reference.detach()), (family, name)
         del model, full, got, want
     return families
+
+
+def hf_replay_parity(rank: int, world: int, family: str) -> bool:
+    """Routing replay under expert parallelism: routes recorded by one process on the global
+    batch, the routers then moved; each rank replays its rows of them on its rows of the
+    batch. Its logits equal the one-process replay's (1e-5 relative), the routers' gradients
+    summed over the ranks equal its, and what each rank records is what it replayed."""
+    import warnings
+
+    from moekit.hf import patch_model, record_routing, replay_routing
+    from moekit.hf.catalog import dummy_inputs, tiny_model
+    from moekit.hf.parallel import expert_parallel as hf_expert_parallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model(family).train()
+        patch_model(model, strict=True)
+    _clear_routing(model)
+    ids = dummy_inputs(model, 2 * world, 6, seed=1)["input_ids"]
+    with torch.no_grad(), record_routing(model) as rec:
+        model(input_ids=ids)
+    routes = rec.routes  # [B, T, L, k]
+    generator = torch.Generator().manual_seed(13)
+    with torch.no_grad():  # the routers move: their own choice is no longer the routes
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and param.shape[0] == 8 and "gate" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 3.0)
+    full = copy.deepcopy(model)
+    with torch.no_grad(), record_routing(full) as moved:
+        full(input_ids=ids)
+    assert not torch.equal(moved.routes, routes)  # replay is not the routers' own choice
+    with replay_routing(full, routes):
+        want = full(input_ids=ids).logits
+    upstream = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
+    (want * upstream).sum().backward()
+    hf_expert_parallel(model)
+    mine = slice(rank * 2, (rank + 1) * 2)
+    with replay_routing(model, routes[mine]), record_routing(model) as again:
+        got = model(input_ids=ids[mine]).logits
+    (got * upstream[mine]).sum().backward()
+    assert torch.equal(again.routes, routes[mine])
+    scale = want[mine].abs().max()
+    assert ((got - want[mine]).abs().max() / scale).item() <= 1e-5, "logits"
+    routers = [n for n, p in model.named_parameters() if "gate" in n and p.dim() == 2]
+    assert routers
+    for name in routers:
+        grad = model.get_parameter(name).grad.clone()
+        dist.all_reduce(grad)
+        reference = full.get_parameter(name).grad
+        assert ((grad - reference).abs().max() / reference.abs().max()).item() <= 1e-5, name
+    return True

@@ -105,3 +105,9 @@ def test_hf_expert_lora_is_sharded_with_the_experts():
     transposed experts, biases)."""
     families = ["qwen3_moe", "gpt_oss"]
     assert run_ranks(ep_workers.hf_lora_parity, 2, families) == [families, families]
+
+
+def test_routing_replay_under_expert_parallelism_equals_one_process():
+    """Each EP rank replays its rows of routes recorded by one process (`moekit.hf.replay`):
+    the logits and the routers' gradients are the one-process replay's."""
+    assert run_ranks(ep_workers.hf_replay_parity, 2, "qwen3_moe") == [True, True]
