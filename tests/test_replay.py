@@ -297,3 +297,24 @@ def test_routing_overlap_of_a_model_with_itself_and_a_moved_copy():
     _perturb(moved)
     overlap = routing_overlap(model, moved, inputs)
     assert overlap.shape == same.shape and (overlap < 1).any() and (overlap >= 0).all()
+
+
+def test_the_grpo_example_has_no_router_mismatch_with_replay():
+    """examples/grpo_replay.py: TRL's GRPOTrainer on a tiny MoE whose routers move between
+    the rollout and the training forwards (two iterations a generation, a high learning
+    rate): replayed, the training forwards route exactly as the rollout did; not replayed,
+    some (token, layer) pairs differ."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    example = Path(__file__).resolve().parents[1] / "examples" / "grpo_replay.py"
+    done = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    found = re.search(r"with replay ([\d.]+), without ([\d.]+)", done.stdout)
+    assert found and float(found.group(1)) == 0.0 and float(found.group(2)) > 0.0

@@ -28,6 +28,7 @@ from .families import RULES, SKIPPED, FamilyRule
 from .patch import is_patched, patch_model, unpatch_model
 from .quantize import quantize_experts
 from .replay import (
+    RolloutRoutes,
     from_sglang,
     from_vllm,
     record_routing,
@@ -38,6 +39,7 @@ from .replay import (
 
 __all__ = [
     "RULES",
+    "RolloutRoutes",
     "SKIPPED",
     "FamilyInfo",
     "FamilyRule",

@@ -15,6 +15,11 @@ computed from the live router logits so the routers keep their gradient.
                                      experts that both models chose
     router_mismatch(a, b, mask=None) -> float  fraction of (token, layer) pairs whose
                                      top-k sets differ
+    RolloutRoutes()               routes of rollouts by their tokens: `.add(tokens, routes)`
+                                     a sequence's, `.batch(input_ids, attention_mask)` a
+                                     training batch's [B, T, L, k] (-1 where unknown)
+    rec.generated(prompts, completions) -> [[p + c, L, k], ...]  a left-padded `generate`'s
+                                     routes, each sequence's real tokens
     from_vllm(routed_experts)     -> [B, T, L, k]  vLLM's per-sequence `routed_experts`,
                                      right-padded with -1
     from_sglang(data, layers, top_k) -> [T, L, k]  SGLang's base64 int32 routes
@@ -45,6 +50,7 @@ from .routers import Router, attribute
 
 __all__ = [
     "Recording",
+    "RolloutRoutes",
     "from_sglang",
     "from_vllm",
     "record_routing",
@@ -114,6 +120,29 @@ class Recording:
                 )
             per_layer.append(torch.cat(parts, dim=1))  # [B, T, k]
         return torch.stack(per_layer, dim=2).long().cpu()  # [B, T, L, k]
+
+    def generated(
+        self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
+    ) -> list[Tensor]:
+        """The routes of a `generate` over left-padded prompts: each sequence's real tokens,
+        its prompt then its completion [p + c, L, k]. The last generated token was never fed
+        back (its row -1: routed live on replay; no log-probability depends on it)."""
+        routes = self.routes  # [B, P + C - 1, L, k]
+        width = self.shapes[0][0][-1] if self.shapes[0] and len(self.shapes[0][0]) == 2 else 0
+        if len(prompts) != routes.shape[0] or len(completions) != routes.shape[0]:
+            raise ValueError(
+                f"generated: {len(prompts)} prompts and {len(completions)} completions for "
+                f"{routes.shape[0]} recorded sequences"
+            )
+        found = []
+        for row, prompt, completion in zip(routes, prompts, completions, strict=True):
+            p, c = len(prompt), len(completion)
+            seq = torch.full((p + c, *row.shape[1:]), -1, dtype=row.dtype)
+            seq[:p] = row[width - p : width]
+            done = min(c, row.shape[0] - width)
+            seq[p : p + done] = row[width : width + done]
+            found.append(seq)
+        return found
 
     def per_sequence(self, mask: Tensor | None = None) -> list[Tensor]:
         """vLLM's layout: one [length, L, k] a sequence, its tokens where `mask` [B, T] is
@@ -209,6 +238,40 @@ def replay_routing(model: nn.Module, routes: Tensor) -> Iterator[None]:
     finally:
         for router, before in zip(layers, previous, strict=True):
             router.replay = before
+
+
+class RolloutRoutes:
+    """Routes of rollouts kept by their tokens, for the training batches that hold them."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[int, ...], Tensor] = {}
+
+    def add(self, tokens: Sequence[int], routes: Tensor) -> None:
+        """A sequence's real tokens [n] and their routes [n, L, k]."""
+        if routes.dim() != 3 or routes.shape[0] != len(tokens):
+            raise ValueError(
+                f"RolloutRoutes.add: {len(tokens)} tokens, routes {list(routes.shape)} "
+                "(expected [tokens, L, k])"
+            )
+        self.routes[tuple(int(t) for t in tokens)] = routes
+
+    def batch(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T, L, k] a batch's routes: each row's real tokens (mask 1, any padding) by
+        the sequence they make; -1 for a sequence not kept, and for padding."""
+        if not self.routes:
+            raise ValueError("RolloutRoutes.batch: no rollout was added")
+        like = next(iter(self.routes.values()))
+        out = torch.full((*input_ids.shape, *like.shape[1:]), -1, dtype=like.dtype)
+        for b, (ids, mask) in enumerate(
+            zip(input_ids.cpu(), attention_mask.bool().cpu(), strict=True)
+        ):
+            found = self.routes.get(tuple(ids[mask].tolist()))
+            if found is not None:
+                out[b, mask] = found
+        return out
+
+    def clear(self) -> None:
+        self.routes.clear()
 
 
 def router_mismatch(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
