@@ -307,3 +307,13 @@ def test_quant_memory_table_runs_a_process_per_scheme():
     assert all(r.peak_rss_mb > 0 and r.peak_anon_mb > 0 and r.step_s > 0 for r in results)
     table = format_quant_memory_table(results)
     assert "nf4" in table and "peak anon MB" in table and "x 1 proc" in table
+
+
+def test_decode_table_runs_every_case_and_checks_the_tokens():
+    pytest.importorskip("transformers")
+    from moekit.bench.decode import CASES, bench_decode, format_decode_table
+
+    results = bench_decode(batches=(1, 2), new_tokens=3, rounds=1)
+    assert [(r.case, r.batch) for r in results] == [(c, b) for b in (1, 2) for c in CASES]
+    assert all(r.tokens_per_s > 0 and r.same_as_eager for r in results)
+    assert "x grouped_mm" in format_decode_table(results)

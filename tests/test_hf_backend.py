@@ -126,6 +126,58 @@ def test_backend_equals_eager(family, monkeypatch):
         assert error <= max(1e-5, 2 * _rel(grad.double(), exact)), name
 
 
+@pytest.mark.parametrize("family", INTERFACE)
+def test_a_decode_step_equals_eager(family, monkeypatch):
+    """A few tokens with no gradient (a `generate` step: T k <= 32 pairs) take the decode
+    path (`backend._decode`: no plan; a matmul per chosen expert, or torch's grouped GEMM
+    past 8 pairs): each experts module's output equals transformers' eager experts, for one
+    token, a few, and every pair on one expert."""
+    model = _model(family)
+    model.set_experts_implementation("moekit")
+    decoded: list[int] = []
+    decode = backend._decode
+    monkeypatch.setattr(backend, "_decode", lambda m, *a: decoded.append(1) or decode(m, *a))
+    for experts in _experts_modules(model):
+        num_experts = backend.stored_weight(experts, "down_proj").shape[0]
+        d = backend.stored_weight(experts, "down_proj").shape[1 if experts.is_transposed else 2]
+        top_k = min(2, num_experts)
+        g = torch.Generator().manual_seed(5)
+        for tokens in (1, 3, 32 // top_k):
+            x = torch.randn(tokens, d, generator=g)
+            ids = torch.stack(
+                [torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)]
+            )
+            cases = [ids, torch.zeros_like(ids) + torch.arange(top_k)]  # any; experts 0..k-1
+            for index in cases:
+                weights = torch.rand(tokens, top_k, generator=g)
+                with torch.no_grad():
+                    got = experts(x, index, weights)  # the implementation "moekit"
+                    model.set_experts_implementation("eager")
+                    want = experts(x, index, weights)
+                    model.set_experts_implementation("moekit")
+                assert _rel(got, want) <= 1e-5, (family, tokens)
+    assert decoded
+
+
+def test_a_decode_step_of_quantised_experts_equals_the_grouped_pass():
+    """nf4 experts: the decode path dequantises each chosen expert and equals the grouped
+    pass (`run_experts` with a plan) on the same tokens."""
+    from moekit.dispatch import make_plan
+    from moekit.hf.experts import layout_of
+    from moekit.hf.quantize import quantize_experts
+
+    experts = _qwen3_experts()
+    holder = nn.ModuleDict({"experts": experts})
+    quantize_experts(holder, "nf4")
+    x = torch.randn(3, 32)
+    index, weights = torch.tensor([[0, 1], [2, 3], [1, 1]]), torch.rand(3, 2)
+    with torch.no_grad():
+        got = backend.experts_forward(experts, x, index, weights)
+        plan = make_plan(index, weights, 4)
+        want = backend.run_experts(experts, layout_of(experts), x, plan)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def _qwen3_experts() -> nn.Module:
     """The experts module of a one-layer tiny Qwen3-MoE (4 experts, d=32)."""
     config = transformers.Qwen3MoeConfig(

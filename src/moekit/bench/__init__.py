@@ -294,6 +294,20 @@ def _sft_table(rounds: int, echo=print) -> list:
     return results
 
 
+def _decode_table(echo=print) -> list:
+    """The decode table (`bench.decode`): greedy generate, one thread, interleaved."""
+    from .decode import SIZES, bench_decode, format_decode_table
+
+    shape = ", ".join(f"{k}={v}" for k, v in SIZES.items())
+    echo(
+        f"decode: greedy generate() of a Qwen3-MoE ({shape}), 16-token prompts, 32 new "
+        "tokens, float32, one thread; the cases interleaved on one model, median of 9"
+    )
+    results = bench_decode()
+    echo(format_decode_table(results))
+    return results
+
+
 def _quant_table(echo=print) -> list:
     """The quantised-experts memory table (`bench.quant`): one process per case."""
     from .quant import bench_quant_memory, format_quant_memory_table
@@ -344,6 +358,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         echo(format_lm_table(lm))
     hf: list = []
     compiled: list = []
+    decode: list = []
     if options.hf_backends and device.type == "cpu" and hf_available():
         from .hf_backends import COMPILED_FAMILIES, bench_hf_backends, bench_hf_compiled
 
@@ -359,6 +374,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         )
         compiled = bench_hf_compiled(rounds=max(3, options.lm_rounds))
         echo(format_hf_compiled_table(compiled))
+        decode = _decode_table(echo)
     tune: list = []
     sft: list = []
     quant: list = []
@@ -381,6 +397,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
         "lm": lm,
         "hf_backends": hf,
         "hf_compiled": compiled,
+        "decode": decode,
         "finetune": tune,
         "sft": sft,
         "quant_memory": quant,

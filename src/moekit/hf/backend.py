@@ -13,6 +13,9 @@ transformers'. Here:
             gate/up, other activations, a post-expert norm): moekit's gather and grouped GEMMs
             around the module's own `_apply_gate` / `act_fn` / `post_expert_norm`, then
             moekit's combine
+    decode  a few tokens with no gradient (a `generate` step: T * k <= `_DECODE_PAIRS`): no
+            plan; each chosen expert's rows through views of its weights (`_decode`), the
+            cost that of the experts used, not of all E
 
 PEFT LoRA on the stacked expert weights (`LoraConfig(target_parameters=[...])`, TRL's
 `SFTTrainer(peft_config=...)`) reaches the backend with no `patch_model`: PEFT's `ParamWrapper`
@@ -28,12 +31,16 @@ patch. Where PEFT forms W + delta itself (several active adapters) the backend r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dispatch import DispatchPlan, make_plan
 from ..experts import bank_dispatch, row_experts
 from ..ops import combine, gather, grouped_linear, row_bias
+from ..ops.grouped import grouped_mm_supported
 from ..quant import quant_grouped_linear
 from .experts import (
     Layout,
@@ -98,9 +105,7 @@ def _run(
     module: nn.Module, x: Tensor, indices: Tensor, weights: Tensor, lora: dict | None = None
 ) -> Tensor:
     layout = layout_of(module)
-    reason = unsupported_weights(module, layout)
-    if reason is not None:
-        raise TypeError(f"{type(module).__name__} cannot run on moekit's experts backend: {reason}")
+    _check_weights(module, layout)
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(
             f"expected hidden_states [T, d], top_k_index and top_k_weights [T, k]; got "
@@ -110,8 +115,114 @@ def _run(
     if getattr(module, "_is_expert_parallel", False):  # sentinels: weight 0, any expert
         weights = weights.masked_fill(indices >= num_experts, 0.0)
         indices = indices.clamp(max=num_experts - 1)
-    lora = {**peft_lora(module, layout), **(lora or {})}  # inside PEFT's forward: its factors
+    if hasattr(module, "parametrizations"):  # inside PEFT's forward: its factors
+        lora = {**peft_lora(module, layout), **(lora or {})}
+    if not lora and indices.numel() <= _DECODE_PAIRS and not torch.is_grad_enabled():
+        return _decode(module, layout, x, indices, weights)
     return run_experts(module, layout, x, make_plan(indices, weights, num_experts), lora=lora)
+
+
+_DECODE_PAIRS = 32  # (token, expert) pairs a call at most for `_decode`
+_LOOP_SEGMENTS = 8  # pairs a `_decode` call loops over in Python; more: F.grouped_mm
+
+
+def _segments(chosen: list[int]) -> list[tuple[int, int, int]]:
+    """(expert, first, end) of each run of equal ids in the sorted `chosen`."""
+    segments, start = [], 0
+    for p in range(1, len(chosen) + 1):
+        if p == len(chosen) or chosen[p] != chosen[start]:
+            segments.append((chosen[start], start, p))
+            start = p
+    return segments
+
+
+_CHECKED = "_moekit_checked"  # the weights `_check_weights` last found readable
+
+
+def _check_weights(module: nn.Module, layout: Layout) -> None:
+    """One line where moekit cannot read the module's expert weights; checked again only
+    when the tensors the module holds change (a decode step calls it once a layer)."""
+    key = tuple(
+        (id(t), t.dtype, type(t)) if isinstance(t, Tensor) else None
+        for t in (getattr(module, layout.up_name, None), getattr(module, "down_proj", None))
+    )
+    if module.__dict__.get(_CHECKED) == key and not hasattr(module, "parametrizations"):
+        return
+    reason = unsupported_weights(module, layout)
+    if reason is not None:
+        raise TypeError(f"{type(module).__name__} cannot run on moekit's experts backend: {reason}")
+    module.__dict__[_CHECKED] = key
+
+
+def _decode(module: nn.Module, layout: Layout, x: Tensor, indices: Tensor, weights: Tensor):
+    """A few tokens x [T, d] (no gradient): the T k pairs sorted by expert, each chosen
+    expert's rows through views of its weights (or its dequantised weight) into one buffer,
+    the module's gate or activation, biases and post-expert norm over the buffer at once,
+    weighted and summed into [T, d]. Up to `_LOOP_SEGMENTS` pairs a matmul per chosen expert
+    (one host read: the ids); more, torch's grouped GEMM (its C++ loop over the experts)."""
+    quant_up, quant_down = quantized(module, layout.up_name), quantized(module, "down_proj")
+    plain = quant_up is None and quant_down is None
+    views = _expert_views(module, layout) if plain else None
+    dtype = views.w1.dtype if plain else quant_up.dtype
+    top_k, one = indices.shape[1], x.shape[0] == 1  # one token: every pair its row
+    ids, order = torch.sort(indices.reshape(-1))  # [S] pairs by expert
+    token = order // top_k  # [S] each pair's token
+    rows = x.to(dtype).expand(top_k, -1) if one else x.to(dtype)[token]  # [S, d]
+    grouped = plain and views.grouped and ids.numel() > _LOOP_SEGMENTS
+    if grouped:
+        offsets = torch.bincount(ids, minlength=views.w1.shape[0]).cumsum(0).to(torch.int32)
+        hidden = F.grouped_mm(rows, views.w1, offs=offsets)  # [S, width]
+    else:
+        segments = _segments(ids.tolist())
+        ups = views.ups if plain else [quant_up.expert(e, dtype) for e, _, _ in segments]
+        width = ups[0].shape[1]
+        hidden = rows.new_empty(rows.shape[0], width)  # [S, width]
+        for i, (e, a, b) in enumerate(segments):
+            torch.mm(rows[a:b], ups[e] if plain else ups[i], out=hidden[a:b])
+    if layout.has_bias:
+        hidden = hidden + getattr(module, f"{layout.up_name}_bias")[ids]
+    hidden = _gate(module, hidden) if layout.has_gate else module.act_fn(hidden)  # [S, h]
+    if grouped:
+        out = F.grouped_mm(hidden.contiguous(), views.w2, offs=offsets)  # [S, d]
+    else:
+        downs = views.downs if plain else [quant_down.expert(e, dtype) for e, _, _ in segments]
+        out = rows.new_empty(rows.shape[0], x.shape[1])  # [S, d]
+        for i, (e, a, b) in enumerate(segments):
+            torch.mm(hidden[a:b], downs[e] if plain else downs[i], out=out[a:b])
+    if layout.has_bias:
+        out = out + module.down_proj_bias[ids]
+    if layout.has_post_expert_norm:
+        out = module.post_expert_norm(out)
+    slot = weights.reshape(-1)[order].to(dtype)  # [S]
+    if one:  # [1, S] @ [S, d]: the weighted sum in one GEMM
+        return (slot[None] @ out).to(x.dtype)
+    return torch.zeros_like(x, dtype=dtype).index_add_(0, token, out * slot[:, None]).to(x.dtype)
+
+
+class _Views(NamedTuple):
+    """An experts module's weights as `_decode` reads them, made once a set of tensors."""
+
+    key: tuple
+    w1: Tensor  # [E, d, width]
+    w2: Tensor  # [E, h, d]
+    ups: tuple[Tensor, ...]  # E views [d, width]
+    downs: tuple[Tensor, ...]  # E views [h, d]
+    grouped: bool  # F.grouped_mm takes them
+
+
+_VIEWS = "_moekit_decode_views"
+
+
+def _expert_views(module: nn.Module, layout: Layout) -> _Views:
+    up, down = stored_weight(module, layout.up_name), stored_weight(module, "down_proj")
+    key = (id(up), id(down), up.data_ptr(), down.data_ptr(), up.dtype, up.device)
+    views = module.__dict__.get(_VIEWS)
+    if views is None or views.key != key:
+        bank = bank_weights(module, layout)
+        grouped = grouped_mm_supported(bank.w1, bank.w1) and grouped_mm_supported(bank.w2, bank.w2)
+        views = _Views(key, bank.w1, bank.w2, bank.w1.unbind(0), bank.w2.unbind(0), grouped)
+        module.__dict__[_VIEWS] = views
+    return views
 
 
 def run_experts(

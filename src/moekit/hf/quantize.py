@@ -129,6 +129,6 @@ def quantize_experts(model: nn.Module, scheme: str) -> QuantReport:
         len(modules),
         before / 2**20,
         after / 2**20,
-        next(p.dtype for p in model.parameters()),
+        next((p.dtype for p in model.parameters()), "as they were"),
     )
     return QuantReport(len(modules), names, before, after)

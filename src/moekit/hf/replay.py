@@ -104,6 +104,11 @@ class Recording:
             if not calls:
                 raise ValueError(f"record_routing: MoE layer {l} routed no token")
             parts = []
+            if len(calls) != len(shapes):
+                raise ValueError(
+                    f"record_routing: MoE layer {l} routed in {len(calls)} of the "
+                    f"{len(shapes)} forwards recorded"
+                )
             for ids, shape in zip(calls, shapes, strict=True):
                 batch = shape[0] if len(shape) == 2 else 1
                 if ids.shape[0] != math.prod(shape):
@@ -158,14 +163,26 @@ class Recording:
         return [r[m] for r, m in zip(routes, mask, strict=True)]
 
 
-@contextlib.contextmanager
-def record_routing(model: nn.Module) -> Iterator[Recording]:
-    """Record the top-k expert ids of every MoE layer for every token the model routes inside
-    the context (`Recording.routes`); outputs unchanged."""
-    layers = _moe_routers(model)
-    rec = Recording(layers)
+def _shape_hooks(model: nn.Module, layers: list[Router], rec: Recording) -> list:
+    """Hooks that note each forward's batch shape (B, t) for every layer: one on the decoder
+    where it holds every MoE block (a decode step pays one hook, not one a layer), else one on
+    each block."""
+    blocks = _blocks(model, layers)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, nn.Module) and set(map(id, blocks)) <= set(map(id, decoder.modules())):
+
+        def batch(module, args, kwargs):
+            x = kwargs.get("input_ids")
+            x = kwargs.get("inputs_embeds") if x is None else x
+            x = args[0] if x is None and args else x
+            if isinstance(x, Tensor) and torch._C._current_graph_task_id() == -1:
+                shape = tuple(x.shape[:2])
+                for shapes in rec.shapes:
+                    shapes.append(shape)
+
+        return [decoder.register_forward_pre_hook(batch, with_kwargs=True)]
     handles = []
-    for l, block in enumerate(_blocks(model, layers)):
+    for l, block in enumerate(blocks):
 
         def shape(module, args, kwargs, l=l):
             if torch._C._current_graph_task_id() == -1:  # not a recomputation
@@ -173,6 +190,16 @@ def record_routing(model: nn.Module) -> Iterator[Recording]:
                 rec.shapes[l].append(tuple(x.shape[:-1]))
 
         handles.append(block.register_forward_pre_hook(shape, with_kwargs=True))
+    return handles
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[Recording]:
+    """Record the top-k expert ids of every MoE layer for every token the model routes inside
+    the context (`Recording.routes`); outputs unchanged."""
+    layers = _moe_routers(model)
+    rec = Recording(layers)
+    handles = _shape_hooks(model, layers, rec)
     previous = [r.recorded for r in layers]
     for r, calls in zip(layers, rec.calls, strict=True):
         r.recorded = calls

@@ -13,6 +13,7 @@ the router's own for that token); the weights are still gathered from the live s
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 import torch
@@ -31,8 +32,8 @@ def attribute(obj: object, path: str | None):
     literal is itself; None -> None."""
     if path is None:
         return None
-    if path.isdigit():
-        return int(path)
+    if "." not in path:  # the common case, one getattr (a router call reads several)
+        return int(path) if path.isdigit() else getattr(obj, path)
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
@@ -81,7 +82,8 @@ def route(
     dtype = router_dtype(x.dtype)
     bias = attribute(router, rule.bias)
     top_k = attribute(router, rule.top_k)
-    with torch.autocast(x.device.type, enabled=False):
+    off = torch.is_autocast_enabled(x.device.type)  # outside autocast, cheaply where it is off
+    with torch.autocast(x.device.type, enabled=False) if off else contextlib.nullcontext():
         if rule.pre_norm is not None:
             x = attribute(router, rule.pre_norm)(x)
         for name in rule.input_scale:
@@ -95,20 +97,23 @@ def route(
         if cap > 0:
             logits = torch.tanh(logits / cap) * cap
         scores = _scores(router, rule, logits)  # [N, E]
-        if replay is None:
-            indices = _choice(router, rule, logits, scores, top_k, args, input_ids)  # [N, k]
+        if replay is None and _plain_top_k(router, rule):  # the top-k of the scores
+            weights, indices = scores.topk(top_k, dim=-1)  # [N, k] (values: the gathered)
         else:
-            indices = replay.to(logits.device)
-            live = indices < 0
-            if live.any():
-                own = _choice(router, rule, logits, scores, top_k, args, input_ids)
-                indices = torch.where(live, own, indices)
-        weights = scores.gather(-1, indices)  # [N, k]
+            if replay is None:
+                indices = _choice(router, rule, logits, scores, top_k, args, input_ids)
+            else:
+                indices = replay.to(logits.device)
+                live = indices < 0
+                if live.any():
+                    own = _choice(router, rule, logits, scores, top_k, args, input_ids)
+                    indices = torch.where(live, own, indices)
+            weights = scores.gather(-1, indices)  # [N, k]
         if flag(router, rule.normalize):
             total = weights.sum(-1, keepdim=True)
             if rule.norm_min is not None:
                 total = total.clamp(min=float(attribute(router, rule.norm_min)))
-            weights = weights / (total + rule.eps)
+            weights = weights / (total + rule.eps if rule.eps else total)
         if rule.scale == "1/top_k":
             weights = weights / top_k
         elif rule.scale is not None:
@@ -118,7 +123,16 @@ def route(
     return logits, weights, indices
 
 
-@torch.no_grad()
+def _plain_top_k(router: nn.Module, rule: FamilyRule) -> bool:
+    """Whether the choice is the top-k of the scores themselves (no table, bias or groups)."""
+    return (
+        rule.hash is None
+        and rule.choose_on != "logits"
+        and rule.choice_bias is None
+        and not flag(router, rule.groups)
+    )
+
+
 def _choice(
     router: nn.Module,
     rule: FamilyRule,
@@ -128,8 +142,11 @@ def _choice(
     args: tuple[Tensor, ...],
     input_ids: Tensor | None,
 ) -> Tensor:
-    """[N, k] the chosen experts: a table lookup, or the top-k of scores (or logits) plus the
-    correction bias, group-limited."""
+    """[N, k] the chosen experts (no gradient): a table lookup, or the top-k of scores (or
+    logits) plus the correction bias, group-limited."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _choice(router, rule, logits, scores, top_k, args, input_ids)
     if rule.hash is not None:
         if input_ids is None:
             raise ValueError(f"{type(router).__name__} routes by token id: pass input_ids")
