@@ -117,7 +117,8 @@ def _run(
         indices = indices.clamp(max=num_experts - 1)
     if hasattr(module, "parametrizations"):  # inside PEFT's forward: its factors
         lora = {**peft_lora(module, layout), **(lora or {})}
-    if not lora and indices.numel() <= _DECODE_PAIRS and not torch.is_grad_enabled():
+    decoding = indices.numel() <= _DECODE_PAIRS and not torch.is_grad_enabled()
+    if decoding and not lora and not torch.compiler.is_compiling():  # traced: the plan
         return _decode(module, layout, x, indices, weights)
     return run_experts(module, layout, x, make_plan(indices, weights, num_experts), lora=lora)
 
@@ -141,17 +142,21 @@ _CHECKED = "_moekit_checked"  # the weights `_check_weights` last found readable
 
 def _check_weights(module: nn.Module, layout: Layout) -> None:
     """One line where moekit cannot read the module's expert weights; checked again only
-    when the tensors the module holds change (a decode step calls it once a layer)."""
-    key = tuple(
-        (id(t), t.dtype, type(t)) if isinstance(t, Tensor) else None
-        for t in (getattr(module, layout.up_name, None), getattr(module, "down_proj", None))
-    )
-    if module.__dict__.get(_CHECKED) == key and not hasattr(module, "parametrizations"):
-        return
+    when the tensors the module holds change (a decode step calls it once a layer). Under a
+    parametrization (PEFT's) every call, never reading the parametrized value (W + delta)."""
+    key = None
+    if not hasattr(module, "parametrizations"):
+        key = tuple(
+            (id(t), t.dtype, type(t)) if isinstance(t, Tensor) else None
+            for t in (getattr(module, layout.up_name, None), getattr(module, "down_proj", None))
+        )
+        if module.__dict__.get(_CHECKED) == key:
+            return
     reason = unsupported_weights(module, layout)
     if reason is not None:
         raise TypeError(f"{type(module).__name__} cannot run on moekit's experts backend: {reason}")
-    module.__dict__[_CHECKED] = key
+    if key is not None:
+        module.__dict__[_CHECKED] = key
 
 
 def _decode(module: nn.Module, layout: Layout, x: Tensor, indices: Tensor, weights: Tensor):

@@ -184,6 +184,8 @@ class Router(PatchedForward):
     def replayed(self, rows: int) -> Tensor | None:
         """[rows, k] ids this call routes by: the replay's, or inside a backward (activation
         recomputation) the ids the forward it recomputes was routed by; None: its own."""
+        if torch.compiler.is_compiling():  # traced: the replay as it stands (no bookkeeping)
+            return self.replay
         if torch._C._current_graph_task_id() != -1:  # a recomputation in a backward
             return self.pending.popleft() if self.pending else self.replay
         if self.replay is None:
@@ -201,7 +203,9 @@ class Router(PatchedForward):
 
     def record(self, indices: Tensor) -> None:
         """Keep this call's [N, k] ids while recording (not a recomputation's)."""
-        if self.recorded is not None and torch._C._current_graph_task_id() == -1:
+        if self.recorded is None:
+            return
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.recorded.append(indices.detach())
 
     def __call__(self, hidden_states: Tensor, *args: Tensor):
