@@ -318,3 +318,36 @@ def test_the_grpo_example_has_no_router_mismatch_with_replay():
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     found = re.search(r"with replay ([\d.]+), without ([\d.]+)", done.stdout)
     assert found and float(found.group(1)) == 0.0 and float(found.group(2)) > 0.0
+
+
+@pytest.mark.parametrize("variant", ["lora", "nf4"])
+def test_replay_with_expert_lora_and_quantised_experts(variant):
+    """Replay reaches the routers whatever runs the experts: PEFT's LoRA on them (moekit's
+    `LoraExperts`) or nf4-quantised experts. Replaying the recorded routes reproduces the
+    logits; after the routers move, it still routes by them, and the routers (their LoRA
+    factors under PEFT) get their gradient through the live logits."""
+    from moekit.hf.lora import add_lora
+    from moekit.hf.quantize import quantize_experts
+
+    model = _model("qwen3_moe")
+    if variant == "lora":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = add_lora(model, 2, None, ("experts", "router"))
+        with torch.no_grad():  # B off zero: the adapter changes the experts' output
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
+    else:
+        quantize_experts(model, "nf4")
+    inputs = dummy_inputs(model, 2, 7, seed=8)
+    with torch.no_grad(), record_routing(model) as rec:
+        want = _logits(model, inputs)
+    with torch.no_grad(), replay_routing(model, rec.routes):
+        torch.testing.assert_close(_logits(model, inputs), want, rtol=1e-6, atol=1e-6)
+    _perturb(model)
+    with replay_routing(model, rec.routes), record_routing(model) as kept:
+        model(**inputs).logits.square().mean().backward()
+    assert torch.equal(kept.routes, rec.routes)
+    routers = [p for n, p in model.named_parameters() if ".mlp.gate." in n and p.requires_grad]
+    assert routers and all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
