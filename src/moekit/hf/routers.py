@@ -14,6 +14,7 @@ the router's own for that token); the weights are still gathered from the live s
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import deque
 
 import torch
@@ -44,12 +45,17 @@ def flag(obj: object, spec: bool | str) -> bool:
     ("topk_method=group_limited_greedy"), or any of several joined by "|"."""
     if isinstance(spec, bool):
         return spec
-    for term in spec.split("|"):
-        name, _, value = term.partition("=")
+    for name, value in _terms(spec):
         got = attribute(obj, name)
         if (str(got) == value) if value else bool(got):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _terms(spec: str) -> tuple[tuple[str, str], ...]:
+    """A flag's (attribute, value) terms, parsed once a spec (a router call reads several)."""
+    return tuple((name, value) for name, _, value in (t.partition("=") for t in spec.split("|")))
 
 
 def _scores(router: nn.Module, rule: FamilyRule, logits: Tensor) -> Tensor:
@@ -206,7 +212,7 @@ class Router(PatchedForward):
         if self.recorded is None:
             return
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
-            self.recorded.append(indices.detach())
+            self.recorded.append(indices.detach() if indices.requires_grad else indices)
 
     def __call__(self, hidden_states: Tensor, *args: Tensor):
         router, rule = self.router, self.rule
