@@ -2,6 +2,8 @@
 model keeps, on a fixed calibration batch (`moekit finetune` measures it at every
 evaluation).
 
+    routing_drift(model, forward, batch, topo, out, lora, resuming) -> RoutingDrift | None
+                                           a fine-tune's, its base set up (below)
     RoutingDrift(model, forward, batch, topo, base).measure() -> {"routing_overlap": mean,
         "layer{l}_routing_overlap": ...}   the mean over the batch's real tokens of the
                                            fraction of each token's top-k experts the base
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +28,52 @@ from torch import Tensor, nn
 from ..parallel import training as par
 from .replay import _overlap, record_routing
 
-__all__ = ["RoutingDrift", "base_routes_path"]
+__all__ = ["RoutingDrift", "base_routes_path", "counts_kept", "routing_drift"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def counts_kept(routers: list) -> Iterator[None]:
+    """Forwards inside leave the routers' token counts (`Router.counts`) as they were."""
+    saved = [r.counts for r in routers]
+    try:
+        yield
+    finally:
+        for router, counts in zip(routers, saved, strict=True):
+            router.counts = counts
+
+
+def routing_drift(
+    model: nn.Module,
+    forward: Callable[[object], object],
+    batch,
+    topo: par.Topology,
+    out: Path,
+    lora: bool,
+    resuming: bool,
+    warn: float = 0.5,
+) -> RoutingDrift | None:
+    """A fine-tune's drift measure: LoRA's base is the model with its adapter disabled; a full
+    run's the routes it takes now, before its first step (saved for a resume, read back on
+    one). None, with a warning, where it cannot be measured."""
+    base: Tensor | str = "adapter"
+    if not lora:
+        path = base_routes_path(out, topo.rank)
+        if resuming:
+            if not path.is_file():
+                log.warning("routing drift: no base routes in %s (not measured)", path)
+                return None
+            base = torch.load(path)
+        else:
+            try:
+                base = RoutingDrift(model, forward, batch, topo, "").routes()
+            except ValueError as error:  # a family that routes some tokens apart
+                log.warning("routing drift not measured: %s", error)
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(base.to(torch.int32), path)
+    return RoutingDrift(model, forward, batch, topo, base, warn)
 
 
 def base_routes_path(out: Path, rank: int) -> Path:

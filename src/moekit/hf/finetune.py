@@ -54,7 +54,7 @@ from ..train.tracking import check_server
 from .aux import routers, switch_loss
 from .balance import correction_biases, update_biases
 from .distributed import Sharded
-from .drift import RoutingDrift, base_routes_path
+from .drift import RoutingDrift, counts_kept, routing_drift
 from .load import load_config, load_model, load_tokenizer
 from .lora import add_lora
 from .patch import experts_of, holds_experts
@@ -180,48 +180,23 @@ class FinetuneJob:
         return 0.0
 
     def _drift(self, resuming: bool) -> RoutingDrift | None:
-        """The routing drift against the base model on the first eval batch (`hf.drift`):
-        LoRA's base is the model with its adapter disabled; a full fine-tune's the routes it
-        took before its first step, kept in the run directory. None: nothing routed."""
+        """The routing drift against the base model on the first eval batch (`hf.drift`)."""
         cfg, topo = self.cfg, self.topo
         if not self.routers:
             return None
         first = next(iter(batches.eval_pass(self.eval_source, cfg.batch_size, 1, cfg.seed)))
         batch = batches.part(first, topo.rank, topo.world_size).to(self.device)
-        forward = self._forward
-        base: torch.Tensor | str = "adapter"
-        with self._counts_kept():
-            if cfg.lora_rank is None:
-                path = base_routes_path(self.out, topo.rank)
-                if resuming:
-                    if not path.is_file():
-                        log.warning("routing drift: no base routes in %s (not measured)", path)
-                        return None
-                    base = torch.load(path)
-                else:
-                    try:
-                        base = RoutingDrift(self.model, forward, batch, topo, "").routes()
-                    except ValueError as error:  # a family that routes some tokens apart
-                        log.warning("routing drift not measured: %s", error)
-                        return None
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(base.to(torch.int32), path)
-        return RoutingDrift(self.model, forward, batch, topo, base, cfg.drift_warn)
-
-    def _counts_kept(self):
-        """A context that leaves the routers' counts as the training made them."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def kept():
-            saved = [r.counts for r in self.routers]
-            try:
-                yield
-            finally:
-                for router, counts in zip(self.routers, saved, strict=True):
-                    router.counts = counts
-
-        return kept()
+        with counts_kept(self.routers):
+            return routing_drift(
+                self.model,
+                self._forward,
+                batch,
+                topo,
+                self.out,
+                cfg.lora_rank is not None,
+                resuming,
+                cfg.drift_warn,
+            )
 
     def _verify(self, model_dir: Path, report) -> None:
         """The expert rows this rank holds against the files (`hf.verify`)."""
@@ -379,7 +354,7 @@ class FinetuneJob:
         seed = cfg.seed * 1_000_003 + self.step
         sums = torch.zeros(2, dtype=torch.float64)
         self.model.eval()
-        with self._counts_kept():
+        with counts_kept(self.routers):
             try:
                 for batch in batches.eval_pass(
                     self.eval_source, cfg.batch_size, cfg.eval_batches, seed
