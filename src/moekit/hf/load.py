@@ -183,8 +183,8 @@ def _quantizing(scheme: str, model_dir: Path | None, report) -> Iterator[None]:
     from transformers import core_model_loading
 
     from ..quant import QuantizedExperts
+    from .checkpoint import checkpoint_map
     from .experts import QUANT_SPEC, layout_of
-    from .stream import checkpoint_map
     from .verify import files_of, verify_tensor
 
     original = core_model_loading.set_param_for_module

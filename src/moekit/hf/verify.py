@@ -9,7 +9,7 @@
         weights are exact copies of each other are reported (legitimate after upcycling)
 
 Where each tensor is in the files comes from the family's own conversion mapping
-(`hf.stream.checkpoint_map`: renamings, per-expert tensors fused on load), read independently
+(`hf.checkpoint.checkpoint_map`: renamings, per-expert tensors fused on load), read independently
 of the loader. Under expert parallelism each rank checks the experts it holds (rows first ..
 first + n - 1 against the same rows of the files); rows held quantised by the digests of
 the rows as they were read, before quantising. A checkpoint stored in a layout that map does
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointMap, checkpoint_map, digest
 from .experts import layout_of, quantized, stored_weight
 from .patch import experts_of, holds_experts
-from .stream import DIGESTS, SHARD, CheckpointMap, checkpoint_map, digest, is_stand_in
+from .stream import DIGESTS, SHARD, is_stand_in
 
 __all__ = ["LoaderFault", "VerifyReport", "files_of", "verify_experts", "verify_tensor"]
 
