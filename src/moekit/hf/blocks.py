@@ -27,6 +27,7 @@ from ..routing import softmax_top_k
 from .backend import _run, run_experts
 from .experts import layout_of
 from .forward import PatchedForward
+from .routers import replayed_ids
 
 __all__ = ["DbrxBlock", "Experts", "Llama4Block", "LoraExperts", "ModuleExperts"]
 
@@ -238,10 +239,9 @@ class DbrxBlock(PatchedForward):
             weights, indices = softmax_top_k(logits, block.top_k, normalize=False)  # [N, k]
         else:
             probs = torch.softmax(logits, dim=-1)  # [N, E]
-            indices = replay.to(logits.device)
-            live = indices < 0
-            if live.any():
-                indices = torch.where(live, probs.topk(block.top_k, dim=-1).indices, indices)
+            indices = replayed_ids(
+                replay, lambda: probs.topk(block.top_k, dim=-1).indices, logits.device
+            )
             weights = probs.gather(-1, indices)
         stats.record(indices)
         if stats.counts is not None:

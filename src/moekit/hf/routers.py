@@ -106,14 +106,11 @@ def route(
         if replay is None and _plain_top_k(router, rule):  # the top-k of the scores
             weights, indices = scores.topk(top_k, dim=-1)  # [N, k] (values: the gathered)
         else:
-            if replay is None:
-                indices = _choice(router, rule, logits, scores, top_k, args, input_ids)
-            else:
-                indices = replay.to(logits.device)
-                live = indices < 0
-                if live.any():
-                    own = _choice(router, rule, logits, scores, top_k, args, input_ids)
-                    indices = torch.where(live, own, indices)
+
+            def own() -> Tensor:
+                return _choice(router, rule, logits, scores, top_k, args, input_ids)
+
+            indices = own() if replay is None else replayed_ids(replay, own, logits.device)
             weights = scores.gather(-1, indices)  # [N, k]
         if flag(router, rule.normalize):
             total = weights.sum(-1, keepdim=True)
@@ -127,6 +124,14 @@ def route(
         if rule.expert_scale is not None:
             weights = weights * attribute(router, rule.expert_scale)[indices]
     return logits, weights, indices
+
+
+def replayed_ids(replay: Tensor, own, device: torch.device) -> Tensor:
+    """[N, k] the replayed experts on `device`, a token's row of -1 filled from `own()` (the
+    router's own choice, computed only where some token has no replayed row)."""
+    indices = replay.to(device)
+    live = indices < 0
+    return torch.where(live, own(), indices) if live.any() else indices
 
 
 def _plain_top_k(router: nn.Module, rule: FamilyRule) -> bool:
@@ -282,7 +287,7 @@ def _switch(
     logits = flat.reshape(*hidden_states.shape[:-1], -1)  # [B, S, E]
     weights, indices = softmax_top_k(flat, 1, normalize=False)  # [N, 1]
     if replay is not None:  # the replayed expert (a row of -1: its own), its live probability
-        indices = torch.where(replay < 0, indices, replay.to(indices.device))
+        indices = replayed_ids(replay, lambda: indices, indices.device)
         weights = F.softmax(flat, dim=-1).gather(-1, indices)
     mask = F.one_hot(indices[:, 0], logits.shape[-1]).reshape(logits.shape)  # [B, S, E]
     position = torch.cumsum(mask, dim=-2)  # [B, S, E] 1-based within each sequence
