@@ -297,3 +297,48 @@ def test_gpt_oss_mxfp4_loads_as_stored(tmp_path):
     merged.set_experts_implementation("eager")
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, want(**inputs).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_ep_rank_lora_factors_are_cut_as_peft_makes_them(models, monkeypatch, family, ranks):
+    """On a rank that read its experts only, `add_lora` never holds the whole model's expert
+    factors: each ParamWrapper's are cut to the rank's experts as PEFT makes them (at most one
+    wrapper's whole factors at a time), and they equal the one-process adapter's rows
+    (lora_A [r E, in] expert-major, lora_B [out, r E] expert-minor: the same RNG draws)."""
+    from moekit.hf import parallel
+    from moekit.hf.lora import add_lora
+
+    model_dir = models[family]
+    torch.manual_seed(3)
+    one = add_lora(load_model(model_dir, torch.float32), 2, None, ("experts",))
+    want = {n: p.detach() for n, p in one.named_parameters() if "lora_" in n}
+    r = 2
+    for rank in range(ranks):
+        made = []  # the wrappers cut so far, in the order PEFT made them
+        cut = parallel._shard_adapter
+
+        def spy(wrapper, first, local, cut=cut, made=made):
+            assert wrapper.num_experts == local * ranks  # whole: this one only
+            assert all(w.num_experts == local for w in made)  # the earlier ones cut already
+            cut(wrapper, first, local)
+            made.append(wrapper)
+
+        monkeypatch.setattr(parallel, "_shard_adapter", spy)
+        torch.manual_seed(3)
+        model = load_model(model_dir, torch.float32, shard=(rank, ranks))
+        got = add_lora(model, 2, None, ("experts",))
+        monkeypatch.undo()
+        wrappers = parallel._adapter_wrappers(got)
+        assert wrappers and {id(w) for w, _ in wrappers} == {id(w) for w in made}
+        for name, param in got.named_parameters():
+            if "lora_" not in name:
+                continue
+            full = want[name]
+            if "lora_A" in name:  # [r e, in]
+                e = full.shape[0] // r // ranks
+                assert torch.equal(param, full[rank * e * r : (rank + 1) * e * r]), name
+            else:  # [out, r e]
+                e = full.shape[1] // r // ranks
+                cols = full.view(full.shape[0], r, -1)[:, :, rank * e : (rank + 1) * e]
+                assert torch.equal(param, cols.reshape(full.shape[0], r * e)), name

@@ -60,6 +60,10 @@ NF4_LEVELS = torch.tensor(
 )
 
 
+# a packed byte's two NF4 values, (high nibble, low nibble): one lookup a byte dequantises
+NF4_PAIRS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=-1)
+
+
 def _nf4_codes(values: Tensor) -> Tensor:
     """Each value in [-1, 1] -> the index of its nearest NF4 level (uint8)."""
     levels = NF4_LEVELS.to(values.device)
@@ -159,9 +163,8 @@ class QuantizedExperts:
         if self.scheme == "int8":
             return (self.data[e].float() * self.scales[e][None, :]).to(dtype)
         packed = self.data[e]  # [n_pad / 2]
-        codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).view(-1).long()  # [n_pad]
-        values = NF4_LEVELS.to(packed.device)[codes].view(-1, NF4_BLOCK)  # [n_pad / 64, 64]
-        values = (values * self.scales[e][:, None]).view(-1)[: d_in * d_out]
+        pairs = NF4_PAIRS.to(packed.device)[packed.int()]  # [n_pad / 2, 2]: a byte's two values
+        values = (pairs.view(-1, NF4_BLOCK) * self.scales[e][:, None]).view(-1)[: d_in * d_out]
         return values.view(d_in, d_out).to(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -184,7 +187,7 @@ class _QuantGroupedLinear(torch.autograd.Function):
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                out[start:end] = rows[start:end] @ quant.expert(e, rows.dtype)
+                torch.mm(rows[start:end], quant.expert(e, rows.dtype), out=out[start:end])
             start = end
         ctx.quant, ctx.ends = quant, ends
         return out
@@ -196,7 +199,8 @@ class _QuantGroupedLinear(torch.autograd.Function):
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                grad_rows[start:end] = grad[start:end] @ quant.expert(e, grad.dtype).T
+                w = quant.expert(e, grad.dtype)  # [d_in, d_out]
+                torch.mm(grad[start:end], w.T, out=grad_rows[start:end])
             start = end
         return grad_rows, None, None
 

@@ -17,11 +17,11 @@ a temporary directory (random weights, no network).
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -71,15 +71,11 @@ class QuantMemory(NamedTuple):
     load_s: float
 
 
-def _write_model(root: Path, layers: int, experts: int, d_model: int, d_hidden: int) -> Path:
-    import torch
+def _config(layers: int, experts: int, d_model: int, d_hidden: int, vocab: int):
     import transformers
 
-    from .sft import chat_records, chat_tokenizer
-
-    tok = chat_tokenizer()
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=len(tok),
+    return transformers.Qwen3MoeConfig(
+        vocab_size=vocab,
         hidden_size=d_model,
         intermediate_size=d_model,
         moe_intermediate_size=d_hidden,
@@ -90,15 +86,81 @@ def _write_model(root: Path, layers: int, experts: int, d_model: int, d_hidden: 
         num_key_value_heads=4,
         head_dim=d_model // 4,
     )
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.Qwen3MoeForCausalLM(config)
-        model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+
+
+def checkpoint_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a Qwen3-MoE checkpoint as transformers saves it (an expert a tensor)."""
+    d, h, heads = config.hidden_size, config.moe_intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * heads, config.num_key_value_heads * heads
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d)}
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        shapes |= {
+            layer + "input_layernorm.weight": (d,),
+            layer + "post_attention_layernorm.weight": (d,),
+            layer + "self_attn.q_proj.weight": (q, d),
+            layer + "self_attn.k_proj.weight": (kv, d),
+            layer + "self_attn.v_proj.weight": (kv, d),
+            layer + "self_attn.o_proj.weight": (d, q),
+            layer + "self_attn.q_norm.weight": (heads,),
+            layer + "self_attn.k_norm.weight": (heads,),
+            layer + "mlp.gate.weight": (config.num_experts, d),
+        }
+        for e in range(config.num_experts):
+            expert = f"{layer}mlp.experts.{e}."
+            shapes |= {
+                expert + "gate_proj.weight": (h, d),
+                expert + "up_proj.weight": (h, d),
+                expert + "down_proj.weight": (d, h),
+            }
+    return shapes | {"model.norm.weight": (d,), "lm_head.weight": (config.vocab_size, d)}
+
+
+def _write_model(
+    root: Path, layers: int, experts: int, d_model: int, d_hidden: int, shard_mb: int = 1024
+) -> Path:
+    """A random Qwen3-MoE checkpoint in `root/model` (norms 1, the rest N(0, 0.02)), written
+    a shard of `shard_mb` at a time: never the whole model in memory, so the cases measured
+    beside this process have the machine's memory."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .sft import chat_records, chat_tokenizer
+
+    tok = chat_tokenizer()
+    config = _config(layers, experts, d_model, d_hidden, len(tok))
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    directory = root / "model"
+    directory.mkdir(parents=True)
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in checkpoint_shapes(config).items():  # shards of ~shard_mb (float32)
+        if size >= shard_mb * 2**20:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += 4 * math.prod(shape)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, group in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {
+            name: torch.ones(shape)
+            if name.endswith("norm.weight")
+            else torch.empty(shape).normal_(0.0, 0.02, generator=generator)
+            for name, shape in group
+        }
+        save_file(tensors, directory / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file)
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors  # one shard in memory at a time
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(directory)
+    tok.save_pretrained(directory)
     records = chat_records(40)
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root / "model"
+    return directory
 
 
 def bench_quant_memory(

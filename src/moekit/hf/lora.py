@@ -15,6 +15,7 @@ from torch import nn
 
 from .._extras import require
 from ..train.finetune_config import TARGETS
+from .parallel import adapters_cut_as_made
 from .patch import experts_of, holds_experts, patch_model, router_of
 
 __all__ = ["TARGETS", "add_lora", "lora_targets"]
@@ -71,7 +72,8 @@ def add_lora(
         target_modules=modules or None,
     )
     log.warning("LoRA rank %d on %s", rank, ", ".join(parameters + modules))
-    with warnings.catch_warnings():
+    # an expert-parallel rank's loader read its experts only: their factors cut as made
+    with warnings.catch_warnings(), adapters_cut_as_made(peft):
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(model, config)
         patch_model(model)  # the experts' LoRA inside moekit's grouped pass (`LoraExperts`)

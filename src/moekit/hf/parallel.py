@@ -5,6 +5,7 @@ every MoE block; moekit's all-to-all dispatch (`moekit.parallel.ExpertParallel`,
     expert_parallel(model, group, data_group=None) -> int   blocks sharded
     sharded_parameters(model) -> {name: (first expert, E)}  the expert shards
     adapter_shards(model) -> {name: AdapterShard}           PEFT's LoRA factors on experts
+    with adapters_cut_as_made(peft): get_peft_model(...)    factors cut as each is made
 
 Call it on the same full model on every rank (same weights: load or seed alike) after
 `patch_model`; rank r keeps experts r*E/R .. (r+1)*E/R - 1 of each block (a copy: the full
@@ -21,6 +22,8 @@ EP group.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -34,7 +37,13 @@ from .experts import QUANT_SPEC
 from .patch import experts_of, holds_experts, is_patched, router_of
 from .stream import LOCAL, SHARD, stacked_names
 
-__all__ = ["AdapterShard", "adapter_shards", "expert_parallel", "sharded_parameters"]
+__all__ = [
+    "AdapterShard",
+    "adapter_shards",
+    "adapters_cut_as_made",
+    "expert_parallel",
+    "sharded_parameters",
+]
 
 
 def _shard(experts: nn.Module, rank: int, local: int, num_experts: int) -> None:
@@ -126,18 +135,50 @@ def expert_parallel(
     return len(plans)
 
 
+def _wraps_experts(module: nn.Module) -> nn.Module | None:
+    """The stacked experts module under a PEFT ParamWrapper of a 3-D weight, else None."""
+    if type(module).__name__ != "ParamWrapper" or getattr(module, "_param_ndim", 2) != 3:
+        return None
+    inner = module
+    while isinstance(getattr(inner, "base_layer", None), nn.Module):
+        inner = inner.base_layer
+    return inner
+
+
 def _adapter_wrappers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(PEFT ParamWrapper, the experts module it wraps) of every LoRA on stacked experts."""
     found = []
     for module in model.modules():
-        if type(module).__name__ != "ParamWrapper" or getattr(module, "num_experts", 1) <= 1:
-            continue
-        inner = module
-        while isinstance(getattr(inner, "base_layer", None), nn.Module):
-            inner = inner.base_layer
-        if isinstance(inner.__dict__.get("forward"), Experts):
+        inner = _wraps_experts(module)
+        if inner is not None and isinstance(inner.__dict__.get("forward"), Experts):
             found.append((module, inner))
     return found
+
+
+@contextmanager
+def adapters_cut_as_made(peft) -> Iterator[None]:
+    """Within it, PEFT's LoRA factors on experts that the loader read for one rank only
+    (`hf.stream`'s EP shard) are cut to that rank's experts as each ParamWrapper is made.
+
+    PEFT draws each wrapper's whole factors (lora_A [r E, in] from the RNG, as one process
+    does: the same values at any R); here they live one wrapper at a time, not the whole
+    model's at once before `expert_parallel` cuts them (for Qwen3-30B-A3B at r=8, 1.2 GB of
+    float32 on every rank)."""
+    wrapper = peft.tuners.lora.layer.ParamWrapper
+    made = wrapper.update_layer
+
+    def update_layer(self, *args, **kwargs):
+        made(self, *args, **kwargs)
+        experts = _wraps_experts(self)
+        loaded = None if experts is None else experts.__dict__.get(SHARD)
+        if loaded is not None and loaded[2] == self.num_experts:  # (first, local, E)
+            _shard_adapter(self, loaded[0], loaded[1])
+
+    wrapper.update_layer = update_layer
+    try:
+        yield
+    finally:
+        wrapper.update_layer = made
 
 
 def _shard_adapter(wrapper: nn.Module, first: int, local: int) -> None:
@@ -154,7 +195,7 @@ def _shard_adapter(wrapper: nn.Module, first: int, local: int) -> None:
         b = wrapper.lora_B[name].weight  # [out, r E], expert-minor
         cols = b.detach().view(b.shape[0], rank, num_experts)[:, :, first : first + local]
         wrapper.lora_B[name].weight = nn.Parameter(
-            cols.reshape(b.shape[0], rank * local).clone(), requires_grad=b.requires_grad
+            cols.contiguous().view(b.shape[0], rank * local), requires_grad=b.requires_grad
         )
     wrapper.num_experts = local
 
