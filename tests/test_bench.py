@@ -5,6 +5,9 @@ No timing asserts: only that every case is measured and the ratios are the ones 
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -307,6 +310,32 @@ def test_quant_memory_table_runs_a_process_per_scheme():
     assert all(r.peak_rss_mb > 0 and r.peak_anon_mb > 0 and r.step_s > 0 for r in results)
     table = format_quant_memory_table(results)
     assert "nf4" in table and "peak anon MB" in table and "x 1 proc" in table
+
+
+def test_quant_memory_model_is_written_as_transformers_saves_it(tmp_path):
+    """The benchmark's checkpoint, written a shard at a time: the names and shapes of
+    transformers' own `save_pretrained` of that config (an expert a tensor), in several
+    files with an index, and transformers loads it."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    from moekit.bench.quant import _config, _write_model, checkpoint_shapes
+
+    config = _config(2, 4, 64, 32, 320)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "ref")
+    with safe_open(str(tmp_path / "ref" / "model.safetensors"), "pt") as f:
+        want = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    assert checkpoint_shapes(config) == want
+    model_dir = _write_model(tmp_path / "bench", 2, 4, 64, 32, shard_mb=0)
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(want) and len(set(index["weight_map"].values())) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    assert loaded.model.layers[1].mlp.experts.down_proj.shape == (4, 64, 32)
+    assert torch.equal(loaded.model.norm.weight, torch.ones(64))
 
 
 def test_decode_table_runs_every_case_and_checks_the_tokens():
