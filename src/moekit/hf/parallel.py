@@ -195,7 +195,8 @@ def _shard_adapter(wrapper: nn.Module, first: int, local: int) -> None:
         b = wrapper.lora_B[name].weight  # [out, r E], expert-minor
         cols = b.detach().view(b.shape[0], rank, num_experts)[:, :, first : first + local]
         wrapper.lora_B[name].weight = nn.Parameter(
-            cols.contiguous().view(b.shape[0], rank * local), requires_grad=b.requires_grad
+            cols.clone(memory_format=torch.contiguous_format).view(b.shape[0], rank * local),
+            requires_grad=b.requires_grad,
         )
     wrapper.num_experts = local
 
