@@ -312,6 +312,20 @@ def test_quant_memory_table_runs_a_process_per_scheme():
     assert "nf4" in table and "peak anon MB" in table and "x 1 proc" in table
 
 
+def test_quant_memory_table_is_skipped_in_one_line_where_memory_is_short(monkeypatch):
+    pytest.importorskip("transformers")
+    from moekit import bench
+    from moekit.bench import quant
+
+    monkeypatch.setattr(quant, "available_memory", lambda: 4 * 2**30)
+    lines = []
+    assert bench._quant_table(echo=lines.append) == []
+    assert "3.63B weights" in lines[0] and "activation checkpointing" in lines[0]
+    assert lines[1] == (
+        "quantised experts: skipped: the float32 cases need ~18 GB of memory, 4 GB is available"
+    )
+
+
 def test_quant_memory_model_is_written_as_transformers_saves_it(tmp_path):
     """The benchmark's checkpoint, written a shard at a time: the names and shapes of
     transformers' own `save_pretrained` of that config (an expert a tensor), in several

@@ -112,6 +112,42 @@ def test_run_trains_with_its_cadence_and_result(tmp_path):
         assert (out / name).exists(), name
 
 
+def test_freed_host_memory_is_trimmed_after_loading_and_every_cpu_step(tmp_path, monkeypatch):
+    import moekit.train.loop as loop_module
+
+    calls = []
+    monkeypatch.setattr(loop_module, "trim_host_memory", lambda *a: calls.append(a) or True)
+    run(ToyJob(config(tmp_path / "run", steps=5, save_every=0)))
+    # after loading whatever is free; after each step where much is (`_memory`)
+    assert calls == [(), *[(loop_module.STEP_TRIM_BYTES,)] * 5]
+
+
+def test_trim_host_memory_hands_freed_heap_back():
+    """Blocks freed between live ones stay in glibc's arenas until trimmed."""
+    import ctypes.util
+    import gc
+
+    from moekit._memory import free_in_arenas, trim_host_memory
+
+    if not ctypes.util.find_library("c") or not Path("/proc/self/status").exists():
+        pytest.skip("glibc and /proc: Linux only")
+
+    def anon_mb() -> float:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("RssAnon"))
+
+    blocks = [torch.ones(64 * 1024) for _ in range(2048)]  # 256 KiB each: 512 MiB, the heap
+    del blocks[::2]  # every other one freed: holes between live blocks
+    gc.collect()
+    before = anon_mb()
+    assert free_in_arenas() > 200 * 2**20
+    assert not trim_host_memory(min_free=2**40)  # less free than asked for: kept
+    assert anon_mb() > before - 16
+    assert trim_host_memory()
+    assert before - anon_mb() > 128  # most of the 256 MiB of holes returned
+    del blocks
+
+
 def test_epochs_set_the_steps_and_save_every_0_only_the_final_checkpoint(tmp_path):
     job = ToyJob(config(tmp_path, steps=100, epochs=1.5, save_every=0), epoch_steps=4)
     result = run(job)

@@ -88,6 +88,25 @@ def test_quant_grouped_linear_equals_a_float64_loop(scheme, sizes):
     torch.testing.assert_close(rows.grad.double(), torch.cat(want_grad), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", [(5, 7, 9), (3, 16, 24)])
+def test_the_grouped_pass_dequantises_every_expert_into_one_buffer(scheme, shape):
+    """Expert after expert in the same buffer (an nf4 tail padded past d_in * d_out, the
+    values of the expert before): each equals that expert dequantised on its own."""
+    from moekit.quant import _Dequantizer
+
+    generator = torch.Generator().manual_seed(shape[0])
+    w = torch.randn(*shape, generator=generator) * torch.rand(shape[0], 1, 1, generator=generator)
+    q = QuantizedExperts.quantize(w, scheme)
+    weight = _Dequantizer(q, torch.float32)
+    pointers = set()
+    for e in reversed(range(shape[0])):
+        got = weight(e)
+        pointers.add(got.data_ptr())
+        assert torch.equal(got, q.expert(e)), e
+    assert len(pointers) == 1  # one buffer for the whole stack
+
+
 def test_unknown_scheme_is_one_line():
     with pytest.raises(ValueError, match="scheme must be one of nf4, int8, got 'fp4'"):
         QuantizedExperts.quantize(torch.randn(2, 4, 4), "fp4")

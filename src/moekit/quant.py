@@ -4,9 +4,9 @@
     .expert(e) -> [d_in, d_out]        one expert dequantised (the compute dtype)
     .dequantize() -> [E, d_in, d_out]  the whole stack (references and tests only)
     quant_grouped_linear(rows [M, d_in], q, offsets [E]) -> [M, d_out]
-        rows @ w[e] per expert segment, each expert's weight dequantised as its turn comes and
-        dropped after: never the whole stack at once; the backward gives the rows' gradient
-        (w[e] dequantised again), none to the frozen weight
+        rows @ w[e] per expert segment, each expert's weight dequantised as its turn comes
+        (on the CPU into one buffer the pass reuses): never the whole stack at once; the
+        backward gives the rows' gradient (w[e] dequantised again), none to the frozen weight
 
 NF4 (QLoRA, Dettmers et al. 2023): each expert's [d_in, d_out] flattened row-major and cut in
 blocks of 64 values (the last zero-padded); a block stores its absmax (float32) and, per value,
@@ -177,6 +177,39 @@ class QuantizedExperts:
         )
 
 
+class _Dequantizer:
+    """Expert after expert of a stack, dequantised into the same buffers: a grouped pass
+    allocates one expert's weight (and its codes' indices) once, not once an expert (on the
+    CPU, where each allocation of that size is fresh pages and a hole in the heap after it).
+    A weight it returns is valid until the next call. On CUDA (Triton) and for MXFP4 each
+    expert is `QuantizedExperts.expert`'s own tensor."""
+
+    def __init__(self, quant: QuantizedExperts, dtype: torch.dtype) -> None:
+        self.quant, self.dtype = quant, dtype
+        self.reuse = quant.scheme in SCHEMES and dtype == torch.float32 and not quant.data.is_cuda
+        self.weight: Tensor | None = None  # [d_in * d_out] or for nf4 [n_pad]
+        self.codes: Tensor | None = None  # nf4: int32 [n_pad / 2], the lookup's indices
+
+    def __call__(self, e: int) -> Tensor:
+        quant = self.quant
+        if not self.reuse:
+            return quant.expert(e, self.dtype)
+        _, d_in, d_out = quant.shape
+        data, scales = quant.data[e], quant.scales[e]
+        if quant.scheme == "int8":
+            if self.weight is None:
+                self.weight = torch.empty(d_in, d_out)
+            return torch.mul(data, scales[None, :], out=self.weight)
+        if self.weight is None:
+            self.codes = torch.empty(data.shape[0], dtype=torch.int32)
+            self.weight = torch.empty(2 * data.shape[0])
+        self.codes.copy_(data)
+        pairs = self.weight.view(-1, 2)  # [n_pad / 2, 2]: a byte's two values
+        torch.index_select(NF4_PAIRS, 0, self.codes, out=pairs)
+        self.weight.view(-1, NF4_BLOCK).mul_(scales[:, None])
+        return self.weight[: d_in * d_out].view(d_in, d_out)
+
+
 class _QuantGroupedLinear(torch.autograd.Function):
     """rows @ w[e] per segment with w dequantised per expert; the rows' gradient only."""
 
@@ -184,10 +217,11 @@ class _QuantGroupedLinear(torch.autograd.Function):
     def forward(ctx, rows: Tensor, quant: QuantizedExperts, offsets: Tensor) -> Tensor:
         ends = offsets.tolist()  # one host read: which experts have rows
         out = rows.new_empty(rows.shape[0], quant.shape[2])  # [M, d_out]
+        weight = _Dequantizer(quant, rows.dtype)
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                torch.mm(rows[start:end], quant.expert(e, rows.dtype), out=out[start:end])
+                torch.mm(rows[start:end], weight(e), out=out[start:end])
             start = end
         ctx.quant, ctx.ends = quant, ends
         return out
@@ -196,11 +230,11 @@ class _QuantGroupedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         quant, ends = ctx.quant, ctx.ends
         grad_rows = grad.new_empty(grad.shape[0], quant.shape[1])  # [M, d_in]
+        weight = _Dequantizer(quant, grad.dtype)
         start = 0
         for e, end in enumerate(ends):
             if end > start:
-                w = quant.expert(e, grad.dtype)  # [d_in, d_out]
-                torch.mm(grad[start:end], w.T, out=grad_rows[start:end])
+                torch.mm(grad[start:end], weight(e).T, out=grad_rows[start:end])  # w [d_in, d_out]
             start = end
         return grad_rows, None, None
 

@@ -1,17 +1,20 @@
 """The "quantised experts" memory table: LoRA fine-tuning of a Qwen3-MoE whose experts are
 nearly all of its weights, with the experts in float32, int8 and nf4.
 
-    bench_quant_memory(layers=6, experts=64, ...) -> list[QuantMemory]
+    bench_quant_memory(layers=6, experts=128, ...) -> list[QuantMemory]
     format_quant_memory_table(results) -> str
 
 Each case runs in a process of its own (`moekit finetune`'s job: load, LoRA rank 8 on the
-experts, three AdamW steps on chat records), then under torchrun at EP 2 (2 ranks, each
-reading its half of the experts): its peak resident memory (the whole process, the kernel's
-high-water mark `VmHWM`: the checkpoint's file pages that safetensors maps in count too;
-not `ru_maxrss`, which keeps the parent's resident memory at the fork) and its peak anonymous
-memory (sampled every 5 ms: what the process itself allocated), the seconds of a training step
-(median of three) and of the load; at EP 2 the largest rank's. The model is written once into
-a temporary directory (random weights, no network).
+experts, activation checkpointing as QLoRA runs, three AdamW steps on chat records), then
+under torchrun at EP 2 (2 ranks, each reading its half of the experts): its peak resident
+memory (the whole process, the kernel's high-water mark `VmHWM`: the checkpoint's file pages
+that safetensors maps in count too; not `ru_maxrss`, which keeps the parent's resident memory
+at the fork) and its peak anonymous memory (sampled every 5 ms: what the process itself
+allocated), the seconds of a training step (median of three) and of the load; at EP 2 the
+largest rank's. The model is written once into a temporary directory (random weights, no
+network). The default model (3.6B weights, 14.5 GB in float32) is large beside the ~450 MB
+each process pays before it reads a weight (torch, transformers, PEFT): the float32 cases
+need ~19 GB of memory, `memory_needed` says how much for a size.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ from moekit.hf.finetune import FinetuneJob
 from moekit.train.finetune_config import FinetuneConfig
 from moekit.train.loop import Loop
 model, data, out, scheme = sys.argv[1:5]
-ranks = int(sys.argv[5])
+ranks, checkpointing = int(sys.argv[5]), sys.argv[6] == "1"
 cfg = FinetuneConfig(model=model, data=data, out=out, steps=3, seq_len=128, batch_size=4,
-                     lora_rank=8, track=False, progress=False, overwrite=True,
+                     lora_rank=8, activation_checkpointing=checkpointing,
+                     track=False, progress=False, overwrite=True,
                      expert_parallel=ranks, dist_timeout=600.0,
                      quantize_experts=None if scheme == "float32" else scheme)
 tic = time.perf_counter()
@@ -163,10 +167,61 @@ def _write_model(
     return directory
 
 
+def memory_needed(layers: int, experts: int, d_model: int, d_hidden: int) -> int:
+    """Bytes of memory the table's largest case needs (the float32 process, or both float32
+    ranks at EP 2): its weights, their LoRA state, a step, and each process's baseline."""
+    weights = sum(
+        math.prod(s)
+        for s in checkpoint_shapes(_config(layers, experts, d_model, d_hidden, 320)).values()
+    )
+    return int(4 * weights * 1.15) + 2 * 2**30
+
+
+def describe(
+    layers: int, experts: int, d_model: int, d_hidden: int, activation_checkpointing: bool
+) -> str:
+    """The model and run of a table, in words."""
+    config = _config(layers, experts, d_model, d_hidden, 320)
+    shapes = checkpoint_shapes(config).items()
+    total = sum(math.prod(shape) for _, shape in shapes)
+    expert = sum(math.prod(shape) for name, shape in shapes if ".experts." in name)
+    return (
+        f"a Qwen3-MoE ({layers} layers, {experts} experts of d={d_model} h={d_hidden}, "
+        f"top-{config.num_experts_per_tok}; experts {100 * expert / total:.1f}% of its "
+        f"{total / 1e9:.2f}B weights, {4 * total / 1e9:.1f} GB in float32)"
+        + (", activation checkpointing" if activation_checkpointing else "")
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new process can have (`MemAvailable`), None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(
+                int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")
+            )
+    except (OSError, StopIteration):
+        return None
+
+
 def bench_quant_memory(
-    layers: int = 6, experts: int = 64, d_model: int = 512, d_hidden: int = 2048
+    layers: int = 6,
+    experts: int = 128,
+    d_model: int = 512,
+    d_hidden: int = 3072,
+    activation_checkpointing: bool = True,
 ) -> list[QuantMemory]:
-    """The table's rows, one process each (module docstring)."""
+    """The table's rows, one process each (module docstring).
+
+    Raises:
+        MemoryError: the machine has less memory available than the float32 cases need.
+    """
+    need, have = memory_needed(layers, experts, d_model, d_hidden), available_memory()
+    if have is not None and have < need:
+        raise MemoryError(
+            f"the float32 cases need ~{need / 2**30:.0f} GB of memory, "
+            f"{have / 2**30:.0f} GB is available"
+        )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -175,7 +230,7 @@ def bench_quant_memory(
             for scheme in SCHEMES:
                 out = root / f"out-{scheme}-{ranks}"
                 args = [str(model), str(root / "chat.jsonl"), str(out), scheme, str(ranks)]
-                found = _run_case(args, ranks, root)
+                found = _run_case([*args, str(int(activation_checkpointing))], ranks, root)
                 worst = max(found, key=lambda r: r["anon"])
                 results.append(
                     QuantMemory(

@@ -5,7 +5,9 @@
     job.finish_grads() -> the global gradient norm (expert shards synced)
     one host read a step: the global loss sums and the norm; a non-finite one stops it here,
     before the optimizer touches the weights; then clipping, the lr of the schedule, the step,
-    job.after_step() (the router-bias update)
+    job.after_step() (the router-bias update); on the CPU the step's freed memory handed
+    back to the system where it is large (`_memory.trim_host_memory`; after loading on every
+    device)
 
 The loss of a step is the sum of the token losses over the supervised tokens of the whole
 global batch divided by their number: every micro-batch's summed loss is scaled by
@@ -33,6 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from .._extras import require
+from .._memory import STEP_TRIM_BYTES, trim_host_memory
 from ..parallel import training as par
 from .config import RunConfig, learning_rate
 from .files import decode_bytes, encode_bytes
@@ -139,6 +142,7 @@ class Loop:
         self.tracker = make_tracker(
             track, job.out, self.cfg.experiment, self.cfg.tracking_uri, run_id
         )
+        trim_host_memory()  # what loading freed (the files' reads, full-precision experts)
 
     # --- state --------------------------------------------------------------------------
     def state(self) -> dict:
@@ -207,6 +211,8 @@ class Loop:
                         param.grad.mul_(coef)
         job.optimizer.step()
         job.after_step()
+        if topo.device.type == "cpu":  # the step's freed activations, if many (`_memory`)
+            trim_host_memory(STEP_TRIM_BYTES)
         metrics = {"loss": loss, "grad_norm": norm_value, "learning_rate": lr}
         if aux_sum:
             metrics["aux_loss"] = aux
