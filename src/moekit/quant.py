@@ -187,7 +187,7 @@ class _Dequantizer:
     def __init__(self, quant: QuantizedExperts, dtype: torch.dtype) -> None:
         self.quant, self.dtype = quant, dtype
         self.reuse = quant.scheme in SCHEMES and dtype == torch.float32 and not quant.data.is_cuda
-        self.weight: Tensor | None = None  # [d_in * d_out] or for nf4 [n_pad]
+        self.weight: Tensor | None = None  # int8 [d_in, d_out]; nf4 [n_pad]
         self.codes: Tensor | None = None  # nf4: int32 [n_pad / 2], the lookup's indices
 
     def __call__(self, e: int) -> Tensor:

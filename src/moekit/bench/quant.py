@@ -14,7 +14,7 @@ allocated), the seconds of a training step (median of three) and of the load; at
 largest rank's. The model is written once into a temporary directory (random weights, no
 network). The default model (3.6B weights, 14.5 GB in float32) is large beside the ~450 MB
 each process pays before it reads a weight (torch, transformers, PEFT): the float32 cases
-need ~19 GB of memory, `memory_needed` says how much for a size.
+need ~18 GB of memory, `memory_needed` says how much for a size.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 SCHEMES = ("float32", "int8", "nf4")
+TOP_K = 4  # experts a token
 
 _CHILD = r"""
 import json, statistics, sys, threading, time
@@ -84,7 +85,7 @@ def _config(layers: int, experts: int, d_model: int, d_hidden: int, vocab: int):
         intermediate_size=d_model,
         moe_intermediate_size=d_hidden,
         num_experts=experts,
-        num_experts_per_tok=4,
+        num_experts_per_tok=TOP_K,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -167,28 +168,29 @@ def _write_model(
     return directory
 
 
+def _weights(layers: int, experts: int, d_model: int, d_hidden: int) -> tuple[int, int]:
+    """(all weights, the experts') of the table's model."""
+    shapes = checkpoint_shapes(_config(layers, experts, d_model, d_hidden, 320)).items()
+    total = sum(math.prod(shape) for _, shape in shapes)
+    return total, sum(math.prod(shape) for name, shape in shapes if ".experts." in name)
+
+
 def memory_needed(layers: int, experts: int, d_model: int, d_hidden: int) -> int:
     """Bytes of memory the table's largest case needs (the float32 process, or both float32
     ranks at EP 2): its weights, their LoRA state, a step, and each process's baseline."""
-    weights = sum(
-        math.prod(s)
-        for s in checkpoint_shapes(_config(layers, experts, d_model, d_hidden, 320)).values()
-    )
-    return int(4 * weights * 1.15) + 2 * 2**30
+    return int(4 * _weights(layers, experts, d_model, d_hidden)[0] * 1.15) + 2 * 2**30
 
 
 def describe(
     layers: int, experts: int, d_model: int, d_hidden: int, activation_checkpointing: bool
 ) -> str:
     """The model and run of a table, in words."""
-    config = _config(layers, experts, d_model, d_hidden, 320)
-    shapes = checkpoint_shapes(config).items()
-    total = sum(math.prod(shape) for _, shape in shapes)
-    expert = sum(math.prod(shape) for name, shape in shapes if ".experts." in name)
+    total, expert = _weights(layers, experts, d_model, d_hidden)
     return (
         f"a Qwen3-MoE ({layers} layers, {experts} experts of d={d_model} h={d_hidden}, "
-        f"top-{config.num_experts_per_tok}; experts {100 * expert / total:.1f}% of its "
-        f"{total / 1e9:.2f}B weights, {4 * total / 1e9:.1f} GB in float32)"
+        f"top-{TOP_K}; experts "
+        f"{100 * expert / total:.1f}% of its {total / 1e9:.2f}B weights, "
+        f"{4 * total / 1e9:.1f} GB in float32)"
         + (", activation checkpointing" if activation_checkpointing else "")
     )
 
