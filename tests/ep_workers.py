@@ -392,3 +392,36 @@ def hf_replay_parity(rank: int, world: int, family: str) -> bool:
         reference = full.get_parameter(name).grad
         assert ((grad - reference).abs().max() / reference.abs().max()).item() <= 1e-5, name
     return True
+
+
+def averaged_grads(rank: int, world: int) -> bool:
+    """`average_grads` in buckets of 64 bytes (float32 and float64 runs, an empty tensor, one
+    larger than a bucket) equals the mean over the ranks, in place; without a group it divides."""
+    from moekit.parallel import training
+
+    training.BUCKET_BYTES = 64
+    shapes = [(3,), (0,), (40,), (2, 3), (5,), (1,)]
+    dtypes = [
+        torch.float32,
+        torch.float32,
+        torch.float32,
+        torch.float64,
+        torch.float64,
+        torch.float32,
+    ]
+
+    def grads(r: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(r)
+        return [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+
+    mine = grads(rank)
+    ptrs = [t.data_ptr() for t in mine]
+    training.average_grads(mine, dist.group.WORLD, world)
+    expected = [sum(ts) / world for ts in zip(*(grads(r) for r in range(world)), strict=True)]
+    for got, want in zip(mine, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    alone = grads(rank)
+    training.average_grads(alone, None, 4)
+    for got, want in zip(alone, grads(rank), strict=True):
+        torch.testing.assert_close(got, want / 4)
+    return [t.data_ptr() for t in mine] == ptrs

@@ -122,6 +122,40 @@ def test_freed_host_memory_is_trimmed_after_loading_and_every_cpu_step(tmp_path,
     assert calls == [(), *[(loop_module.STEP_TRIM_BYTES,)] * 5]
 
 
+_HOLES = """
+import sys, torch
+from moekit._memory import map_large_blocks
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) / 1024 for l in f if l.startswith("RssAnon"))
+if sys.argv[1] == "map":
+    assert map_large_blocks()
+start = anon()
+torch.ones(2 * 2**20)  # an 8 MiB block, freed at once: glibc's own threshold rises to it
+blocks = [torch.ones(2 * 2**20) for _ in range(64)]  # 8 MiB each, 512 MiB
+del blocks[::2]  # every other one freed
+print(anon() - start)
+"""
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_large_blocks_mapped_on_their_own_leave_no_holes(mapped):
+    """Freed 8 MiB blocks between live ones (256 MiB of each): kept in the heap by glibc's
+    risen threshold, returned at once once `map_large_blocks` fixed it at 4 MiB."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    if not ctypes.util.find_library("c") or not Path("/proc/self/status").exists():
+        pytest.skip("glibc and /proc: Linux only")
+    argv = [sys.executable, "-c", _HOLES, "map" if mapped else "heap"]
+    grown = float(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    if mapped:
+        assert 240 < grown < 300  # the live blocks alone
+    else:
+        assert grown > 256 + 192  # the live blocks and most of the holes
+
+
 def test_trim_host_memory_hands_freed_heap_back():
     """Blocks freed between live ones stay in glibc's arenas until trimmed."""
     import ctypes.util

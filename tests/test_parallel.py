@@ -111,3 +111,9 @@ def test_routing_replay_under_expert_parallelism_equals_one_process():
     """Each EP rank replays its rows of routes recorded by one process (`moekit.hf.replay`):
     the logits and the routers' gradients are the one-process replay's."""
     assert run_ranks(ep_workers.hf_replay_parity, 2, "qwen3_moe") == [True, True]
+
+
+def test_average_grads_in_buckets_is_the_mean_in_place():
+    """The expert shards' gradient mean, a bucket at a time (mixed dtypes, an empty tensor,
+    one larger than a bucket), equals the mean over the ranks in the same tensors."""
+    assert run_ranks(ep_workers.averaged_grads, 2) == [True, True]

@@ -233,19 +233,26 @@ def _args(chat, out, *extra):
     ]
 
 
-def test_nf4_lora_finetune_learns_like_full_precision_and_resumes_bitwise(chat, tmp_path):
+def test_nf4_lora_finetune_learns_like_full_precision_and_resumes_bitwise(
+    chat, tmp_path, monkeypatch
+):
     """A LoRA fine-tune with nf4 experts lowers the held-out loss as the float32 one does
     (the gap printed); stopped at step 4 and resumed it ends bit for bit where the straight
-    run ends; OUT/final is a plain adapter on the full-precision base."""
+    run ends; OUT/final is a plain adapter on the full-precision base. A quantised run on
+    the CPU maps its large blocks on their own before it loads (`_memory`), a float32 one not."""
     import json
 
     from safetensors.torch import load_file
 
+    import moekit.hf.finetune as finetune
     from moekit.cli import main
 
-    runs = {}
+    runs, mapped = {}, []
+    monkeypatch.setattr(finetune, "map_large_blocks", lambda: mapped.append(1) or True)
     for name, extra in (("fp32", ()), ("nf4", ("--quantize-experts", "nf4"))):
+        mapped.clear()
         assert main([*_args(chat, tmp_path / name, *extra), "--steps", "8"]) == 0
+        assert len(mapped) == (name == "nf4")
         state = json.loads((tmp_path / name / "ckpt-00000008" / "state.json").read_text())
         runs[name] = [e["val_loss"] for e in state["loop"]["evals"]]
     print("val loss fp32", runs["fp32"], "nf4", runs["nf4"])

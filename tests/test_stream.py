@@ -139,23 +139,28 @@ def test_a_fault_in_one_ranks_reader_is_named(models, fault, match, quantize):
     assert "fault" not in other and other["verified"].startswith("16 expert slices")  # 4 of 8, x 4
 
 
-def test_streaming_quantises_a_few_experts_at_a_time(models, monkeypatch):
-    """The reader quantises the experts a few at a time (`_QUANT_CHUNK`): never a whole stack
-    in the compute dtype; the bytes equal quantising the full stack."""
+def test_streaming_quantises_an_expert_at_a_time(models, monkeypatch):
+    """The reader quantises each expert as it reads it (`QuantizedExperts.fill`): never a
+    stack in the compute dtype; the bytes equal quantising the full stack."""
     from moekit.hf import stream
 
-    sizes = []
-    quantize = QuantizedExperts.quantize
+    shapes = []
+    fill = QuantizedExperts.fill
 
-    def spy(bank, scheme):
-        sizes.append(bank.shape[0])
-        return quantize(bank, scheme)
+    def spy(self, first, weights):
+        def seen():
+            for w in weights:
+                shapes.append(tuple(w.shape))
+                yield w
 
-    monkeypatch.setattr(stream.QuantizedExperts, "quantize", staticmethod(spy))
+        return fill(self, first, seen())
+
+    monkeypatch.setattr(stream.QuantizedExperts, "fill", spy)
     model_dir = models["qwen3_moe"]
     got, _ = stream_model(model_dir, load_config(model_dir), torch.float32, "nf4")
     monkeypatch.undo()
-    assert sizes and max(sizes) <= stream._QUANT_CHUNK
+    assert shapes and all(len(shape) == 2 for shape in shapes)  # one expert [d_in, d_out]
+    quantize = QuantizedExperts.quantize
     want = load_model(model_dir, torch.float32)
     for a, b in zip(got.model.layers, want.model.layers, strict=True):
         bank = b.mlp.experts.gate_up_proj.detach().transpose(1, 2)

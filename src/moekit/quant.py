@@ -1,6 +1,8 @@
 """Frozen expert weights stored in 4 or 8 bits, dequantised one expert at a time.
 
     QuantizedExperts.quantize(w [E, d_in, d_out], "nf4" | "int8") -> the stack, stored small
+    QuantizedExperts.empty(scheme, shape, dtype).fill(first, experts)
+                                       the same, filled an expert at a time (a loader's reads)
     .expert(e) -> [d_in, d_out]        one expert dequantised (the compute dtype)
     .dequantize() -> [E, d_in, d_out]  the whole stack (references and tests only)
     quant_grouped_linear(rows [M, d_in], q, offsets [E]) -> [M, d_out]
@@ -22,6 +24,7 @@ and the CPU use torch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -64,16 +67,6 @@ NF4_LEVELS = torch.tensor(
 NF4_PAIRS = torch.stack([NF4_LEVELS.repeat_interleave(16), NF4_LEVELS.repeat(16)], dim=-1)
 
 
-def _nf4_codes(values: Tensor) -> Tensor:
-    """Each value in [-1, 1] -> the index of its nearest NF4 level (uint8)."""
-    levels = NF4_LEVELS.to(values.device)
-    midpoints = (levels[1:] + levels[:-1]) / 2  # [15]
-    return torch.bucketize(values, midpoints).to(torch.uint8)
-
-
-_CHUNK = 4  # experts quantised at a time
-
-
 def _kernels(device: torch.device):
     """`ops.triton_dequant` where it runs on `device` (CUDA with triton), else None."""
     from .ops import triton_available
@@ -84,20 +77,27 @@ def _kernels(device: torch.device):
     return triton_module("triton_dequant")
 
 
-def _quantize(weight: Tensor, scheme: str) -> tuple[Tensor, Tensor]:
-    """(data, scales) of experts [e, d_in, d_out] (see the module docstring)."""
-    w = weight.float()
-    if scheme == "int8":
-        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [e, d_out]
-        return torch.round(w / scales[:, None, :]).clamp(-127, 127).to(torch.int8), scales
-    experts, n = w.shape[0], w.shape[1] * w.shape[2]
-    n_pad = -(-n // NF4_BLOCK) * NF4_BLOCK
-    flat = torch.zeros(experts, n_pad, device=w.device)
-    flat[:, :n] = w.reshape(experts, n)
-    blocks = flat.view(experts, -1, NF4_BLOCK)  # [e, n_pad / 64, 64]
-    absmax = blocks.abs().amax(dim=-1).clamp_min(1e-12)  # [e, n_pad / 64]
-    codes = _nf4_codes(blocks / absmax[..., None]).view(experts, -1)  # [e, n_pad]
-    return (codes[:, 0::2] << 4) | codes[:, 1::2], absmax  # [e, n_pad / 2], [e, n_pad / 64]
+def _nf4_into(w: Tensor, data: Tensor, absmax: Tensor, flat: Tensor, codes: Tensor) -> None:
+    """One expert [d_in, d_out] -> its packed codes `data` [n_pad / 2] and `absmax`
+    [n_pad / 64], through the scratch `flat` (float32) and `codes` (int32) [n_pad]."""
+    n = w.numel()
+    flat[:n].view(w.shape).copy_(w)
+    flat[n:].zero_()
+    blocks = flat.view(-1, NF4_BLOCK)  # [n_pad / 64, 64]
+    torch.linalg.vector_norm(blocks, float("inf"), dim=-1, out=absmax)
+    blocks.div_(absmax.clamp_min_(1e-12)[:, None])
+    midpoints = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]).to(flat.device) / 2  # [15]
+    torch.bucketize(flat, midpoints, out_int32=True, out=codes)
+    data.copy_(codes[0::2].mul_(16).add_(codes[1::2]))  # the first in the high nibble
+
+
+def _int8_into(w: Tensor, data: Tensor, scales: Tensor, values: Tensor) -> None:
+    """One expert [d_in, d_out] -> int8 `data` [d_in, d_out] and `scales` [d_out], through
+    the float32 scratch `values` [d_in, d_out]."""
+    values.copy_(w)
+    torch.linalg.vector_norm(values, float("inf"), dim=0, out=scales)
+    scales.clamp_min_(1e-12).div_(127.0)
+    data.copy_(values.div_(scales).round_().clamp_(-127, 127))
 
 
 def _mxfp4_expert(blocks: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
@@ -122,17 +122,47 @@ class QuantizedExperts:
     dtype: torch.dtype  # the compute dtype it dequantises to
 
     @classmethod
+    def empty(
+        cls, scheme: str, shape: tuple[int, int, int], dtype: torch.dtype, device=None
+    ) -> QuantizedExperts:
+        """Storage for E experts [d_in, d_out] in `scheme`, to `fill`."""
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        experts, d_in, d_out = shape
+        if scheme == "int8":
+            data = torch.empty(shape, dtype=torch.int8, device=device)
+            scales = torch.empty(experts, d_out, device=device)
+        else:
+            n_pad = -(-d_in * d_out // NF4_BLOCK) * NF4_BLOCK
+            data = torch.empty(experts, n_pad // 2, dtype=torch.uint8, device=device)
+            scales = torch.empty(experts, n_pad // NF4_BLOCK, device=device)
+        return cls(scheme, data, scales, tuple(shape), dtype)
+
     @torch.no_grad()
+    def fill(self, first: int, weights: Iterable[Tensor]) -> None:
+        """Experts first, first + 1, ... quantised in place from their weights [d_in, d_out],
+        one at a time (an iterable: a loader's reads) through one float scratch."""
+        _, d_in, d_out = self.shape
+        device = self.data.device
+        if self.scheme == "int8":
+            values = torch.empty(d_in, d_out, device=device)
+            for e, w in enumerate(weights, first):
+                _int8_into(w, self.data[e], self.scales[e], values)
+            return
+        flat = torch.empty(self.data.shape[1] * 2, device=device)
+        codes = torch.empty(flat.shape, dtype=torch.int32, device=device)
+        for e, w in enumerate(weights, first):
+            _nf4_into(w, self.data[e], self.scales[e], flat, codes)
+
+    @classmethod
     def quantize(cls, weight: Tensor, scheme: str) -> QuantizedExperts:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         if weight.dim() != 3:
             raise ValueError(f"expected a stack of experts [E, d_in, d_out], got {weight.shape}")
-        shape, dtype = tuple(weight.shape), weight.dtype
-        # a few experts at a time: the float temporaries stay small beside the stack
-        parts = [_quantize(w, scheme) for w in weight.detach().split(_CHUNK)]
-        data, scales = (torch.cat(t) for t in zip(*parts, strict=True))
-        return cls(scheme, data, scales, shape, dtype)
+        quant = cls.empty(scheme, tuple(weight.shape), weight.dtype, weight.device)
+        quant.fill(0, weight.detach())  # an expert at a time: no float copy of the stack
+        return quant
 
     @property
     def num_experts(self) -> int:

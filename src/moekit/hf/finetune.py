@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._extras import require
+from .._memory import map_large_blocks
 from ..parallel import training as par
 from ..train import batches
 from ..train.files import prepare_run_dir
@@ -110,6 +111,8 @@ class FinetuneJob:
         # shards, the optimizer
         torch.manual_seed(cfg.seed)
         topo = self.topo
+        if topo.device.type == "cpu" and cfg.quantize_experts:  # memory first (`_memory`)
+            map_large_blocks()
         ep = topo.expert_parallel
         shard = (topo.rank % ep, ep) if topo.distributed and ep > 1 else None
         # FSDP2 over all N ranks: each reads only the rows of the dense weights it keeps

@@ -6,20 +6,21 @@ only under expert parallelism.
                  dense_shard=None) -> (model, None) or (None, why not: the caller loads
                                         with transformers then)
 
-A stacked expert tensor is read one expert at a time: with `quantize` ("nf4", "int8") a few
-experts are quantised at a time (`moekit.quant`), so the stack never exists in the compute
-dtype; with `shard` (first expert, count) only those rows are read (safetensors slices), the
-rest of the stack never leaves the file. Such a tensor's parameter is then a one-element
-stand-in expanded to the full stack's shape and dtype (PEFT sizes an adapter for every expert
-from it); the rows live beside it (`LOCAL` in the module's `__dict__`, or the quantised
-buffers `<name>_qdata`/`_qscales` under `QUANT_SPEC`) and `expert_parallel` installs them.
+A stacked expert tensor is read one expert at a time: with `quantize` ("nf4", "int8") each is
+quantised as it is read into the stack's quantised storage (`moekit.quant`: one float scratch
+reused), so the stack never exists in the compute dtype; with `shard` (first expert, count)
+only those rows are read (safetensors slices), the rest of the stack never leaves the file.
+Such a tensor's parameter is then a one-element stand-in expanded to the full stack's shape
+and dtype (PEFT sizes an adapter for every expert from it); the rows live beside it (`LOCAL`
+in the module's `__dict__`, or the quantised buffers `<name>_qdata`/`_qscales` under
+`QUANT_SPEC`) and `expert_parallel` installs them.
 Where each tensor is in the files: `hf.checkpoint` (re-exported here).
 With `dense_shard` (rank, ranks of FSDP2) every other weight holds only the rows
 `fully_shard` keeps on that rank (`_fsdp_rows`).
 The digest of each expert's rows as read (`DIGESTS`) is kept for `hf.verify`, which compares
 it with the files independently of this reader.
 
-Peak host memory is about the final model plus one expert (a few, quantising), never the
+Peak host memory is about the final model plus one expert (two, quantising), never the
 model in the compute dtype beside its quantised form. Families whose checkpoint conversions
 are other than renamings and expert merges (transposes, splits) are not mapped: the caller
 falls back to transformers' loader.
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 LOCAL = "_moekit_local"  # {name: this rank's rows [n, a, b]} behind a stand-in parameter
 SHARD = "_moekit_shard"  # (first expert, count, E): the experts a module's rows are
 DIGESTS = "_moekit_digests"  # {name: [sha256 of each local expert's rows as read]}
-_QUANT_CHUNK = 4  # experts read and quantised at a time
 
 
 def is_stand_in(t: Tensor) -> bool:
@@ -209,15 +209,13 @@ def _fill_experts(
             _fill_mxfp4(experts, name, f"{prefix}{name}", cmap, (first, count), hashes)
             continue
         if quantize is not None and name in (layout.up_name, "down_proj"):
-            parts = []
-            for start in range(first, first + count, _QUANT_CHUNK):
-                stop = min(start + _QUANT_CHUNK, first + count)
-                bank = torch.stack([read(e) for e in range(start, stop)])  # [c, a, b]
-                bank = bank if layout.is_transposed else bank.transpose(1, 2)  # [c, in, out]
-                parts.append(QuantizedExperts.quantize(bank, quantize))
-            experts.register_buffer(f"{name}_qdata", torch.cat([q.data for q in parts]))
-            experts.register_buffer(f"{name}_qscales", torch.cat([q.scales for q in parts]))
-            shape = (count, *parts[0].shape[1:])
+            a, b = full.shape[1:]
+            shape = (count, a, b) if layout.is_transposed else (count, b, a)  # [E, in, out]
+            quant = QuantizedExperts.empty(quantize, shape, dtype)
+            rows = (read(e) for e in range(first, first + count))  # [a, b] each
+            quant.fill(0, rows if layout.is_transposed else (w.T for w in rows))
+            experts.register_buffer(f"{name}_qdata", quant.data)
+            experts.register_buffer(f"{name}_qscales", quant.scales)
             experts.__dict__.setdefault(QUANT_SPEC, {})[name] = (quantize, shape, dtype)
             experts._parameters[name] = _stand_in(full.shape, dtype, False)
             continue

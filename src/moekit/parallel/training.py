@@ -167,16 +167,38 @@ def sync_expert_grads(
 
 
 def average_grads(grads: list[Tensor], group: ProcessGroup | None, divisor: int) -> None:
-    """grads <- (their sum over `group`; None: this rank alone) / divisor, in place, in one
-    collective (flattened)."""
+    """grads <- (their sum over `group`; None: this rank alone) / divisor, in place: a
+    collective a bucket of at most `BUCKET_BYTES` (flattened), so a step's extra memory is one
+    bucket, not a copy of every gradient (an nf4 rank's 120 MB of expert LoRA gradients)."""
     if not grads:
         return
-    flat = _flatten_dense_tensors(grads)
-    if group is not None:
+    if group is None:
+        torch._foreach_div_(grads, divisor)
+        return
+    for bucket in _buckets(grads, BUCKET_BYTES):
+        flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, group=group)
-    flat /= divisor
-    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(synced)
+        flat /= divisor
+        for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+            grad.copy_(synced)
+
+
+BUCKET_BYTES = 32 * 2**20
+
+
+def _buckets(tensors: list[Tensor], limit: int) -> list[list[Tensor]]:
+    """`tensors` in order, cut into runs of one dtype and at most `limit` bytes (a tensor
+    larger than that alone)."""
+    buckets: list[list[Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not buckets or size + nbytes > limit or buckets[-1][0].dtype != t.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    return buckets
 
 
 def all_reduce_sum(tensors: list[Tensor], group: ProcessGroup | None) -> list[Tensor]:
