@@ -229,7 +229,7 @@ class _Dequantizer:
         if quant.scheme == "int8":
             if self.weight is None:
                 self.weight = torch.empty(d_in, d_out)
-            return torch.mul(data, scales[None, :], out=self.weight)
+            return self.weight.copy_(data).mul_(scales[None, :])  # no int8 -> float temporary
         if self.weight is None:
             self.codes = torch.empty(data.shape[0], dtype=torch.int32)
             self.weight = torch.empty(2 * data.shape[0])
