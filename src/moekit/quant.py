@@ -145,19 +145,20 @@ class QuantizedExperts:
         _, d_in, d_out = self.shape
         device = self.data.device
         if self.scheme == "int8":
-            values = torch.empty(d_in, d_out, device=device)
-            for e, w in enumerate(weights, first):
-                _int8_into(w, self.data[e], self.scales[e], values)
-            return
-        flat = torch.empty(self.data.shape[1] * 2, device=device)
-        codes = torch.empty(flat.shape, dtype=torch.int32, device=device)
+            scratch = (torch.empty(d_in, d_out, device=device),)
+        else:  # float32 values and int32 codes [n_pad]
+            flat = torch.empty(self.data.shape[1] * 2, device=device)
+            scratch = (flat, torch.empty(flat.shape, dtype=torch.int32, device=device))
+        into = _int8_into if self.scheme == "int8" else _nf4_into
         for e, w in enumerate(weights, first):
-            _nf4_into(w, self.data[e], self.scales[e], flat, codes)
+            if tuple(w.shape) != (d_in, d_out):
+                raise ValueError(
+                    f"expert {e}: expected a weight [{d_in}, {d_out}], got {tuple(w.shape)}"
+                )
+            into(w, self.data[e], self.scales[e], *scratch)
 
     @classmethod
     def quantize(cls, weight: Tensor, scheme: str) -> QuantizedExperts:
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         if weight.dim() != 3:
             raise ValueError(f"expected a stack of experts [E, d_in, d_out], got {weight.shape}")
         quant = cls.empty(scheme, tuple(weight.shape), weight.dtype, weight.device)
