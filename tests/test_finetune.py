@@ -258,6 +258,39 @@ def test_transformers_aux_loss_agrees_with_the_routers_choices_where_softmax_rou
         assert (abs(theirs - ours) <= 1e-5 * ours) is agrees, family
 
 
+def test_family_aux_loss_of_a_padded_batch_counts_its_real_tokens_only():
+    """`family_aux`: the family's own loss times its coefficient; with padding the forward was
+    not told of, the loss of the real tokens' router logits alone (transformers' unmasked
+    formula on those rows), also through a PeftModel."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    from moekit.hf.aux import family_aux
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tiny_model("qwen3_moe")
+    model.config.output_router_logits, model.config.router_aux_loss_coef = True, 0.25
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))  # [b, T]
+    mask = torch.ones_like(ids)
+    out = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(family_aux(model, out, mask), 0.25 * out.aux_loss)
+    mask[0, 5:], mask[2, 2:] = 0, 0  # padding, the forward not told (packed rows' tails)
+    out = model(input_ids=ids)
+    real = mask.reshape(-1).bool()  # [N]
+    config = model.config
+    expected = modeling_qwen3_moe.load_balancing_loss_func(
+        tuple(layer[real] for layer in out.router_logits),
+        config.num_experts,
+        config.num_experts_per_tok,
+    )
+    assert not torch.allclose(expected, out.aux_loss)  # the padding would have counted
+    torch.testing.assert_close(family_aux(model, out, mask), 0.25 * expected)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    torch.testing.assert_close(family_aux(lora, out, mask), 0.25 * expected)
+    assert family_aux(model, model(input_ids=ids, output_router_logits=False), mask) is None
+
+
 def test_a_dense_model_fine_tunes_anyway_and_says_so(saved, tmp_path, caplog, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -3,12 +3,15 @@ choices (the patched routers count them).
 
     switch_loss(logits, counts) -> Tensor          moekit's: the mean over MoE layers of
                                                    E * sum_e f_e * P_e (Switch Transformer)
+    family_aux(model, out, mask) -> Tensor | None  the family's own, with its coefficient,
+                                                   over the real tokens of a padded batch
     aux_loss_agreement(model) -> (theirs, ours)    transformers' aux loss and the same formula
                                                    with the choices the routers made
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -19,7 +22,7 @@ from .catalog import dummy_inputs
 from .patch import patch_model
 from .routers import Router
 
-__all__ = ["aux_loss_agreement", "routers", "switch_loss"]
+__all__ = ["aux_loss_agreement", "family_aux", "routers", "switch_loss"]
 
 
 def routers(model: nn.Module) -> list[Router]:
@@ -44,6 +47,22 @@ def switch_loss(logits: list[Tensor], counts: list[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
+def family_aux(model: nn.Module, out, mask: Tensor) -> Tensor | None:
+    """The family's auxiliary loss of a forward's `out` times its `router_aux_loss_coef`; over
+    the real tokens of `mask` [b, T] (1: real) where the batch is padded and the family's
+    module has `load_balancing_loss_func` (its own output averages over padding too)."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        return None
+    getter = getattr(model, "get_base_model", None)  # the transformers model under a PeftModel
+    base, config = getter() if getter is not None else model, model.config
+    loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    if not bool(mask.bool().all()) and loss_fn is not None:
+        experts = getattr(base, "num_experts", None) or getattr(config, "num_local_experts", None)
+        aux = loss_fn(out.router_logits, experts, config.num_experts_per_tok, mask)
+    return (getattr(config, "router_aux_loss_coef", 0.0) or 0.0) * aux
+
+
 def aux_loss_agreement(
     model: nn.Module, seed: int = 1, bias_std: float = 0.5
 ) -> tuple[float, float] | None:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from ..train.health import stack_loads
 from ..train.loop import RunResult, check_batch, run
 from ..train.sharded import latest_sharded, load_sharded, save_sharded
 from ..train.tracking import check_server
-from .aux import routers, switch_loss
+from .aux import family_aux, routers, switch_loss
 from .balance import correction_biases, update_biases
 from .distributed import Sharded
 from .drift import RoutingDrift, counts_kept, routing_drift
@@ -140,7 +139,9 @@ class FinetuneJob:
             for param in self.trained.values():
                 param.data = _as_float(param.data)
         if cfg.activation_checkpointing:
-            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+            model = self.model  # older transformers: gradient_checkpointing_enable
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)({"use_reentrant": False})
         if stored or cfg.quantize_experts:  # quantised as they were read: stand-ins to meta
             quantize_experts(self.model, stored or cfg.quantize_experts)
         self.device = self.topo.device
@@ -308,19 +309,7 @@ class FinetuneJob:
             # f_e over the global batch's real tokens, P_e over this rank's (DDP averages)
             shares = [c * (layers[0].shape[0] / real.clamp_min(1)) for c in counts]
             return self.aux_coef * switch_loss(layers, shares)
-        aux = getattr(out, "aux_loss", None)
-        if aux is None:
-            return None
-        config, base = self.model.config, _base(self.model)
-        loss_fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
-        if not bool(valid.all()) and loss_fn is not None:  # the family's loss, real tokens only
-            experts = getattr(base, "num_experts", None) or getattr(
-                config, "num_local_experts", None
-            )
-            aux = loss_fn(
-                out.router_logits, experts, config.num_experts_per_tok, batch.attention_mask
-            )
-        return (getattr(config, "router_aux_loss_coef", 0.0) or 0.0) * aux
+        return family_aux(self.model, out, batch.attention_mask)
 
     def finish_grads(self) -> torch.Tensor:
         self.sharded.finish_grads()
@@ -474,12 +463,6 @@ def _since(now: torch.Tensor, then: torch.Tensor, device: torch.device) -> torch
     """Token counts [E] added since `then` (an empty `then`: none counted before)."""
     now = now.float().to(device)
     return now - then.to(device) if then.numel() else now
-
-
-def _base(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel."""
-    getter = getattr(model, "get_base_model", None)
-    return getter() if getter is not None else model
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
