@@ -261,7 +261,7 @@ def test_transformers_aux_loss_agrees_with_the_routers_choices_where_softmax_rou
 def test_family_aux_loss_of_a_padded_batch_counts_its_real_tokens_only():
     """`family_aux`: the family's own loss times its coefficient; with padding the forward was
     not told of, the loss of the real tokens' router logits alone (transformers' unmasked
-    formula on those rows), also through a PeftModel."""
+    formula on those rows) and its gradient, also through a PeftModel."""
     from transformers.models.qwen3_moe import modeling_qwen3_moe
 
     from moekit.hf.aux import family_aux
@@ -285,7 +285,13 @@ def test_family_aux_loss_of_a_padded_batch_counts_its_real_tokens_only():
         config.num_experts_per_tok,
     )
     assert not torch.allclose(expected, out.aux_loss)  # the padding would have counted
-    torch.testing.assert_close(family_aux(model, out, mask), 0.25 * expected)
+    aux = family_aux(model, out, mask)
+    torch.testing.assert_close(aux, 0.25 * expected)
+    gate = model.model.layers[0].mlp.gate.weight
+    (grad,) = torch.autograd.grad(aux, gate, retain_graph=True)  # it trains the routers
+    (want,) = torch.autograd.grad(0.25 * expected, gate)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     torch.testing.assert_close(family_aux(lora, out, mask), 0.25 * expected)
     assert family_aux(model, model(input_ids=ids, output_router_logits=False), mask) is None

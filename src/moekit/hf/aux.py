@@ -46,7 +46,6 @@ def switch_loss(logits: list[Tensor], counts: list[Tensor]) -> Tensor:
     return torch.stack(losses).mean()
 
 
-@torch.no_grad()
 def family_aux(model: nn.Module, out, mask: Tensor) -> Tensor | None:
     """The family's auxiliary loss of a forward's `out` times its `router_aux_loss_coef`; over
     the real tokens of `mask` [b, T] (1: real) where the batch is padded and the family's
@@ -63,6 +62,7 @@ def family_aux(model: nn.Module, out, mask: Tensor) -> Tensor | None:
     return (getattr(config, "router_aux_loss_coef", 0.0) or 0.0) * aux
 
 
+@torch.no_grad()
 def aux_loss_agreement(
     model: nn.Module, seed: int = 1, bias_std: float = 0.5
 ) -> tuple[float, float] | None:
