@@ -373,7 +373,7 @@ def test_triton_mxfp4_dequantisation_equals_torch(shape):
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
 def test_filled_an_expert_at_a_time_equals_quantising_the_stack(scheme):
     """`empty(...).fill(first, experts)` (a loader's reads, out of order) gives the bytes of
-    `quantize`; a weight of another shape is refused naming its expert."""
+    `quantize`; a weight of another shape, or past the stack, is refused naming its expert."""
     w = torch.randn(3, 5, 70, generator=torch.Generator().manual_seed(0))  # 350: padded
     whole = QuantizedExperts.quantize(w, scheme)
     filled = QuantizedExperts.empty(scheme, (3, 5, 70), torch.float32)
@@ -382,3 +382,5 @@ def test_filled_an_expert_at_a_time_equals_quantising_the_stack(scheme):
     assert torch.equal(filled.data, whole.data) and torch.equal(filled.scales, whole.scales)
     with pytest.raises(ValueError, match=r"expert 2: expected a weight \[5, 70\], got \(70, 5\)"):
         filled.fill(2, [w[2].T])
+    with pytest.raises(ValueError, match=r"expert 3: the stack holds experts 0\.\.2"):
+        filled.fill(2, [w[2], w[0]])

@@ -151,6 +151,8 @@ class QuantizedExperts:
             scratch = (flat, torch.empty(flat.shape, dtype=torch.int32, device=device))
         into = _int8_into if self.scheme == "int8" else _nf4_into
         for e, w in enumerate(weights, first):
+            if not 0 <= e < self.num_experts:
+                raise ValueError(f"expert {e}: the stack holds experts 0..{self.num_experts - 1}")
             if tuple(w.shape) != (d_in, d_out):
                 raise ValueError(
                     f"expert {e}: expected a weight [{d_in}, {d_out}], got {tuple(w.shape)}"

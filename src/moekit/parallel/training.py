@@ -64,6 +64,7 @@ class Topology:
             dist.barrier(group=self.control_group)
 
 
+BUCKET_BYTES = 32 * 2**20  # the most `average_grads` flattens at once
 IO_TIMEOUT_S = 1800.0  # the least time rank 0 gets for what it writes alone (Topology.wait)
 
 
@@ -181,9 +182,6 @@ def average_grads(grads: list[Tensor], group: ProcessGroup | None, divisor: int)
         flat /= divisor
         for grad, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
             grad.copy_(synced)
-
-
-BUCKET_BYTES = 32 * 2**20
 
 
 def _buckets(tensors: list[Tensor], limit: int) -> list[list[Tensor]]:
