@@ -210,7 +210,7 @@ def test_activation_recomputation_routes_by_the_replayed_ids():
     plain = copy.deepcopy(model)
     with replay_routing(plain, rec.routes):
         plain(**inputs).logits.square().mean().backward()
-    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     with replay_routing(model, rec.routes):
         loss = model(**inputs).logits.square().mean()
     loss.backward()  # recomputation outside the context
