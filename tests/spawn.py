@@ -25,10 +25,12 @@ def _entry(fn, rank: int, world_size: int, tmp: str, args: tuple) -> None:
     import torch
     import torch.distributed as dist
 
+    from moekit.parallel.comm import init_process_group
+
     out = Path(tmp)
     try:
         torch.set_num_threads(1)
-        dist.init_process_group(
+        init_process_group(
             "gloo",
             init_method=f"file://{tmp}/store",
             rank=rank,

@@ -8,6 +8,8 @@ all_to_all_start / all_to_all_wait
              experts), wait for it; the backward overlaps the same way (the gradients'
              exchange starts in `wait`'s backward and is waited for in `start`'s, and autograd
              runs the work recorded in between, the other work's backward, meanwhile).
+init_process_group
+             torch's, with the default group left free for destroy_process_group to end.
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """`torch.distributed.init_process_group(backend, **kwargs)`, torch.distributed.nn.functional
+    imported first.
+
+    Imported after (transformers imports it through torch._dynamo), that module's functions
+    take the default group as their default argument (`group=group.WORLD`, evaluated then) and
+    hold it for good: `destroy_process_group` cannot free it, its gloo threads outlive it, and
+    one still releasing a finished collective's tensors when Python shuts down aborts the
+    process ("terminate called without an active exception") after a run that succeeded.
+    """
+    import torch.distributed.nn.functional  # noqa: F401 - its defaults bound while None
+
+    dist.init_process_group(backend, **kwargs)
 
 
 def process_group(group: ProcessGroup | object | None) -> ProcessGroup:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed import ProcessGroup
 
+from .comm import init_process_group
 from .expert_parallel import sharded_parameters
 
 
@@ -128,7 +129,7 @@ def init_distributed(
     timeout = datetime.timedelta(seconds=timeout_s)
     io_timeout = datetime.timedelta(seconds=max(timeout_s, IO_TIMEOUT_S))
     if not dist.is_initialized():  # ranks join as they start: the I/O timeout, not the steps'
-        dist.init_process_group(
+        init_process_group(
             "nccl" if use_cuda else "gloo",
             timeout=io_timeout,
             device_id=dev if use_cuda else None,
