@@ -20,6 +20,7 @@ import torch
 
 from moekit.lm.config import build_config
 from moekit.lm.train import LMJob
+from moekit.parallel.training import end_distributed
 from moekit.train.loop import Loop
 
 
@@ -57,7 +58,8 @@ def main() -> int:
             logits = job.model(idx)[0]
         if job.is_main:
             torch.save({"idx": idx, "logits": logits}, args.logits)
-    torch.distributed.destroy_process_group()
+    job = trainer = None  # the run's groups go with it
+    end_distributed()
     return 0
 
 

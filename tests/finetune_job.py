@@ -23,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from moekit.hf.finetune import FinetuneConfig, FinetuneJob
+from moekit.parallel.training import end_distributed
 from moekit.train.loop import Loop
 
 
@@ -67,7 +68,8 @@ def main() -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     dist.barrier()
-    dist.destroy_process_group()
+    del job, tuner
+    end_distributed()
     return 0
 
 

@@ -212,8 +212,8 @@ def main() -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if job.topo.distributed:
-        torch.distributed.destroy_process_group()
+    job = trainer = None  # the run's groups go with it
+    par.end_distributed()
     return 0
 
 

@@ -26,6 +26,7 @@ def _entry(fn, rank: int, world_size: int, tmp: str, args: tuple) -> None:
     import torch.distributed as dist
 
     from moekit.parallel.comm import init_process_group
+    from moekit.parallel.training import end_distributed
 
     out = Path(tmp)
     try:
@@ -39,8 +40,9 @@ def _entry(fn, rank: int, world_size: int, tmp: str, args: tuple) -> None:
         )
         result = fn(rank, world_size, *args)
         (out / f"result-{rank}.pkl").write_bytes(pickle.dumps(result))
+        del result
         dist.barrier()  # no rank tears its connections down while another still uses them
-        dist.destroy_process_group()
+        end_distributed()
     except BaseException:
         (out / f"error-{rank}.txt").write_text(traceback.format_exc())
         raise SystemExit(1) from None

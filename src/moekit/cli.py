@@ -67,6 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: set[str]) -> No
 def _train(args: argparse.Namespace) -> int:
     from .lm.config import MODEL_FIELDS, TRAIN_FIELDS, build_config
     from .lm.train import train
+    from .parallel.training import end_distributed
 
     overrides = {k: v for k, v in vars(args).items() if k in MODEL_FIELDS | TRAIN_FIELDS}
     cfg = build_config(args.preset, args.config, **overrides)
@@ -88,8 +89,7 @@ def _train(args: argparse.Namespace) -> int:
         (print if not cfg.progress else _tqdm_write)(line)
 
     result = train(cfg, resume=args.resume, on_eval=on_eval)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed()
     if main_rank:
         print(
             f"done: step {result.step}, checkpoint {result.checkpoint}, run directory {result.out}"
@@ -222,6 +222,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from .hf.finetune import finetune
+    from .parallel.training import end_distributed
     from .train.config import read_toml
     from .train.finetune_config import FinetuneConfig
 
@@ -247,8 +248,7 @@ def _finetune(args: argparse.Namespace) -> int:
         (print if not cfg.progress else _tqdm_write)(line)
 
     result = finetune(cfg, resume=args.resume, on_eval=on_eval)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_distributed()
     if main_rank and result.is_main:
         print(f"fine-tuned {result.step} steps; {', '.join(map(str, result.final))}")
     return 0

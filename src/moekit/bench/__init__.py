@@ -412,7 +412,7 @@ def run_bench(options: BenchOptions, echo=print) -> dict:
 
 def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> list[EPResult]:
     """The expert-parallel table (under torchrun, R = all ranks); only rank 0 echoes."""
-    from ..parallel.training import init_distributed
+    from ..parallel.training import end_distributed, init_distributed
 
     topo = init_distributed(expert_parallel, options.device, timeout_s=300.0)
     if topo.world_size != expert_parallel:
@@ -443,5 +443,6 @@ def run_ep_bench(options: BenchOptions, expert_parallel: int, echo=print) -> lis
                     )
                 )
     say(format_ep_table(results))
-    torch.distributed.destroy_process_group()
+    del topo
+    end_distributed()
     return results

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def sample():
         time.sleep(0.005)
 threading.Thread(target=sample, daemon=True).start()
 from moekit.hf.finetune import FinetuneJob
+from moekit.parallel.training import end_distributed
 from moekit.train.finetune_config import FinetuneConfig
 from moekit.train.loop import Loop
 model, data, out, scheme = sys.argv[1:5]
@@ -64,6 +66,8 @@ found = json.dumps({"rss": status("VmHWM"),
                     "anon": peak["anon"], "step": statistics.median(steps), "load": load})
 with open(f"{out}.{loop.topo.rank}.json", "w") as f:
     f.write(found)
+del loop
+end_distributed()
 """
 
 
@@ -261,8 +265,21 @@ def _run_case(args: list[str], ranks: int, root: Path) -> list[dict]:
         command += [str(script)]
     done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
-        raise RuntimeError(f"{args[3]} at {ranks} ranks: {done.stderr.strip().splitlines()[-1]}")
+        raise RuntimeError(f"{args[3]} at {ranks} ranks: {_failure(done.stderr)}")
     return [json.loads(Path(f"{args[2]}.{rank}.json").read_text()) for rank in range(ranks)]
+
+
+def _failure(stderr: str) -> str:
+    """What failed, in one line: the child's exception, else torchrun's root cause (a signal);
+    torchrun ends its report with a rule of '='."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    errors = [line for line in lines if re.match(r"(\[rank\d+\]: )?\w+(Error|Exception)\b", line)]
+    causes = [line for line in lines if line.startswith(("exitcode", "traceback"))]
+    if errors:
+        return errors[-1]
+    return "; ".join(causes[-2:]) or next(
+        (x for x in reversed(lines) if x.strip("=-")), "no output"
+    )
 
 
 def format_quant_memory_table(results: list[QuantMemory]) -> str:

@@ -2,6 +2,7 @@
 
 N ranks (torchrun), expert-parallel groups of R consecutive ranks, N/R replicas of each expert:
   init_distributed      the process group (gloo on CPU, NCCL on GPU, a timeout) and the groups
+  end_distributed       every group destroyed, its threads joined, before Python shuts down
   sync_expert_grads     expert gradients summed over the ranks holding the same experts, / N
                         (dense gradients are DDP's: averaged over all N ranks)
   grad_norm             the global gradient norm (expert shards counted once)
@@ -14,6 +15,7 @@ N ranks (torchrun), expert-parallel groups of R consecutive ranks, N/R replicas 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -148,6 +150,17 @@ def init_distributed(
     data_group = dist.new_group(list(range(world_size)), timeout=timeout)
     control = dist.new_group(list(range(world_size)), timeout=io_timeout, backend="gloo")
     return Topology(rank, world_size, r, dev, ep_group, replica_group, data_group, control)
+
+
+def end_distributed() -> None:
+    """Destroy every process group, each freed now (its threads joined) rather than when Python
+    shuts down: a gloo thread still releasing a finished collective's tensors then aborts the
+    process after a run that succeeded. The caller drops its own references (the model, the
+    `Topology`) first; ones in reference cycles, a finished run's, are collected here."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
