@@ -211,6 +211,6 @@ def test_end_distributed_frees_every_group_of_a_run():
     `end_distributed`, though transformers imports torch.distributed.nn after it and a model
     in a reference cycle holds the expert-parallel group: a group held past it kept threads
     that, releasing a finished all-to-all's tensors while Python shut down, aborted a rank
-    that had succeeded (1 run in ~50 here)."""
+    that had succeeded (3 two-rank loads in 120 here)."""
     rc, err = rank_0_of(["-c", _FREED], 2, TIMEOUT_S)
     assert rc == 0, err[-3000:]

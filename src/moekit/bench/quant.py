@@ -277,9 +277,10 @@ def _failure(stderr: str) -> str:
     causes = [line for line in lines if line.startswith(("exitcode", "traceback"))]
     if errors:
         return errors[-1]
-    return "; ".join(causes[-2:]) or next(
-        (x for x in reversed(lines) if x.strip("=-")), "no output"
-    )
+    if causes:
+        return "; ".join(causes[-2:])
+    rest = [line for line in lines if line.strip("=-")]
+    return rest[-1] if rest else "no output"
 
 
 def format_quant_memory_table(results: list[QuantMemory]) -> str:
